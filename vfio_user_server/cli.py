@@ -1,0 +1,136 @@
+"""``vfio-user-server --socket PATH DEVICE [device options]``.
+
+DEVICE is a built-in device name (``vfio-user-server --list``) or ``module:Class`` naming a
+:class:`~vfio_user_server.device.PciDevice` subclass. Options after DEVICE go to the device:
+a device class may define ``add_arguments(parser)`` and ``from_arguments(namespace)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from . import __version__
+from .endpoint import VfioDevice
+from .errors import VfioUserError
+from .protocol.constants import DmaLayout
+from .server import Server
+
+#: Built-in devices: name -> "module:Class".
+BUILTIN_DEVICES: dict[str, str] = {
+    "gpio-pci-idio-16": "vfio_user_devices.idio16:PciIdio16",
+    "edu": "vfio_user_devices.edu:Edu",
+    "nvme": "vfio_user_devices.nvme:NvmeController",
+    "sample": "vfio_user_server.sample:SampleDevice",
+}
+
+
+def load_device_class(spec: str) -> type[Any]:
+    """Resolve a built-in name or ``module:Class`` to the device class."""
+    target = BUILTIN_DEVICES.get(spec, spec)
+    if ":" not in target:
+        raise VfioUserError(
+            f"unknown device {spec!r}: use one of {', '.join(sorted(BUILTIN_DEVICES))} or "
+            "module:Class"
+        )
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise VfioUserError(f"cannot import {module_name!r}: {exc}") from exc
+    try:
+        cls = getattr(module, attr)
+    except AttributeError:
+        raise VfioUserError(f"{module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(cls, type) or not issubclass(cls, VfioDevice):
+        raise VfioUserError(f"{target} is not a device class")
+    return cls
+
+
+def make_device(spec: str, argv: Sequence[str] = ()) -> VfioDevice:
+    """Instantiate a device from its name and its own command-line options."""
+    cls = load_device_class(spec)
+    parser = argparse.ArgumentParser(prog=f"vfio-user-server ... {spec}")
+    add = getattr(cls, "add_arguments", None)
+    if add is not None:
+        add(parser)
+    ns = parser.parse_args(list(argv))
+    build = getattr(cls, "from_arguments", None)
+    device = build(ns) if build is not None else cls()
+    assert isinstance(device, VfioDevice)
+    return device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vfio-user-server",
+        description="Serve a Python PCI device to a vfio-user client such as QEMU's "
+        "vfio-user-pci.",
+    )
+    p.add_argument("--socket", "-s", help="UNIX socket path to listen on")
+    p.add_argument("--mode", default="0600", help="socket file mode (octal, default 0600)")
+    p.add_argument("--trace", action="store_true", help="print every message, one line each")
+    p.add_argument(
+        "--dma-layout",
+        choices=[x.value for x in DmaLayout],
+        default=DmaLayout.AUTO.value,
+        help="DMA_READ/WRITE layout: spec (QEMU 11.1), legacy (QEMU 10.1/10.2), auto (probe)",
+    )
+    p.add_argument("--once", action="store_true", help="exit after the first client leaves")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument("--list", action="store_true", help="list built-in devices and exit")
+    p.add_argument("--version", action="version", version=f"pyvfio-user {__version__}")
+    p.add_argument("device", nargs="?", help="built-in device name or module:Class")
+    p.add_argument("device_args", nargs=argparse.REMAINDER, help="options for the device")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name, target in sorted(BUILTIN_DEVICES.items()):
+            print(f"{name:20} {target}")
+        return 0
+    if not args.device or not args.socket:
+        print("vfio-user-server: --socket PATH and DEVICE are required", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        device = make_device(args.device, args.device_args)
+        server = Server(device, args.socket, mode=int(args.mode, 8), trace=args.trace,
+                        dma_layout=DmaLayout(args.dma_layout))
+        server.listen()
+    except (VfioUserError, OSError) as exc:
+        print(f"vfio-user-server: {exc}", file=sys.stderr)
+        return 1
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        del frame
+        logging.getLogger(__name__).info("signal %d: shutting down", signum)
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if args.once:
+        threading.Thread(
+            target=lambda: (server.wait_for_disconnect(1), server.stop()), daemon=True
+        ).start()
+    print(f"vfio-user-server: serving {args.device} on {args.socket}", file=sys.stderr,
+          flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""The server side of a vfio-user connection, without the socket.
+
+:class:`Endpoint` takes decoded :class:`~vfio_user_server.protocol.Message` values, checks them
+against the session state table and the command table, calls the device, and returns the reply
+(or ``None`` for NO_REPLY). The transport (:mod:`vfio_user_server.server`) only moves bytes and
+fds; tests can drive an Endpoint directly.
+
+:class:`VfioDevice` is what the endpoint needs from a device: its regions, its interrupt
+controller, reset, and connection hooks. :class:`vfio_user_server.device.PciDevice` implements
+it for declarative PCI devices.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import ProtocolError, VfioUserError
+from .protocol import codec
+from .protocol.constants import (
+    PCI_NUM_IRQS,
+    PCI_NUM_REGIONS,
+    Command,
+    DeviceInfoFlag,
+    DmaMapFlag,
+    DmaUnmapFlag,
+    IrqSetFlag,
+    RegionIndex,
+    RegionInfoFlag,
+)
+from .protocol.session import Session
+from .protocol.structs import (
+    DeviceInfo,
+    DmaMap,
+    DmaUnmap,
+    IrqInfo,
+    IrqSet,
+    RegionAccess,
+    RegionInfo,
+    RegionIoFds,
+    WriteMulti,
+    WriteMultiEntry,
+)
+
+if TYPE_CHECKING:
+    from .dma import DmaAccessor, DmaMapTable
+    from .irq import IrqController
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MmapSpec:
+    """A region the client may mmap: an fd, the region's offset in it, and sparse areas.
+
+    ``areas`` lists (offset, size) pieces of the region that are mappable; ``None`` means the
+    whole region. Offsets must be page-aligned.
+    """
+
+    fd: int
+    offset: int = 0
+    areas: list[tuple[int, int]] | None = None
+
+
+@dataclass
+class Region:
+    """One vfio region as the client sees it, with the device's access callbacks."""
+
+    size: int
+    read: Callable[[int, int], bytes] | None = None
+    write: Callable[[int, bytes], None] | None = None
+    mmap: MmapSpec | None = None
+    msix_mappable: bool = False
+    #: the ROM may answer a read short of its size (QEMU loops on short ROM reads)
+    allow_short_read: bool = False
+
+    @property
+    def flags(self) -> int:
+        flags = 0
+        if self.read is not None:
+            flags |= RegionInfoFlag.READ
+        if self.write is not None:
+            flags |= RegionInfoFlag.WRITE
+        if self.mmap is not None:
+            flags |= RegionInfoFlag.MMAP
+        return int(flags)
+
+
+class DeviceContext:
+    """What a device gets from the connection that serves it.
+
+    ``dma`` reads and writes guest memory; ``defer`` runs work on the device's worker thread,
+    where message-based DMA is allowed (it is not on the server's loop thread: see
+    docs/ARCHITECTURE.md, "Threads").
+    """
+
+    def __init__(
+        self,
+        dma: DmaAccessor,
+        table: DmaMapTable,
+        defer: Callable[[Callable[[], Any]], Future[Any]],
+        loop_thread: threading.Thread | None,
+    ) -> None:
+        self.dma = dma
+        self.table = table
+        self._defer = defer
+        self.loop_thread = loop_thread
+
+    def defer(self, fn: Callable[[], Any]) -> Future[Any]:
+        return self._defer(fn)
+
+    def in_loop_thread(self) -> bool:
+        return self.loop_thread is not None and threading.current_thread() is self.loop_thread
+
+
+class VfioDevice(ABC):
+    """The interface between a device model and the protocol endpoint."""
+
+    irqs: IrqController
+
+    @abstractmethod
+    def regions(self) -> Mapping[int, Region]:
+        """Regions by index (0-5 BARs, 6 ROM, 7 config); missing indices have size 0."""
+
+    def supports_reset(self) -> bool:
+        return True
+
+    @abstractmethod
+    def device_reset(self) -> None:
+        """DEVICE_RESET from the client (a whole-device reset)."""
+
+    def client_connected(self, ctx: DeviceContext) -> None:  # noqa: B027 (optional hook)
+        """A client finished VERSION; ``ctx`` gives DMA and the worker."""
+
+    def client_disconnected(self) -> None:  # noqa: B027 (optional hook)
+        """The client went away; its DMA maps and interrupt fds are already gone."""
+
+
+# --- The endpoint --------------------------------------------------------------------------
+
+#: A handler returns the reply payload, or the payload and fds to send with it.
+HandlerResult = bytes | tuple[bytes, list[int]] | None
+Handler = Callable[["Endpoint", codec.Message], HandlerResult]
+
+
+class Endpoint:
+    """Handle client requests for one device over one connection, in arrival order."""
+
+    def __init__(self, device: VfioDevice, session: Session, table: DmaMapTable) -> None:
+        self.device = device
+        self.session = session
+        self.table = table
+        self._regions = device.regions()
+
+    # Returns the reply to send, or None (NO_REPLY honoured). Never raises for bad input.
+    def handle(self, msg: codec.Message) -> codec.Message | None:
+        try:
+            if msg.is_reply:
+                raise ProtocolError("a reply where a request was expected")
+            cmd = self.session.check(msg.command)
+            codec.check_request_size(cmd, msg.payload)
+            result = _HANDLERS[cmd](self, msg)
+            self.session.completed(cmd)
+        except VfioUserError as exc:
+            msg.close_fds()
+            log.warning("%s #%d failed: %s", msg.command_name(), msg.msg_id, exc)
+            if msg.no_reply:
+                return None
+            return codec.error_reply(msg, exc.errno)
+        except Exception as exc:  # a bug in a device handler must not kill the server
+            msg.close_fds()
+            log.exception("%s #%d: device error", msg.command_name(), msg.msg_id)
+            if msg.no_reply:
+                return None
+            return codec.error_reply(msg, _errno_of(exc))
+        if msg.fds:  # a handler that keeps fds takes them out of msg.fds
+            msg.close_fds()
+        if msg.no_reply:
+            return None
+        if isinstance(result, tuple):
+            reply = codec.reply_to(msg, result[0])
+            reply.fds = result[1]
+            return reply
+        return codec.reply_to(msg, result or b"")
+
+    # --- helpers
+    def _no_fds(self, msg: codec.Message) -> None:
+        if msg.fds:
+            raise ProtocolError(f"{msg.command_name()} does not take fds", errno=errno.EINVAL)
+
+    def region(self, index: int) -> Region | None:
+        return self._regions.get(index)
+
+    def _access_region(self, acc: RegionAccess, writing: bool) -> Region:
+        if acc.count > self.session.caps.max_data_xfer_size:
+            raise ProtocolError(f"region access of {acc.count} bytes is too large",
+                                errno=errno.E2BIG)
+        region = self.region(acc.region)
+        if region is None or region.size == 0:
+            raise ProtocolError(f"no region {acc.region}", errno=errno.EINVAL)
+        outside = acc.offset >= region.size or acc.offset + acc.count > region.size
+        short_ok = region.allow_short_read and not writing and acc.offset < region.size
+        if outside and not short_ok:
+            raise ProtocolError(
+                f"region {acc.region}: access {acc.offset:#x}+{acc.count} outside size "
+                f"{region.size:#x}",
+                errno=errno.EINVAL,
+            )
+        if (region.write if writing else region.read) is None:
+            raise ProtocolError(f"region {acc.region} is not "
+                                f"{'writable' if writing else 'readable'}", errno=errno.EINVAL)
+        return region
+
+    def write_region(self, index: int, offset: int, data: bytes) -> None:
+        region = self._access_region(RegionAccess(offset, index, len(data)), True)
+        assert region.write is not None
+        region.write(offset, data)
+
+
+def _errno_of(exc: BaseException) -> int:
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+def _version(ep: Endpoint, msg: codec.Message) -> bytes:
+    ep._no_fds(msg)
+    major, minor, caps = codec.decode_version(msg.payload)
+    ours = ep.session.negotiate(major, minor, caps)
+    rmajor, rminor = ep.session.reply_version()
+    return codec.encode_version(rmajor, rminor, ours)
+
+
+def _dma_map(ep: Endpoint, msg: codec.Message) -> None:
+    req = DmaMap.unpack(msg.payload)
+    if len(msg.fds) > 1:
+        raise ProtocolError(f"DMA_MAP with {len(msg.fds)} fds", errno=errno.EINVAL)
+    if req.argsz < DmaMap.SIZE:
+        raise ProtocolError(f"DMA_MAP argsz {req.argsz} < {DmaMap.SIZE}", errno=errno.EINVAL)
+    if req.flags & ~int(DmaMapFlag.READ | DmaMapFlag.WRITE):
+        raise ProtocolError(f"DMA_MAP flags {req.flags:#x} unsupported", errno=errno.EINVAL)
+    fd = msg.fds.pop() if msg.fds else None
+    # the table owns fd from here on, even when it refuses the map
+    ep.table.add(req.addr, req.size, req.flags, fd, req.offset if fd is not None else 0)
+
+
+def _dma_unmap(ep: Endpoint, msg: codec.Message) -> bytes:
+    ep._no_fds(msg)
+    req = DmaUnmap.unpack(msg.payload)
+    if req.argsz < DmaUnmap.SIZE:
+        raise ProtocolError(f"DMA_UNMAP argsz {req.argsz} < {DmaUnmap.SIZE}",
+                            errno=errno.EINVAL)
+    if req.flags & DmaUnmapFlag.GET_DIRTY_BITMAP:
+        raise ProtocolError("dirty page bitmaps are not supported", errno=errno.ENOTSUP)
+    if req.flags & ~int(DmaUnmapFlag.ALL):
+        raise ProtocolError(f"DMA_UNMAP flags {req.flags:#x} unsupported", errno=errno.EINVAL)
+    if req.flags & DmaUnmapFlag.ALL:
+        if req.addr or req.size:
+            raise ProtocolError("DMA_UNMAP ALL with an address", errno=errno.EINVAL)
+        ep.table.remove_all()
+    else:
+        ep.table.remove(req.addr, req.size)
+    return DmaUnmap(DmaUnmap.SIZE, req.flags, req.addr, req.size).pack()
+
+
+def _get_info(ep: Endpoint, msg: codec.Message) -> bytes:
+    ep._no_fds(msg)
+    req = DeviceInfo.unpack(msg.payload)
+    if req.argsz < DeviceInfo.SIZE:
+        raise ProtocolError(f"GET_INFO argsz {req.argsz} too small", errno=errno.EINVAL)
+    flags = DeviceInfoFlag.PCI
+    if ep.device.supports_reset():
+        flags |= DeviceInfoFlag.RESET
+    return DeviceInfo(DeviceInfo.SIZE, int(flags), PCI_NUM_REGIONS, PCI_NUM_IRQS).pack()
+
+
+def _region_info(ep: Endpoint, msg: codec.Message) -> tuple[bytes, list[int]]:
+    ep._no_fds(msg)
+    req = RegionInfo.unpack(msg.payload)
+    if req.argsz < RegionInfo.SIZE:
+        raise ProtocolError(f"REGION_INFO argsz {req.argsz} too small", errno=errno.EINVAL)
+    if req.index >= PCI_NUM_REGIONS:
+        raise ProtocolError(f"no region {req.index}", errno=errno.EINVAL)
+    region = ep.region(req.index)
+    if region is None:
+        return RegionInfo(RegionInfo.SIZE, 0, req.index, 0, 0, 0).pack(), []
+    mm = region.mmap
+    payload, full = codec.encode_region_info(
+        req.argsz,
+        req.index,
+        region.flags,
+        region.size,
+        mm.offset if mm is not None else 0,
+        sparse_areas=mm.areas if mm is not None else None,
+        msix_mappable=region.msix_mappable,
+    )
+    fds = [mm.fd] if (mm is not None and full) else []
+    return payload, fds
+
+
+def _io_fds(ep: Endpoint, msg: codec.Message) -> bytes:
+    ep._no_fds(msg)
+    req = RegionIoFds.unpack(msg.payload)
+    if req.argsz < RegionIoFds.SIZE:
+        raise ProtocolError(f"REGION_IO_FDS argsz {req.argsz} too small", errno=errno.EINVAL)
+    region = ep.region(req.index)
+    if region is None or region.size == 0 or req.index == RegionIndex.CONFIG:
+        raise ProtocolError(f"region {req.index} has no io fds", errno=errno.EINVAL)
+    return RegionIoFds(RegionIoFds.SIZE, 0, req.index, 0).pack()
+
+
+def _irq_info(ep: Endpoint, msg: codec.Message) -> bytes:
+    ep._no_fds(msg)
+    req = IrqInfo.unpack(msg.payload)
+    if req.argsz < IrqInfo.SIZE:
+        raise ProtocolError(f"IRQ_INFO argsz {req.argsz} too small", errno=errno.EINVAL)
+    if req.index >= PCI_NUM_IRQS:
+        raise ProtocolError(f"no IRQ index {req.index}", errno=errno.EINVAL)
+    count, flags = ep.device.irqs.info(req.index)
+    return IrqInfo(IrqInfo.SIZE, int(flags), req.index, count).pack()
+
+
+def _set_irqs(ep: Endpoint, msg: codec.Message) -> None:
+    req = IrqSet.unpack(msg.payload)
+    data = msg.payload[IrqSet.SIZE:]
+    if req.argsz < IrqSet.SIZE:
+        raise ProtocolError(f"SET_IRQS argsz {req.argsz} too small", errno=errno.EINVAL)
+    if req.flags & IrqSetFlag.DATA_BOOL and len(data) < req.count:
+        raise ProtocolError("SET_IRQS DATA_BOOL shorter than count", errno=errno.EINVAL)
+    if msg.fds and not req.flags & IrqSetFlag.DATA_EVENTFD:
+        raise ProtocolError("SET_IRQS: fds without DATA_EVENTFD", errno=errno.EINVAL)
+    if len(msg.fds) > ep.session.caps.max_msg_fds:
+        raise ProtocolError(f"SET_IRQS with {len(msg.fds)} fds", errno=errno.EINVAL)
+    fds, msg.fds = msg.fds, []  # the controller owns them now, and closes them on error
+    ep.device.irqs.set_irqs(req.index, req.flags, req.start, req.count, fds, bytes(data))
+
+
+def _region_read(ep: Endpoint, msg: codec.Message) -> bytes:
+    ep._no_fds(msg)
+    acc = RegionAccess.unpack(msg.payload)
+    if len(msg.payload) != RegionAccess.SIZE:
+        raise ProtocolError("REGION_READ with trailing bytes", errno=errno.EINVAL)
+    region = ep._access_region(acc, False)
+    assert region.read is not None
+    count = acc.count
+    if region.allow_short_read:
+        count = min(count, region.size - acc.offset)
+    data = region.read(acc.offset, count)
+    if len(data) != count:
+        raise VfioUserError(f"region {acc.region} read returned {len(data)} of {count} bytes",
+                            errno=errno.EIO)
+    return RegionAccess(acc.offset, acc.region, count).pack() + data
+
+
+def _region_write(ep: Endpoint, msg: codec.Message) -> bytes:
+    ep._no_fds(msg)
+    acc = RegionAccess.unpack(msg.payload)
+    data = msg.payload[RegionAccess.SIZE:]
+    if len(data) != acc.count:
+        raise ProtocolError(
+            f"REGION_WRITE count {acc.count} but {len(data)} data bytes", errno=errno.EINVAL
+        )
+    region = ep._access_region(acc, True)
+    assert region.write is not None
+    region.write(acc.offset, bytes(data))
+    return RegionAccess(acc.offset, acc.region, acc.count).pack()
+
+
+def _write_multi(ep: Endpoint, msg: codec.Message) -> bytes:
+    ep._no_fds(msg)
+    head = WriteMulti.unpack(msg.payload)
+    body = msg.payload[WriteMulti.SIZE:]
+    if head.wr_cnt > 1024 or len(body) != head.wr_cnt * WriteMultiEntry.SIZE:
+        raise ProtocolError(f"WRITE_MULTI of {head.wr_cnt} entries in {len(body)} bytes",
+                            errno=errno.EINVAL)
+    entries = [WriteMultiEntry.unpack(body, i * WriteMultiEntry.SIZE) for i in range(head.wr_cnt)]
+    for e in entries:
+        if not 1 <= e.count <= 8:
+            raise ProtocolError(f"WRITE_MULTI entry count {e.count}", errno=errno.EINVAL)
+    for e in entries:
+        ep.write_region(e.region, e.offset, e.data[: e.count])
+    return WriteMulti(head.wr_cnt).pack()
+
+
+def _reset(ep: Endpoint, msg: codec.Message) -> None:
+    ep._no_fds(msg)
+    if msg.payload:
+        raise ProtocolError("DEVICE_RESET takes no payload", errno=errno.EINVAL)
+    ep.device.irqs.reset()
+    ep.device.device_reset()
+
+
+def _unsupported(ep: Endpoint, msg: codec.Message) -> None:
+    raise ProtocolError(f"{msg.command_name()} is not supported (no migration or dirty "
+                        "page tracking yet)", errno=errno.ENOTSUP)
+
+
+_HANDLERS: dict[Command, Handler] = {
+    Command.VERSION: _version,
+    Command.DMA_MAP: _dma_map,
+    Command.DMA_UNMAP: _dma_unmap,
+    Command.DEVICE_GET_INFO: _get_info,
+    Command.DEVICE_GET_REGION_INFO: _region_info,
+    Command.DEVICE_GET_REGION_IO_FDS: _io_fds,
+    Command.DEVICE_GET_IRQ_INFO: _irq_info,
+    Command.DEVICE_SET_IRQS: _set_irqs,
+    Command.REGION_READ: _region_read,
+    Command.REGION_WRITE: _region_write,
+    Command.REGION_WRITE_MULTI: _write_multi,
+    Command.DEVICE_RESET: _reset,
+    Command.DIRTY_PAGES: _unsupported,
+    Command.DEVICE_FEATURE: _unsupported,
+    Command.MIG_DATA_READ: _unsupported,
+    Command.MIG_DATA_WRITE: _unsupported,
+}

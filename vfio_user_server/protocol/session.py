@@ -1,0 +1,142 @@
+"""The server's session states and what each one accepts, as one table.
+
+::
+
+    AWAIT_VERSION --VERSION ok--> NEGOTIATED --DEVICE_GET_INFO--> RUNNING
+          |                           |                              |
+          +-----------disconnect / fatal error-----------------------+--> CLOSED
+
+* ``AWAIT_VERSION``: only VERSION; anything else is refused and the connection dropped, as the
+  spec demands that negotiation comes first.
+* ``NEGOTIATED``: QEMU sends its DMA maps (and may do anything else) before it asks for the
+  device info. The device may not yet send server->client requests.
+* ``RUNNING``: the client knows the device; everything is accepted and the device may DMA.
+* ``CLOSED``: nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ProtocolError
+from .constants import VERSION_MAJOR, VERSION_MINOR, Command, DmaLayout
+
+
+class SessionState(enum.Enum):
+    AWAIT_VERSION = "await-version"
+    NEGOTIATED = "negotiated"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+_CLIENT_COMMANDS = frozenset(
+    c for c in Command if c not in (Command.VERSION, Command.DMA_READ, Command.DMA_WRITE)
+)
+
+#: What each state accepts from the client.
+ACCEPTS: dict[SessionState, frozenset[Command]] = {
+    SessionState.AWAIT_VERSION: frozenset({Command.VERSION}),
+    SessionState.NEGOTIATED: _CLIENT_COMMANDS,
+    SessionState.RUNNING: _CLIENT_COMMANDS,
+    SessionState.CLOSED: frozenset(),
+}
+
+#: State changes caused by a successfully handled command.
+TRANSITIONS: dict[tuple[SessionState, Command], SessionState] = {
+    (SessionState.AWAIT_VERSION, Command.VERSION): SessionState.NEGOTIATED,
+    (SessionState.NEGOTIATED, Command.DEVICE_GET_INFO): SessionState.RUNNING,
+}
+
+#: States in which the server may send DMA_READ / DMA_WRITE to the client.
+MAY_REQUEST = frozenset({SessionState.NEGOTIATED, SessionState.RUNNING})
+
+# Limits a client may announce (QEMU's own bounds; the spec's defaults otherwise).
+MAX_MSG_FDS_LIMIT = 1024
+DEFAULT_CLIENT_MAX_FDS = 1
+DEFAULT_MAX_DATA_XFER = 1 << 20
+
+
+@dataclass
+class ServerCapabilities:
+    """What the server advertises in its VERSION reply.
+
+    Defaults follow QEMU's limits: the JSON must fit QEMU's 214-byte reply buffer, and
+    ``write_multiple`` is left out on purpose (advertising it makes QEMU 10.x queue every
+    send through its IOThread).
+    """
+
+    max_msg_fds: int = 16
+    max_data_xfer_size: int = 1 << 20
+    pgsizes: int = 4096
+    max_dma_maps: int = 65535
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_msg_fds": self.max_msg_fds,
+            "max_data_xfer_size": self.max_data_xfer_size,
+            "pgsizes": self.pgsizes,
+            "max_dma_maps": self.max_dma_maps,
+        }
+
+
+@dataclass
+class Session:
+    """State of one client connection, free of I/O."""
+
+    caps: ServerCapabilities = field(default_factory=ServerCapabilities)
+    dma_layout: DmaLayout = DmaLayout.AUTO
+    state: SessionState = SessionState.AWAIT_VERSION
+    client_max_msg_fds: int = DEFAULT_CLIENT_MAX_FDS
+    client_max_data_xfer: int = DEFAULT_MAX_DATA_XFER
+    client_caps: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, command: int) -> Command:
+        """Return the command if this state accepts it, else raise :class:`ProtocolError`."""
+        try:
+            cmd = Command(command)
+        except ValueError:
+            raise ProtocolError(f"unknown command {command}", errno=errno.ENOSYS) from None
+        if cmd not in ACCEPTS[self.state]:
+            if self.state is SessionState.AWAIT_VERSION:
+                raise ProtocolError(f"{cmd.name} before VERSION", errno=errno.EINVAL)
+            raise ProtocolError(
+                f"{cmd.name} not accepted in state {self.state.value}", errno=errno.EINVAL
+            )
+        return cmd
+
+    def completed(self, command: Command) -> None:
+        """Record that ``command`` was handled successfully (drives the transitions)."""
+        nxt = TRANSITIONS.get((self.state, command))
+        if nxt is not None:
+            self.state = nxt
+
+    def may_request(self) -> bool:
+        return self.state in MAY_REQUEST
+
+    def negotiate(self, major: int, minor: int, client_caps: dict[str, Any]) -> dict[str, Any]:
+        """Validate the client's VERSION and return the capabilities to answer with."""
+        if major != VERSION_MAJOR:
+            raise ProtocolError(
+                f"client speaks protocol major {major}, server {VERSION_MAJOR}",
+                errno=errno.ENOTSUP,
+            )
+        del minor  # every minor of major 0 is answered with ours, which is the lowest (0)
+        fds = client_caps.get("max_msg_fds", DEFAULT_CLIENT_MAX_FDS)
+        xfer = client_caps.get("max_data_xfer_size", DEFAULT_MAX_DATA_XFER)
+        if not isinstance(fds, int) or isinstance(fds, bool) or not 0 <= fds <= MAX_MSG_FDS_LIMIT:
+            raise ProtocolError(f"bad max_msg_fds {fds!r}", errno=errno.EINVAL)
+        if not isinstance(xfer, int) or isinstance(xfer, bool) or xfer < 512:
+            raise ProtocolError(f"bad max_data_xfer_size {xfer!r}", errno=errno.EINVAL)
+        self.client_caps = client_caps
+        self.client_max_msg_fds = fds
+        self.client_max_data_xfer = xfer
+        return self.caps.to_json()
+
+    def reply_version(self) -> tuple[int, int]:
+        return VERSION_MAJOR, VERSION_MINOR
+
+    def close(self) -> None:
+        self.state = SessionState.CLOSED

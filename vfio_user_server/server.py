@@ -1,0 +1,466 @@
+"""The server runtime: a UNIX socket, one client at a time, requests handled in order.
+
+This module is the thin transport around :class:`~vfio_user_server.endpoint.Endpoint`: it reads
+one message at a time (the header with ``recvmsg`` so that its fds come with it, then the body),
+hands it to the endpoint, and writes the reply in a single ``sendmsg``. Replies to the server's
+own DMA_READ / DMA_WRITE requests are read by the same loop and passed to the waiting thread.
+
+Threads: the loop thread serves the client; device threads may raise interrupts and DMA; the
+per-connection worker (``DeviceContext.defer``) runs device work that needs message DMA. The loop
+thread never waits on a server->client request (that deadlocks QEMU, see ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import select
+import socket
+import stat
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, TextIO
+
+from .dma import DmaAccessor, DmaMapTable
+from .endpoint import DeviceContext, Endpoint, VfioDevice
+from .errors import ConnectionClosed, DmaError, DmaTimeoutError, ProtocolError, VfioUserError
+from .protocol import codec
+from .protocol.constants import HEADER_SIZE, Command, DmaLayout
+from .protocol.session import ServerCapabilities, Session
+from .protocol.structs import DmaAccess, DmaAccessLegacy
+from .protocol.trace import describe
+
+log = logging.getLogger(__name__)
+
+#: Most fds one message may carry; more is an error (the ancillary buffer is sized for it).
+MAX_FDS_PER_MESSAGE = 64
+_ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+#: Largest chunk of one DMA_READ / DMA_WRITE message (QEMU cannot send big replies reliably).
+DMA_CHUNK = 64 * 1024
+
+TraceSink = Callable[[str], None]
+
+
+def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Connection:
+    """One client connection: socket I/O, the endpoint, and server->client requests."""
+
+    def __init__(
+        self,
+        server: Server,
+        sock: socket.socket,
+        device: VfioDevice,
+    ) -> None:
+        self.server = server
+        self.sock = sock
+        self.device = device
+        self.session = Session(caps=server.caps, dma_layout=server.dma_layout)
+        self.table = DmaMapTable()
+        self.dma = DmaAccessor(self.table, self)
+        self.endpoint = Endpoint(device, self.session, self.table)
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, Future[codec.Message]] = {}
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count(0x8000)
+        self._layout: DmaLayout | None = (
+            None if server.dma_layout is DmaLayout.AUTO else server.dma_layout
+        )
+        self._layout_lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="vfio-user-worker")
+        self.loop_thread: threading.Thread | None = None
+        self.closed = False
+        self.ctx = DeviceContext(self.dma, self.table, self._worker.submit, None)
+
+    # --- sending ----------------------------------------------------------------------------
+    def send(self, msg: codec.Message) -> None:
+        data = codec.encode(msg)
+        self.server._trace(describe(msg, direction="->"))
+        anc = []
+        if msg.fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", msg.fds).tobytes())]
+        with self._send_lock:
+            if self.closed:
+                raise ConnectionClosed("connection is closed")
+            sent = self.sock.sendmsg([data], anc)
+            while sent < len(data):
+                sent += self.sock.send(data[sent:])
+
+    # --- receiving --------------------------------------------------------------------------
+    def _recv_exact(self, buf: memoryview) -> list[int]:
+        """Fill ``buf`` completely; return fds that came along. EOF raises ConnectionClosed."""
+        fds: list[int] = []
+        got = 0
+        while got < len(buf):
+            nbytes, ancdata, flags, _ = self.sock.recvmsg_into([buf[got:]], _ANCBUF)
+            fds.extend(_fds_from_ancillary(ancdata))
+            if flags & socket.MSG_CTRUNC:
+                _close_all(fds)
+                raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} fds in one message")
+            if nbytes == 0:
+                _close_all(fds)
+                raise ConnectionClosed("client closed the connection")
+            got += nbytes
+        return fds
+
+    def read_message(self) -> codec.Message:
+        head = bytearray(HEADER_SIZE)
+        fds = self._recv_exact(memoryview(head))
+        try:
+            hdr = codec.decode_header(head)
+            limit = self.session.caps.max_data_xfer_size + 4096
+            if hdr.size > limit:
+                raise ProtocolError(f"message of {hdr.size} bytes is larger than {limit}")
+            body = bytearray(hdr.size - HEADER_SIZE)
+            if body:
+                more = self._recv_exact(memoryview(body))
+                if more:
+                    _close_all(more)
+                    raise ProtocolError("fds arrived in the middle of a message")
+        except BaseException:
+            _close_all(fds)
+            raise
+        return codec.Message(hdr.msg_id, hdr.command, hdr.flags, hdr.error, bytes(body), fds)
+
+    def handle_one(self) -> None:
+        msg = self.read_message()
+        self.server._trace(describe(msg, direction="<-"))
+        if msg.is_reply:
+            self._complete(msg)
+            return
+        first = self.session.state
+        reply = self.endpoint.handle(msg)
+        if reply is not None:
+            self.send(reply)
+        if msg.command == Command.VERSION and first is not self.session.state:
+            self.device.client_connected(self.ctx)
+
+    def _complete(self, msg: codec.Message) -> None:
+        with self._pending_lock:
+            fut = self._pending.pop(msg.msg_id, None)
+        if fut is None:
+            log.warning("reply #%d to no pending request dropped", msg.msg_id)
+            msg.close_fds()
+            return
+        if msg.fds:
+            msg.close_fds()
+        fut.set_result(msg)
+
+    # --- server -> client requests (the MessageDma protocol of dma.py) -----------------------
+    def _request(self, command: Command, payload: bytes) -> codec.Message:
+        if threading.current_thread() is self.loop_thread:
+            raise DmaError(
+                "message DMA from the server's loop thread would deadlock QEMU; run the work "
+                "with ctx.defer() or from a device thread",
+                errno=errno.EDEADLK,
+            )
+        if not self.session.may_request():
+            raise DmaError("no negotiated client to send DMA requests to", errno=errno.ENOTCONN)
+        msg_id = next(self._ids) & 0xFFFF
+        fut: Future[codec.Message] = Future()
+        with self._pending_lock:
+            self._pending[msg_id] = fut
+        try:
+            self.send(codec.request(msg_id, command, payload))
+            reply = fut.result(timeout=self.server.dma_timeout)
+        except FutureTimeout:
+            raise DmaTimeoutError(
+                f"{command.name} #{msg_id} got no reply in {self.server.dma_timeout} s"
+            ) from None
+        finally:
+            with self._pending_lock:
+                self._pending.pop(msg_id, None)
+        if reply.is_error:
+            raise DmaError(f"client refused {command.name}: errno {reply.error} "
+                           f"({os.strerror(reply.error) if reply.error else '?'})",
+                           errno=reply.error or errno.EIO)
+        return reply
+
+    def dma_layout(self) -> DmaLayout:
+        """The DMA message layout of this client, probing it once when set to AUTO."""
+        with self._layout_lock:
+            if self._layout is None:
+                reply = self._request(Command.DMA_WRITE, DmaAccess(0, 0).pack())
+                self._layout = DmaLayout.SPEC if reply.payload else DmaLayout.LEGACY
+                log.info("client DMA message layout: %s", self._layout.value)
+            return self._layout
+
+    def _chunk(self) -> int:
+        return max(512, min(DMA_CHUNK, self.session.client_max_data_xfer))
+
+    def dma_read(self, iova: int, length: int) -> bytes:
+        layout = self.dma_layout()
+        out = bytearray()
+        step = self._chunk()
+        for pos in range(0, length, step):
+            n = min(step, length - pos)
+            reply = self._request(Command.DMA_READ, DmaAccess(iova + pos, n).pack())
+            start = DmaAccess.SIZE if layout is DmaLayout.SPEC else DmaAccessLegacy.SIZE
+            data = reply.payload[start:start + n]
+            if len(data) != n:
+                raise DmaError(f"DMA_READ reply has {len(data)} of {n} bytes", errno=errno.EIO)
+            out += data
+        return bytes(out)
+
+    def dma_write(self, iova: int, data: bytes) -> None:
+        layout = self.dma_layout()
+        step = self._chunk()
+        view = memoryview(data)
+        for pos in range(0, len(data), step):
+            piece = bytes(view[pos:pos + step])
+            if layout is DmaLayout.SPEC:
+                head = DmaAccess(iova + pos, len(piece)).pack()
+            else:
+                head = DmaAccessLegacy(iova + pos, len(piece)).pack()
+            self._request(Command.DMA_WRITE, head + piece)
+
+    # --- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Tear down: fail waiters, stop the worker, unmap DMA, close fds, tell the device."""
+        if self.closed:
+            return
+        with self._send_lock:
+            self.closed = True
+        self.session.close()
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            fut.set_exception(ConnectionClosed("client disconnected"))
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.table.remove_all()
+        finally:
+            try:
+                self.device.irqs.close()
+            finally:
+                with contextlib.suppress(OSError):
+                    self.sock.close()
+                try:
+                    self.device.client_disconnected()
+                except Exception:
+                    log.exception("device client_disconnected hook failed")
+
+
+class Server:
+    """Serve one device on a UNIX socket, one client at a time, until :meth:`stop`.
+
+    ``Server(device, "/run/dev.sock").serve_forever()`` blocks; ``start()`` runs the same loop
+    in a background thread and returns once the socket listens.
+    """
+
+    def __init__(
+        self,
+        device: VfioDevice,
+        path: str | os.PathLike[str],
+        *,
+        mode: int = 0o600,
+        caps: ServerCapabilities | None = None,
+        dma_layout: DmaLayout = DmaLayout.AUTO,
+        dma_timeout: float = 5.0,
+        trace: bool | TraceSink = False,
+        trace_file: TextIO | None = None,
+    ) -> None:
+        self.device = device
+        self.path = Path(path)
+        self.mode = mode
+        self.caps = caps or ServerCapabilities()
+        self.dma_layout = dma_layout
+        self.dma_timeout = dma_timeout
+        self._trace_sink: TraceSink | None
+        if callable(trace):
+            self._trace_sink = trace
+        elif trace:
+            out = trace_file or sys.stderr
+            self._trace_sink = lambda line: print(line, file=out, flush=True)
+        else:
+            self._trace_sink = None
+        self._listener: socket.socket | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connection: Connection | None = None
+        self.connections_served = 0
+        self._connected = threading.Condition()
+        self._closed_pipes = False
+
+    def _trace(self, line: str) -> None:
+        if self._trace_sink is not None:
+            self._trace_sink(line)
+
+    # --- socket -----------------------------------------------------------------------------
+    def listen(self) -> None:
+        """Create the listening socket (refusing to replace a path that is not a socket)."""
+        if self._listener is not None:
+            return
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise VfioUserError(f"{self.path} exists and is not a socket; not replacing it",
+                                    errno=errno.EEXIST)
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o777 & ~self.mode)
+        try:
+            sock.bind(str(self.path))
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        os.chmod(self.path, self.mode)
+        sock.listen(4)
+        self._listener = sock
+
+    # --- main loop --------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        self.listen()
+        assert self._listener is not None
+        try:
+            while not self._stopping.is_set():
+                client = self._accept()
+                if client is None:
+                    continue
+                self._serve_client(client)
+        finally:
+            self._close_listener()
+
+    def _accept(self) -> socket.socket | None:
+        assert self._listener is not None
+        r, _, _ = select.select([self._listener.fileno(), self._wake_r], [], [])
+        if self._wake_r in r or self._stopping.is_set():
+            return None
+        try:
+            client, _ = self._listener.accept()
+        except OSError as exc:
+            log.warning("accept failed: %s", exc)
+            return None
+        return client
+
+    def _serve_client(self, client: socket.socket) -> None:
+        conn = Connection(self, client, self.device)
+        conn.loop_thread = threading.current_thread()
+        conn.ctx.loop_thread = conn.loop_thread
+        with self._connected:
+            self.connection = conn
+            self._connected.notify_all()
+        log.info("client connected on %s", self.path)
+        poller = select.poll()
+        assert self._listener is not None
+        poller.register(client.fileno(), select.POLLIN)
+        poller.register(self._listener.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        watched: set[int] = set()
+        try:
+            while not self._stopping.is_set():
+                wanted = set(self.device.irqs.watched_fds())
+                for fd in watched - wanted:
+                    poller.unregister(fd)
+                for fd in wanted - watched:
+                    poller.register(fd, select.POLLIN)
+                watched = wanted
+                for fd, events in poller.poll():
+                    if fd == client.fileno():
+                        conn.handle_one()
+                    elif fd == self._listener.fileno():
+                        self._refuse_extra_client()
+                    elif fd == self._wake_r:
+                        break
+                    elif fd in watched and events & (select.POLLIN | select.POLLERR):
+                        self.device.irqs.on_fd_readable(fd)
+        except ConnectionClosed:
+            log.info("client disconnected from %s", self.path)
+        except ProtocolError as exc:
+            log.error("dropping client: %s", exc)
+        except OSError as exc:
+            log.error("dropping client after socket error: %s", exc)
+        finally:
+            with self._connected:
+                self.connection = None
+                self.connections_served += 1
+                self._connected.notify_all()
+            conn.close()
+
+    def _refuse_extra_client(self) -> None:
+        assert self._listener is not None
+        try:
+            extra, _ = self._listener.accept()
+        except OSError:
+            return
+        log.warning("refusing a second client on %s: one client at a time", self.path)
+        extra.close()
+
+    # --- lifetime ---------------------------------------------------------------------------
+    def start(self) -> Server:
+        """Listen, then serve in a background thread; returns once the socket listens."""
+        self.listen()
+        self._thread = threading.Thread(
+            target=self.serve_forever, name=f"vfio-user-server:{self.path.name}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def wait_for_client(self, timeout: float | None = None) -> Connection:
+        with self._connected:
+            if not self._connected.wait_for(lambda: self.connection is not None, timeout):
+                raise TimeoutError("no client connected")
+            assert self.connection is not None
+            return self.connection
+
+    def wait_for_disconnect(self, count: int = 1, timeout: float | None = None) -> None:
+        with self._connected:
+            if not self._connected.wait_for(lambda: self.connections_served >= count, timeout):
+                raise TimeoutError("client did not disconnect")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving, drop the client, and remove the socket. Safe to call twice."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._close_listener()
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def close(self) -> None:
+        self.stop()
+        if not self._closed_pipes:
+            self._closed_pipes = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
