@@ -280,9 +280,10 @@ class DmaMapTable:
             raise DmaError(
                 f"DMA_MAP {iova:#x}+{size:#x} overflows the IOVA space", errno=errno.EINVAL
             )
-        if prot & ~(DmaProt.READ | DmaProt.WRITE):
+        prot = int(prot)
+        if prot & ~3:
             log.debug("DMA_MAP %#x: ignoring unknown flag bits %#x", iova, prot & ~3)
-        prot &= DmaProt.READ | DmaProt.WRITE
+        prot &= 3
         with self._lock:
             self._check_free(iova, size)
             if self.max_maps is not None and len(self._maps) >= self.max_maps:

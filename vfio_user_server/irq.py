@@ -1,0 +1,619 @@
+"""Interrupt state over eventfds: INTx (automasked, resample), MSI, MSI-X, ERR and REQ.
+
+:class:`IrqController` answers ``DEVICE_GET_IRQ_INFO`` (:meth:`~IrqController.info`), applies
+``DEVICE_SET_IRQS`` exactly as VFIO does (:meth:`~IrqController.set_irqs`), and lets the device
+raise interrupts from any thread (:meth:`~IrqController.trigger`,
+:meth:`~IrqController.intx_assert`, :meth:`~IrqController.intx_deassert`).
+
+It owns every eventfd it is given: fds are closed when replaced, de-assigned, when their index
+is disabled, on :meth:`~IrqController.reset` and :meth:`~IrqController.close`, and every fd of
+a rejected request is closed too.
+
+INTx follows VFIO's level-triggered, automasked semantics: when the line is high, INTx is not
+masked and COMMAND.INTX_DISABLE is clear, the trigger eventfd is written and INTx becomes
+masked. An UNMASK (``SET_IRQS`` message, or a readable KVM resample fd) clears the mask and,
+if the line is still high, fires and masks again.
+
+MSI / MSI-X vectors can be masked by ``SET_IRQS`` MASK (recorded here) or by the device's own
+capability (the ``is_masked`` callback). A masked vector that fires becomes pending
+(``set_pending`` callback, for the PBA / MSI pending bits) and fires when unmasked
+(:meth:`~IrqController.unmask` or :meth:`~IrqController.vector_unmasked`).
+
+Callbacks (``is_masked``, ``set_pending``) run with the controller's lock held: they must be
+quick and must not wait for a lock that another thread may hold while calling into the
+controller (reading config space bytes without a lock is fine). ``on_watch_change`` runs
+without the lock.
+
+The constants here are local IntEnum / IntFlag versions of the VFIO values; they will be
+unified with ``protocol.constants`` later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+
+from .errors import DeviceDefinitionError, IrqError
+
+__all__ = [
+    "IrqController",
+    "IrqIndex",
+    "IrqInfoFlag",
+    "IrqSetFlag",
+    "IrqState",
+]
+
+log = logging.getLogger(__name__)
+
+
+class IrqIndex(IntEnum):
+    """VFIO PCI IRQ indices."""
+
+    INTX = 0
+    MSI = 1
+    MSIX = 2
+    ERR = 3
+    REQ = 4
+
+
+class IrqSetFlag(IntFlag):
+    """``vfio_irq_set.flags``."""
+
+    DATA_NONE = 0x1
+    DATA_BOOL = 0x2
+    DATA_EVENTFD = 0x4
+    ACTION_MASK = 0x8
+    ACTION_UNMASK = 0x10
+    ACTION_TRIGGER = 0x20
+
+
+class IrqInfoFlag(IntFlag):
+    """``vfio_irq_info.flags``."""
+
+    EVENTFD = 0x1
+    MASKABLE = 0x2
+    AUTOMASKED = 0x4
+    NORESIZE = 0x8
+
+
+DATA_TYPE_MASK = IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL | IrqSetFlag.DATA_EVENTFD
+ACTION_TYPE_MASK = IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER
+
+#: Most MSI vectors a function can have, and most MSI-X vectors.
+MAX_MSI_VECTORS = 32
+MAX_MSIX_VECTORS = 2048
+
+
+@dataclass(frozen=True)
+class IrqState:
+    """A snapshot of one IRQ index, for tracing and tests."""
+
+    index: IrqIndex
+    count: int
+    fds: tuple[int | None, ...]
+    masked: tuple[bool, ...]
+    pending: tuple[bool, ...]
+    #: INTx only: the resample (unmask) eventfd, line level, COMMAND.INTX_DISABLE.
+    resample_fd: int | None = None
+    level: bool = False
+    intx_disabled: bool = False
+
+
+class _Vector:
+    __slots__ = ("fd", "masked", "pending")
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.masked = False
+        self.pending = False
+
+
+def _einval(message: str) -> IrqError:
+    return IrqError(message, errno=errno.EINVAL)
+
+
+def _close(fd: int | None) -> None:
+    if fd is None or fd < 0:
+        return
+    try:
+        os.close(fd)
+    except OSError as e:
+        log.warning("closing IRQ fd %d: %s", fd, e)
+
+
+def _signal(fd: int) -> bool:
+    """Add 1 to an eventfd. A saturated counter (EAGAIN) is already signalled."""
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        return True
+    except OSError as e:
+        log.warning("writing IRQ eventfd %d: %s", fd, e)
+        return False
+    return True
+
+
+class IrqController:
+    """The interrupts of one PCI function. Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        intx: bool,
+        msi_vectors: int,
+        msix_vectors: int,
+        err: bool = True,
+        req: bool = True,
+        is_masked: Callable[[int, int], bool] | None = None,
+        set_pending: Callable[[int, int, bool], None] | None = None,
+        on_watch_change: Callable[[], None] | None = None,
+    ) -> None:
+        if not 0 <= msi_vectors <= MAX_MSI_VECTORS:
+            raise DeviceDefinitionError(f"MSI vector count {msi_vectors} not in 0..32")
+        if not 0 <= msix_vectors <= MAX_MSIX_VECTORS:
+            raise DeviceDefinitionError(f"MSI-X vector count {msix_vectors} not in 0..2048")
+        counts = {
+            IrqIndex.INTX: int(intx),
+            IrqIndex.MSI: msi_vectors,
+            IrqIndex.MSIX: msix_vectors,
+            IrqIndex.ERR: int(err),
+            IrqIndex.REQ: int(req),
+        }
+        self._vecs: dict[IrqIndex, list[_Vector]] = {
+            i: [_Vector() for _ in range(n)] for i, n in counts.items()
+        }
+        self._lock = threading.RLock()
+        self._level = False
+        self._intx_disabled = False
+        self._resample_fd: int | None = None
+        #: ``is_masked(index, vector)``: the device's capability masks (MSI / MSI-X).
+        self.is_masked = is_masked
+        #: ``set_pending(index, vector, pending)``: reflect pending bits in the capability.
+        self.set_pending = set_pending
+        #: Called (without the lock) when :meth:`watched_fds` changes.
+        self.on_watch_change = on_watch_change
+        self._watcher: threading.Thread | None = None
+        self._wake_fd: int | None = None
+        self._stopping = False
+
+    # --------------------------------------------------------------------------- GET_IRQ_INFO
+
+    @property
+    def num_irqs(self) -> int:
+        """Number of IRQ indices (DEVICE_GET_INFO ``num_irqs``)."""
+        return len(IrqIndex)
+
+    def _index(self, index: int) -> IrqIndex:
+        try:
+            return IrqIndex(index)
+        except ValueError:
+            raise _einval(f"no IRQ index {index}") from None
+
+    def info(self, index: int) -> tuple[int, IrqInfoFlag]:
+        """``(count, flags)`` for DEVICE_GET_IRQ_INFO; IrqError EINVAL for unknown indices."""
+        idx = self._index(index)
+        count = len(self._vecs[idx])
+        if idx is IrqIndex.INTX:
+            flags = IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE | IrqInfoFlag.AUTOMASKED
+        elif idx is IrqIndex.MSI:
+            flags = IrqInfoFlag.EVENTFD | IrqInfoFlag.NORESIZE
+        else:
+            # MSI-X without NORESIZE: QEMU then assigns vectors one by one (notes 2.8).
+            flags = IrqInfoFlag.EVENTFD
+        return count, flags
+
+    # ------------------------------------------------------------------------------- SET_IRQS
+
+    def set_irqs(
+        self,
+        index: int,
+        flags: int,
+        start: int,
+        count: int,
+        fds: Sequence[int],
+        data: bytes = b"",
+    ) -> None:
+        """Apply DEVICE_SET_IRQS with VFIO semantics; takes ownership of ``fds``.
+
+        Every fd that is not kept (also on error) is closed. A negative fd in ``fds``
+        de-assigns its sub-index, as ``-1`` does in VFIO. Raises IrqError EINVAL for any bad
+        request.
+        """
+        keep: set[int] = set()
+        watch_changed = False
+        try:
+            with self._lock:
+                old_watch = self._resample_fd
+                self._set_irqs(index, flags, start, count, list(fds), data, keep)
+                watch_changed = old_watch != self._resample_fd
+        finally:
+            for fd in set(fds):
+                if fd >= 0 and fd not in keep:
+                    _close(fd)
+            if watch_changed:
+                self._watch_changed()
+
+    def _set_irqs(
+        self,
+        index: int,
+        flags: int,
+        start: int,
+        count: int,
+        fds: list[int],
+        data: bytes,
+        keep: set[int],
+    ) -> None:
+        valid = [fd for fd in fds if fd >= 0]
+        owned = self._owned_fds()
+        # Never close an fd we already own because a caller handed it to us again.
+        keep.update(fd for fd in valid if fd in owned)
+        idx = self._index(index)
+        flags = int(flags)
+        if flags & ~int(DATA_TYPE_MASK | ACTION_TYPE_MASK):
+            raise _einval(f"SET_IRQS: unknown flag bits {flags:#x}")
+        dtype = IrqSetFlag(flags & DATA_TYPE_MASK)
+        action = IrqSetFlag(flags & ACTION_TYPE_MASK)
+        if dtype.bit_count() != 1 or action.bit_count() != 1:
+            raise _einval(f"SET_IRQS: need exactly one DATA and one ACTION flag ({flags:#x})")
+        if fds and dtype is not IrqSetFlag.DATA_EVENTFD:
+            raise _einval("SET_IRQS: fds sent without DATA_EVENTFD")
+        if len(set(valid)) != len(valid):
+            raise _einval("SET_IRQS: the same fd is given twice")
+        if any(fd in owned for fd in valid):
+            raise _einval("SET_IRQS: an fd is already in use by this controller")
+        if start < 0 or count < 0:
+            raise _einval(f"SET_IRQS: negative start/count ({start}, {count})")
+        vecs = self._vecs[idx]
+        n = len(vecs)
+        if count == 0:
+            if dtype is IrqSetFlag.DATA_NONE and action is IrqSetFlag.ACTION_TRIGGER:
+                self._disable_index(idx)
+                return
+            if fds:
+                raise _einval(f"SET_IRQS: {len(fds)} fds for count 0")
+            if start > n:
+                raise _einval(f"SET_IRQS {idx.name}: start {start} beyond {n} vectors")
+            return
+        if start + count > n:
+            raise _einval(
+                f"SET_IRQS {idx.name}: vectors {start}..{start + count - 1} beyond {n} vectors"
+            )
+        selected: list[int] = list(range(start, start + count))
+        if dtype is IrqSetFlag.DATA_BOOL:
+            if len(data) < count:
+                raise _einval(f"SET_IRQS: {len(data)} bool bytes for count {count}")
+            selected = [v for v, b in zip(selected, data[:count], strict=True) if b]
+        elif dtype is IrqSetFlag.DATA_EVENTFD and len(fds) not in (0, count):
+            raise _einval(f"SET_IRQS: {len(fds)} fds for count {count}")
+
+        if dtype is IrqSetFlag.DATA_EVENTFD:
+            new_fds: list[int | None] = (
+                [fd if fd >= 0 else None for fd in fds] if fds else [None] * count
+            )
+            if action is IrqSetFlag.ACTION_TRIGGER:
+                for v, fd in zip(selected, new_fds, strict=True):
+                    self._assign(idx, v, fd, keep)
+                if idx is IrqIndex.INTX:
+                    self._intx_update()
+            elif action is IrqSetFlag.ACTION_UNMASK and idx is IrqIndex.INTX:
+                fd = new_fds[0]
+                old, self._resample_fd = self._resample_fd, fd
+                if fd is not None:
+                    keep.add(fd)
+                if old is not None and old != fd:
+                    _close(old)
+                self._wake_watcher()
+            else:
+                raise _einval(f"SET_IRQS {idx.name}: eventfd not supported for {action.name}")
+            return
+
+        if action is IrqSetFlag.ACTION_TRIGGER:
+            # Loopback: fire the vectors in software, as VFIO does, whatever the masks.
+            for v in selected:
+                fd = vecs[v].fd
+                if fd is not None:
+                    _signal(fd)
+        elif action is IrqSetFlag.ACTION_MASK:
+            for v in selected:
+                vecs[v].masked = True
+        else:
+            for v in selected:
+                self._unmask(idx, v)
+
+    def _owned_fds(self) -> set[int]:
+        owned = {v.fd for vecs in self._vecs.values() for v in vecs if v.fd is not None}
+        if self._resample_fd is not None:
+            owned.add(self._resample_fd)
+        return owned
+
+    def _assign(self, idx: IrqIndex, vector: int, fd: int | None, keep: set[int]) -> None:
+        vec = self._vecs[idx][vector]
+        old, vec.fd = vec.fd, fd
+        if fd is not None:
+            keep.add(fd)
+        if old is not None and old != fd:
+            _close(old)
+
+    def _disable_index(self, idx: IrqIndex) -> None:
+        for v, vec in enumerate(self._vecs[idx]):
+            _close(vec.fd)
+            vec.fd = None
+            vec.masked = False
+            self._set_pending(idx, v, vec, False)
+        if idx is IrqIndex.INTX:
+            _close(self._resample_fd)
+            self._resample_fd = None
+            self._wake_watcher()
+
+    # ---------------------------------------------------------------------------- masking
+
+    def _set_pending(self, idx: IrqIndex, vector: int, vec: _Vector, pending: bool) -> None:
+        if vec.pending == pending:
+            return
+        vec.pending = pending
+        if self.set_pending is not None and idx is not IrqIndex.INTX:
+            self.set_pending(int(idx), vector, pending)
+
+    def _masked(self, idx: IrqIndex, vector: int, vec: _Vector) -> bool:
+        if vec.masked:
+            return True
+        if self.is_masked is not None and idx in (IrqIndex.MSI, IrqIndex.MSIX):
+            return bool(self.is_masked(int(idx), vector))
+        return False
+
+    def _vector(self, index: int, vector: int) -> tuple[IrqIndex, _Vector]:
+        idx = self._index(index)
+        vecs = self._vecs[idx]
+        if not 0 <= vector < len(vecs):
+            raise _einval(f"{idx.name} has no vector {vector}")
+        return idx, vecs[vector]
+
+    def _unmask(self, idx: IrqIndex, vector: int) -> None:
+        vec = self._vecs[idx][vector]
+        vec.masked = False
+        if idx is IrqIndex.INTX:
+            self._intx_update()
+        else:
+            self._deliver_pending(idx, vector, vec)
+
+    def _deliver_pending(self, idx: IrqIndex, vector: int, vec: _Vector) -> None:
+        if not vec.pending or self._masked(idx, vector, vec):
+            return
+        self._set_pending(idx, vector, vec, False)
+        if vec.fd is not None:
+            _signal(vec.fd)
+        else:
+            log.debug("%s vector %d: pending interrupt dropped (no eventfd)", idx.name, vector)
+
+    def mask(self, index: int, vector: int) -> None:
+        """Mask a vector (as SET_IRQS NONE|MASK for one vector)."""
+        with self._lock:
+            _, vec = self._vector(index, vector)
+            vec.masked = True
+
+    def unmask(self, index: int, vector: int) -> None:
+        """Unmask a vector (as SET_IRQS NONE|UNMASK): fires it if pending (INTx: if high)."""
+        with self._lock:
+            idx, _ = self._vector(index, vector)
+            self._unmask(idx, vector)
+
+    def vector_unmasked(self, index: int, vector: int | None = None) -> None:
+        """The device's capability unmasked ``vector`` (None: every vector of ``index``).
+
+        Pending vectors that are no longer masked fire now.
+        """
+        with self._lock:
+            idx = self._index(index)
+            vecs = self._vecs[idx]
+            if vector is None:
+                targets = range(len(vecs))
+            else:
+                self._vector(index, vector)
+                targets = range(vector, vector + 1)
+            for v in targets:
+                self._deliver_pending(idx, v, vecs[v])
+
+    # ---------------------------------------------------------------------------- trigger
+
+    def trigger(self, index: int, vector: int = 0) -> bool:
+        """Raise an MSI / MSI-X / ERR / REQ vector; True if an eventfd was written.
+
+        A masked vector becomes pending instead (and fires on unmask). A vector without an
+        eventfd is dropped. INTx is level-triggered: use :meth:`intx_assert`.
+        """
+        with self._lock:
+            idx, vec = self._vector(index, vector)
+            if idx is IrqIndex.INTX:
+                raise IrqError("INTx is level-triggered: use intx_assert()/intx_deassert()")
+            if self._masked(idx, vector, vec):
+                self._set_pending(idx, vector, vec, True)
+                return False
+            if vec.fd is None:
+                log.debug("%s vector %d: no eventfd, interrupt dropped", idx.name, vector)
+                return False
+            return _signal(vec.fd)
+
+    # ------------------------------------------------------------------------------- INTx
+
+    def _intx(self) -> _Vector:
+        vecs = self._vecs[IrqIndex.INTX]
+        if not vecs:
+            raise IrqError("this device has no INTx")
+        return vecs[0]
+
+    def _intx_update(self) -> None:
+        """Fire INTx if the line is high, unmasked and enabled (then automask)."""
+        vecs = self._vecs[IrqIndex.INTX]
+        if not vecs:
+            return
+        vec = vecs[0]
+        if self._level and not vec.masked and not self._intx_disabled and vec.fd is not None:
+            _signal(vec.fd)
+            vec.masked = True
+
+    def intx_assert(self) -> None:
+        """Drive the INTx line high (fires and automasks if unmasked and enabled)."""
+        with self._lock:
+            self._intx()
+            self._level = True
+            self._intx_update()
+
+    def intx_deassert(self) -> None:
+        """Drive the INTx line low."""
+        with self._lock:
+            self._intx()
+            self._level = False
+
+    def intx_status(self) -> bool:
+        """The INTx line level, for config STATUS.INTERRUPT."""
+        with self._lock:
+            return self._level
+
+    def set_intx_disabled(self, disabled: bool) -> None:
+        """COMMAND.INTX_DISABLE changed; clearing it fires a pending (high, unmasked) line."""
+        with self._lock:
+            self._intx_disabled = disabled
+            self._intx_update()
+
+    def intx_unmask(self) -> None:
+        """Unmask INTx (as SET_IRQS INTX NONE|UNMASK)."""
+        with self._lock:
+            self._intx()
+            self._unmask(IrqIndex.INTX, 0)
+
+    # ------------------------------------------------------------------- resample fd watching
+
+    def watched_fds(self) -> list[int]:
+        """fds to watch for readability (the INTx resample fd); see :meth:`on_fd_readable`."""
+        with self._lock:
+            return [] if self._resample_fd is None else [self._resample_fd]
+
+    def on_fd_readable(self, fd: int) -> bool:
+        """A watched fd became readable: consume it and unmask INTx. True if it acted.
+
+        Safe to call spuriously or with a stale fd (it checks and never blocks).
+        """
+        with self._lock:
+            if fd != self._resample_fd or fd is None:
+                return False
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            if not any(ev & select.POLLIN for _, ev in p.poll(0)):
+                return False
+            try:
+                os.read(fd, 8)
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                log.warning("reading INTx resample fd %d: %s", fd, e)
+                return False
+            self._unmask(IrqIndex.INTX, 0)
+            return True
+
+    def _watch_changed(self) -> None:
+        cb = self.on_watch_change
+        if cb is not None:
+            try:
+                cb()
+            except Exception:
+                log.exception("IRQ on_watch_change callback failed")
+
+    def _wake_watcher(self) -> None:
+        if self._wake_fd is not None:
+            _signal(self._wake_fd)
+
+    def start_watcher(self) -> None:
+        """Start a daemon thread that watches :meth:`watched_fds` (for users without a loop)."""
+        with self._lock:
+            if self._watcher is not None:
+                return
+            self._stopping = False
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._watcher = threading.Thread(
+                target=self._watch, name="irq-resample-watcher", daemon=True
+            )
+            self._watcher.start()
+
+    def stop_watcher(self) -> None:
+        """Stop the thread started by :meth:`start_watcher` (no-op if not running)."""
+        with self._lock:
+            thread = self._watcher
+            if thread is None:
+                return
+            self._stopping = True
+            self._wake_watcher()
+        thread.join()
+        with self._lock:
+            _close(self._wake_fd)
+            self._wake_fd = None
+            self._watcher = None
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping or self._wake_fd is None:
+                    return
+                wake = self._wake_fd
+                fds = [] if self._resample_fd is None else [self._resample_fd]
+            p = select.poll()
+            p.register(wake, select.POLLIN)
+            for fd in fds:
+                p.register(fd, select.POLLIN)
+            bad = False
+            for fd, ev in p.poll():
+                if fd == wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(wake)
+                elif ev & select.POLLIN:
+                    self.on_fd_readable(fd)
+                else:
+                    bad = True  # closed under us (POLLNVAL) or error: wait for a wake-up
+            if bad:
+                p = select.poll()
+                p.register(wake, select.POLLIN)
+                p.poll(50)
+
+    # ------------------------------------------------------------------------ reset, close
+
+    def reset(self) -> None:
+        """DEVICE_RESET: disable every vector (closing fds), clear masks and pending bits.
+
+        The INTx line level and INTX_DISABLE stay as the device model sets them.
+        """
+        with self._lock:
+            had_watch = self._resample_fd is not None
+            for idx in IrqIndex:
+                self._disable_index(idx)
+        if had_watch:
+            self._watch_changed()
+
+    def close(self) -> None:
+        """Client disconnect: stop the watcher and close every fd (as :meth:`reset`)."""
+        self.stop_watcher()
+        self.reset()
+
+    # --------------------------------------------------------------------------- tracing
+
+    def state(self, index: int) -> IrqState:
+        """A snapshot of ``index``: fds per vector, masks, pending bits (and INTx state)."""
+        with self._lock:
+            idx = self._index(index)
+            vecs = self._vecs[idx]
+            intx = idx is IrqIndex.INTX
+            return IrqState(
+                index=idx,
+                count=len(vecs),
+                fds=tuple(v.fd for v in vecs),
+                masked=tuple(v.masked for v in vecs),
+                pending=tuple(v.pending for v in vecs),
+                resample_fd=self._resample_fd if intx else None,
+                level=self._level if intx else False,
+                intx_disabled=self._intx_disabled if intx else False,
+            )
