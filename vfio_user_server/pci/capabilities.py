@@ -1041,10 +1041,7 @@ class CapabilityList:
 
         for cap, offset in zip(self.capabilities, std_offsets, strict=True):
             cap.install(space, offset)
-        for cap, offset, nxt in zip(
-            self.capabilities, std_offsets, [*std_offsets[1:], 0], strict=True
-        ):
-            _ = cap
+        for offset, nxt in zip(std_offsets, [*std_offsets[1:], 0], strict=False):
             space.set_u8(offset + 1, nxt)
         if std_offsets:
             space.set_u8(CAPABILITIES_POINTER, std_offsets[0])
@@ -1052,7 +1049,7 @@ class CapabilityList:
 
         for ext, offset in zip(self.extended, ext_offsets, strict=True):
             ext.install(space, offset)
-        for offset, nxt in zip(ext_offsets, [*ext_offsets[1:], 0], strict=True):
+        for offset, nxt in zip(ext_offsets, [*ext_offsets[1:], 0], strict=False):
             space.set_u32(offset, space.u32(offset) & 0xFFFFF | nxt << 20)
 
     @staticmethod
