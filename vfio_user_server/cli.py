@@ -120,9 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if args.once:
-        threading.Thread(
-            target=lambda: (server.wait_for_disconnect(1), server.stop()), daemon=True
-        ).start()
+
+        def stop_after_first_client() -> None:
+            server.wait_for_disconnect(1)
+            server.stop()
+
+        threading.Thread(target=stop_after_first_client, daemon=True).start()
     print(f"vfio-user-server: serving {args.device} on {args.socket}", file=sys.stderr,
           flush=True)
     try:

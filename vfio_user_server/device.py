@@ -1,0 +1,371 @@
+"""PciDevice: the one class a device author writes.
+
+A device is declared with class attributes and answers BAR accesses with two methods; it
+never sees the wire format::
+
+    class Blinker(PciDevice):
+        vendor_id = 0x1B36
+        device_id = 0x1234
+        class_code = 0xFF0000
+        bars = {0: Bar(4096)}
+        msix_vectors = 1
+
+        def bar_read(self, bar: int, offset: int, size: int) -> int:
+            return self.leds if offset == 0 else 0
+
+        def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
+            self.leds = value
+            self.interrupt(0)
+
+What the framework does for it:
+
+* config space (type-0 header, BAR sizing, ROM BAR, capabilities) from
+  :mod:`vfio_user_server.pci`, with PM, MSI, MSI-X and PCI Express added from the class
+  attributes and any others returned by :meth:`PciDevice.capabilities`;
+* the MSI-X table and PBA inside their BAR (QEMU emulates the table itself and only reads the
+  PBA; a client that writes the table, like :mod:`vfio_user_server.client`, gets a working one);
+* interrupts (:meth:`interrupt`, :meth:`set_intx`) through the eventfds the client gave, with
+  INTx automasking, COMMAND.INTX_DISABLE and the Status interrupt bit;
+* DMA (:attr:`dma`) and a worker thread (:meth:`defer`) for work that needs message DMA;
+* DEVICE_RESET and FLR: config space back to power-on values, then :meth:`reset`.
+
+Handlers run on the server's loop thread with :attr:`lock` held; device threads that touch the
+same state take the same lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any, ClassVar
+
+from .dma import DmaAccessor
+from .endpoint import DeviceContext, Region, VfioDevice
+from .errors import DeviceDefinitionError, DmaError
+from .irq import IrqController, IrqIndex
+from .pci import (
+    Bar,
+    Capability,
+    ExtendedCapability,
+    Header,
+    Msi,
+    MsiX,
+    PciConfig,
+    PciExpress,
+    PowerManagement,
+)
+from .pci.config import COMMAND
+from .protocol.constants import RegionIndex
+
+log = logging.getLogger(__name__)
+
+COMMAND_INTX_DISABLE = 1 << 10
+
+
+class PciDevice(VfioDevice):
+    """Base class of declarative PCI devices served over vfio-user."""
+
+    # --- identity ---------------------------------------------------------------------------
+    vendor_id: ClassVar[int]
+    device_id: ClassVar[int]
+    subsystem_vendor_id: ClassVar[int] = 0
+    subsystem_id: ClassVar[int] = 0
+    revision: ClassVar[int] = 0
+    #: 24 bits: base class << 16 | subclass << 8 | programming interface
+    class_code: ClassVar[int] = 0xFF0000
+    #: 0: no INTx; 1..4: INTA..INTD
+    interrupt_pin: ClassVar[int] = 1
+
+    # --- resources --------------------------------------------------------------------------
+    #: BAR slot -> Bar. A 64-bit BAR also takes the next slot.
+    bars: ClassVar[Mapping[int, Bar]] = {}
+    #: Expansion ROM contents (padded to a power of two >= 2 KiB), or None.
+    rom: ClassVar[bytes | None] = None
+    #: PCI Express (4 KiB config space, PCIe capability with FLR).
+    express: ClassVar[bool] = False
+    power_management: ClassVar[bool] = True
+    #: MSI vectors (0: no MSI capability); 64-bit addresses, per-vector masking.
+    msi_vectors: ClassVar[int] = 0
+    #: MSI-X vectors (0: no MSI-X); table in ``msix_bar`` at ``msix_table_offset``,
+    #: PBA at ``msix_pba_offset`` (default: right after the table).
+    msix_vectors: ClassVar[int] = 0
+    msix_bar: ClassVar[int] = 0
+    msix_table_offset: ClassVar[int] = 0
+    msix_pba_offset: ClassVar[int | None] = None
+
+    def __init__(self) -> None:
+        if not hasattr(type(self), "vendor_id") or not hasattr(type(self), "device_id"):
+            raise DeviceDefinitionError(f"{type(self).__name__} needs vendor_id and device_id")
+        self.lock = threading.RLock()
+        self._ctx: DeviceContext | None = None
+        self._intx_level = False
+        self._msix_table_used = False
+        self.msi: Msi | None = None
+        self.msix: MsiX | None = None
+        caps: list[Capability] = []
+        if self.power_management:
+            caps.append(PowerManagement())
+        if self.msi_vectors:
+            self.msi = Msi(self.msi_vectors, address64=True, per_vector_mask=True,
+                           on_change=self._msi_changed)
+            caps.append(self.msi)
+        if self.msix_vectors:
+            self.msix = MsiX(
+                self.msix_vectors,
+                table_bar=self.msix_bar,
+                table_offset=self.msix_table_offset,
+                pba_offset=self.msix_pba_offset,
+                on_mask_change=self._msix_mask_changed,
+            )
+            caps.append(self.msix)
+        if self.express:
+            caps.append(PciExpress(flr=True, on_flr=self._flr))
+        caps.extend(self.capabilities())
+        rom = self.rom
+        rom_size = None
+        if rom is not None:
+            rom_size = max(2048, 1 << max(0, (len(rom) - 1).bit_length()))
+            self._rom_image = bytes(rom).ljust(rom_size, b"\xff")
+        self.config = PciConfig(
+            Header(
+                vendor_id=self.vendor_id,
+                device_id=self.device_id,
+                revision=self.revision,
+                class_code=self.class_code,
+                subsystem_vendor_id=self.subsystem_vendor_id,
+                subsystem_id=self.subsystem_id,
+                interrupt_pin=self.interrupt_pin,
+            ),
+            bars=dict(self.bars),
+            rom_size=rom_size,
+            capabilities=caps,
+            extended_capabilities=self.extended_capabilities(),
+            express=self.express,
+        )
+        self.config.space.on_write(COMMAND, COMMAND + 2, self._command_written)
+        self.irqs = IrqController(
+            intx=self.interrupt_pin != 0,
+            msi_vectors=self.msi_vectors,
+            msix_vectors=self.msix_vectors,
+            is_masked=self._vector_masked,
+            set_pending=self._vector_pending,
+        )
+        self._regions = self._build_regions()
+
+    # --- hooks for device authors -------------------------------------------------------------
+    def capabilities(self) -> list[Capability]:
+        """Extra standard capabilities (vendor-specific, ...), after the declared ones."""
+        return []
+
+    def extended_capabilities(self) -> list[ExtendedCapability]:
+        """Extended capabilities (PCI Express devices only)."""
+        return []
+
+    def bar_read(self, bar: int, offset: int, size: int) -> int:
+        """Read ``size`` (1, 2, 4 or 8) bytes at ``offset`` of BAR ``bar``; little-endian."""
+        del bar, offset, size
+        return 0
+
+    def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        """Write ``size`` bytes of ``value`` at ``offset`` of BAR ``bar``."""
+        del bar, offset, size, value
+
+    def reset(self) -> None:
+        """Bring device state to power-on (DEVICE_RESET, FLR). Config space is done already."""
+
+    def on_connect(self) -> None:
+        """A client connected (after VERSION)."""
+
+    def on_disconnect(self) -> None:
+        """The client left; DMA maps and interrupt fds are gone. Device state is kept."""
+
+    # --- services for device authors ---------------------------------------------------------
+    @property
+    def dma(self) -> DmaAccessor:
+        """Guest memory, by IOVA (direct through the client's fds, or by messages)."""
+        if self._ctx is None:
+            raise DmaError("no client is connected")
+        return self._ctx.dma
+
+    @property
+    def connected(self) -> bool:
+        return self._ctx is not None
+
+    def defer(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the connection's worker thread (message DMA is allowed there)."""
+        if self._ctx is None:
+            raise DmaError("no client is connected")
+        return self._ctx.defer(fn)
+
+    def interrupt(self, vector: int = 0) -> bool:
+        """Signal an edge interrupt: MSI-X if enabled, else MSI, else pulse INTx.
+
+        Returns whether a message was delivered (False when masked: it is pending then).
+        For level-triggered INTx semantics use :meth:`set_intx`.
+        """
+        if self.msix is not None and self.msix.enabled:
+            return self.irqs.trigger(IrqIndex.MSIX, vector)
+        if self.msi is not None and self.msi.enabled:
+            return self.irqs.trigger(IrqIndex.MSI, vector)
+        if self.interrupt_pin:
+            self.set_intx(True)
+            return True
+        return False
+
+    def set_intx(self, level: bool) -> None:
+        """Drive the INTx line (level-triggered; the client sees it through automasking)."""
+        with self.lock:
+            self._intx_level = level
+            self.config.set_interrupt_status(level)
+            if level:
+                self.irqs.intx_assert()
+            else:
+                self.irqs.intx_deassert()
+
+    @property
+    def intx_level(self) -> bool:
+        return self._intx_level
+
+    @property
+    def bus_master(self) -> bool:
+        return bool(self.config.command & 0x4)
+
+    # --- VfioDevice -------------------------------------------------------------------------
+    def regions(self) -> Mapping[int, Region]:
+        return self._regions
+
+    def device_reset(self) -> None:
+        with self.lock:
+            self._reset_all()
+
+    def client_connected(self, ctx: DeviceContext) -> None:
+        self._ctx = ctx
+        self.on_connect()
+
+    def client_disconnected(self) -> None:
+        self._ctx = None
+        self.on_disconnect()
+
+    # --- internals --------------------------------------------------------------------------
+    def _reset_all(self) -> None:
+        self._intx_level = False
+        self._msix_table_used = False
+        self.config.reset()
+        self.irqs.set_intx_disabled(False)
+        self.reset()
+
+    def _flr(self) -> None:
+        log.info("%s: function-level reset", type(self).__name__)
+        with self.lock:
+            self._reset_all()
+
+    def _command_written(self, offset: int, length: int, old: bytes) -> None:
+        del offset, length, old
+        self.irqs.set_intx_disabled(bool(self.config.command & COMMAND_INTX_DISABLE))
+
+    def _msi_changed(self) -> None:
+        msi = self.msi
+        if msi is None:
+            return
+        for vector in range(msi.vectors):
+            if not msi.is_masked(vector):
+                self.irqs.vector_unmasked(IrqIndex.MSI, vector)
+
+    def _msix_mask_changed(self, vector: int, masked: bool) -> None:
+        if not masked:
+            self.irqs.vector_unmasked(IrqIndex.MSIX, vector)
+
+    def _vector_masked(self, index: int, vector: int) -> bool:
+        if index == IrqIndex.MSI and self.msi is not None:
+            return self.msi.per_vector_mask and self.msi.is_masked(vector)
+        if index == IrqIndex.MSIX and self.msix is not None and self._msix_table_used:
+            # QEMU emulates the MSI-X table itself and never writes ours: our mask bits only
+            # count once a client has programmed the table through the BAR.
+            return self.msix.is_masked(vector)
+        return False
+
+    def _vector_pending(self, index: int, vector: int, pending: bool) -> None:
+        if index == IrqIndex.MSI and self.msi is not None and self.msi.per_vector_mask:
+            self.msi.set_pending(vector, pending)
+        elif index == IrqIndex.MSIX and self.msix is not None:
+            self.msix.set_pending(vector, pending)
+
+    def _build_regions(self) -> dict[int, Region]:
+        regions: dict[int, Region] = {}
+        for index in range(6):
+            bar = self.config.bars[index]
+            if bar is None:
+                continue
+            regions[index] = Region(bar.size, read=self._bar_reader(index),
+                                    write=self._bar_writer(index))
+        if self.rom is not None:
+            image = self._rom_image
+            regions[RegionIndex.ROM] = Region(
+                len(image), read=lambda off, n: image[off:off + n], allow_short_read=True
+            )
+        regions[RegionIndex.CONFIG] = Region(self.config.size, read=self._config_read,
+                                             write=self._config_write)
+        return regions
+
+    def _config_read(self, offset: int, count: int) -> bytes:
+        with self.lock:
+            return self.config.read(offset, count)
+
+    def _config_write(self, offset: int, data: bytes) -> None:
+        with self.lock:
+            self.config.write(offset, data)
+
+    def _msix_owns(self, bar: int, offset: int, count: int) -> bool:
+        return self.msix is not None and self.msix.table.owns(bar, offset, count)
+
+    def _bar_reader(self, bar: int) -> Callable[[int, int], bytes]:
+        def read(offset: int, count: int) -> bytes:
+            with self.lock:
+                if self._msix_owns(bar, offset, count):
+                    assert self.msix is not None
+                    return self.msix.table.read(offset, count, bar)
+                if count in (1, 2, 4, 8):
+                    return (self.bar_read(bar, offset, count) & ((1 << 8 * count) - 1)
+                            ).to_bytes(count, "little")
+                out = bytearray()
+                for pos, size in _split(offset, count):
+                    value = self.bar_read(bar, pos, size) & ((1 << 8 * size) - 1)
+                    out += value.to_bytes(size, "little")
+                return bytes(out)
+
+        return read
+
+    def _bar_writer(self, bar: int) -> Callable[[int, bytes], None]:
+        def write(offset: int, data: bytes) -> None:
+            with self.lock:
+                if self._msix_owns(bar, offset, len(data)):
+                    assert self.msix is not None
+                    table = self.msix.table
+                    if table.table_bar == bar and offset < table.table_offset + table.table_size:
+                        self._msix_table_used = True
+                    table.write(offset, data, bar)
+                    return
+                if len(data) in (1, 2, 4, 8):
+                    self.bar_write(bar, offset, len(data), int.from_bytes(data, "little"))
+                    return
+                for pos, size in _split(offset, len(data)):
+                    chunk = data[pos - offset:pos - offset + size]
+                    self.bar_write(bar, pos, size, int.from_bytes(chunk, "little"))
+
+        return write
+
+
+def _split(offset: int, count: int) -> list[tuple[int, int]]:
+    """Split an access into naturally aligned 4/2/1-byte pieces."""
+    pieces = []
+    end = offset + count
+    pos = offset
+    while pos < end:
+        for size in (4, 2, 1):
+            if pos % size == 0 and pos + size <= end:
+                pieces.append((pos, size))
+                pos += size
+                break
+    return pieces
