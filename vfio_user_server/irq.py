@@ -24,8 +24,7 @@ quick and must not wait for a lock that another thread may hold while calling in
 controller (reading config space bytes without a lock is fine). ``on_watch_change`` runs
 without the lock.
 
-The constants here are local IntEnum / IntFlag versions of the VFIO values; they will be
-unified with ``protocol.constants`` later.
+The IRQ constants are those of :mod:`vfio_user_server.protocol.constants`, re-exported here.
 """
 
 from __future__ import annotations
@@ -38,9 +37,15 @@ import select
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import IntEnum, IntFlag
 
 from .errors import DeviceDefinitionError, IrqError
+from .protocol.constants import (
+    IRQ_SET_ACTION_MASK,
+    IRQ_SET_DATA_MASK,
+    IrqIndex,
+    IrqInfoFlag,
+    IrqSetFlag,
+)
 
 __all__ = [
     "IrqController",
@@ -53,38 +58,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class IrqIndex(IntEnum):
-    """VFIO PCI IRQ indices."""
-
-    INTX = 0
-    MSI = 1
-    MSIX = 2
-    ERR = 3
-    REQ = 4
-
-
-class IrqSetFlag(IntFlag):
-    """``vfio_irq_set.flags``."""
-
-    DATA_NONE = 0x1
-    DATA_BOOL = 0x2
-    DATA_EVENTFD = 0x4
-    ACTION_MASK = 0x8
-    ACTION_UNMASK = 0x10
-    ACTION_TRIGGER = 0x20
-
-
-class IrqInfoFlag(IntFlag):
-    """``vfio_irq_info.flags``."""
-
-    EVENTFD = 0x1
-    MASKABLE = 0x2
-    AUTOMASKED = 0x4
-    NORESIZE = 0x8
-
-
-DATA_TYPE_MASK = IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL | IrqSetFlag.DATA_EVENTFD
-ACTION_TYPE_MASK = IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER
+DATA_TYPE_MASK = IRQ_SET_DATA_MASK
+ACTION_TYPE_MASK = IRQ_SET_ACTION_MASK
 
 #: Most MSI vectors a function can have, and most MSI-X vectors.
 MAX_MSI_VECTORS = 32
