@@ -119,13 +119,15 @@ class _Structure:
 
     def get(self, name: str) -> int:
         """Current value of register ``name``."""
+        space = self.space
         f = self._by_name[name]
-        return self.space.get(self.offset + f.offset, f.size)
+        return space.get(self._offset + f.offset, f.size)
 
     def set(self, name: str, value: int) -> None:
         """Device-side store into register ``name`` (bypasses the masks)."""
+        space = self.space
         f = self._by_name[name]
-        self.space.set(self.offset + f.offset, f.size, value)
+        space.set(self._offset + f.offset, f.size, value)
 
     def _hook(self, name: str, callback: Callable[[int, int, bytes], None]) -> None:
         f = self._by_name[name]
@@ -324,9 +326,10 @@ class Msi(Capability):
         ]  # fmt: skip
         if self.address64:
             table.append(Field("address_hi", 0x08, 4, 0xFFFFFFFF))
-        table += [Field("data", data, 2, 0xFFFF), Field("reserved", data + 2, 2)]
+        table.append(Field("data", data, 2, 0xFFFF))
         if self.per_vector_mask:
             table += [
+                Field("reserved", data + 2, 2),
                 Field("mask", data + 4, 4, (1 << self.vectors) - 1),
                 Field("pending", data + 8, 4),
             ]
