@@ -41,7 +41,7 @@ def _u32(value: int) -> bytes:
 
 def _linux_walk(raw: bytes) -> list[tuple[int, int]]:
     """Walk the standard chain on raw bytes as Linux's __pci_find_next_cap_ttl does."""
-    found = []
+    found: list[tuple[int, int]] = []
     if not int.from_bytes(raw[6:8], "little") & 0x10:
         return found
     pos = raw[0x34]
