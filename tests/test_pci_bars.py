@@ -190,3 +190,28 @@ def test_table_definition_errors(bars: dict[int, Bar | None], rom: int | None) -
 def test_table_not_installed() -> None:
     with pytest.raises(DeviceDefinitionError):
         BarTable({0: Bar(16)}).address(0)
+
+
+@given(
+    writes=st.lists(
+        st.tuples(
+            st.integers(0x10, 0x33), st.sampled_from([1, 2, 4]), st.binary(min_size=4, max_size=4)
+        ),
+        max_size=20,
+    )
+)
+def test_random_writes_keep_bar_type_bits(writes: list[tuple[int, int, bytes]]) -> None:
+    bars: dict[int, Bar | None] = {
+        0: Bar(0x1000, kind="mem64", prefetchable=True),
+        2: Bar(64, kind="io"),
+        3: Bar(16),
+    }
+    config = _config(bars, rom_size=0x1000)
+    for offset, size, payload in writes:
+        config.write(offset, payload[:size])
+        assert config.space.u32(0x10) & 0xFFF == 0xC
+        assert config.space.u32(0x18) & 0x3F == 0x1
+        assert config.space.u32(0x1C) & 0xF == 0x0
+        assert config.space.u32(0x20) == 0  # unused slots
+        assert config.space.u32(0x24) == 0
+        assert config.space.u32(0x30) & 0xFFE == 0

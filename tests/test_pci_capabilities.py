@@ -668,3 +668,41 @@ def test_custom_capability_from_a_table() -> None:
     config.write(ext.offset + 4, _u32(0xFFFFFFFF))
     assert ext.get("value") == 0xFFFF0000
     assert list(config.walk_extended_capabilities()) == [(0x100, 0x42, 3)]
+
+
+def test_msix_reset_reports_changes() -> None:
+    mask_events: list[tuple[int, bool]] = []
+    control_events: list[bool] = []
+    config, msix = _msix(2)
+    msix.table.on_mask_change = lambda v, m: mask_events.append((v, m))
+    msix.on_change = lambda: control_events.append(msix.enabled)
+    config.write(msix.offset + 2, _u16(0x8000))
+    msix.table.write(0x200C, _u32(0))
+    assert mask_events == [(0, False)]
+    config.reset()
+    assert mask_events == [(0, False), (0, True)]
+    assert control_events == [True, False]
+
+
+@given(
+    writes=st.lists(
+        st.tuples(
+            st.integers(0, 16 * 4 - 1),
+            st.sampled_from([1, 2, 4, 8]),
+            st.binary(min_size=8, max_size=8),
+        ),
+        max_size=30,
+    )
+)
+def test_msix_table_random_writes_keep_reserved_bits(
+    writes: list[tuple[int, int, bytes]],
+) -> None:
+    table = MsixTable(4, table_bar=0, table_offset=0, pba_bar=0, pba_offset=0x40)
+    for offset, size, payload in writes:
+        offset = min(offset, 64 - size)
+        table.write(offset, payload[:size])
+    for vector in range(4):
+        address, _data, control = table.entry(vector)
+        assert address & 0x3 == 0
+        assert control & ~1 == 0
+    assert table.read(0x40, 8) == b"\x00" * 8

@@ -485,7 +485,7 @@ class MsixTable:
         self._pending = 0
         self._enabled = False
         self._function_mask = False
-        self.reset()
+        self._clear()
 
     # -- BAR accesses ----------------------------------------------------------------------
 
@@ -580,7 +580,16 @@ class MsixTable:
         return [v for v in range(self.vectors) if self._pending >> v & 1]
 
     def reset(self) -> None:
-        """Power-on state: all entries zero with the mask bit set, nothing pending."""
+        """Power-on state: all entries zero with the mask bit set, nothing pending.
+
+        Reports vectors whose effective mask changed through ``on_mask_change``.
+        """
+        before = [self.is_masked(v) for v in range(self.vectors)]
+        self._clear()
+        for vector, was in enumerate(before):
+            self._notify(vector, was)
+
+    def _clear(self) -> None:
         self._table[:] = bytes(self.table_size)
         for vector in range(self.vectors):
             self._table[vector * self.ENTRY_SIZE + 12] = self.MASK_BIT
@@ -717,18 +726,18 @@ class MsiX(Capability):
         self.table.set_pending(vector, pending)
 
     def _control_written(self, offset: int, length: int, old: bytes) -> None:
-        self._update(notify=True)
+        self._update()
 
     def _after_reset(self) -> None:
         self.table.reset()
-        self._update(notify=True)
+        self._update()
 
-    def _update(self, *, notify: bool) -> None:
+    def _update(self) -> None:
         state = (self.enabled, self.function_masked)
         self.table.set_control(*state)
         if state != self._state:
             self._state = state
-            if notify and self.on_change is not None:
+            if self.on_change is not None:
                 self.on_change()
 
 
