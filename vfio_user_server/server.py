@@ -97,7 +97,8 @@ class Connection:
     # --- sending ----------------------------------------------------------------------------
     def send(self, msg: codec.Message) -> None:
         data = codec.encode(msg)
-        self.server._trace(describe(msg, direction="->"))
+        if self.server.tracing:
+            self.server._trace(describe(msg, direction="->"))
         anc = []
         if msg.fds:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", msg.fds).tobytes())]
@@ -146,7 +147,8 @@ class Connection:
 
     def handle_one(self) -> None:
         msg = self.read_message()
-        self.server._trace(describe(msg, direction="<-"))
+        if self.server.tracing:
+            self.server._trace(describe(msg, direction="<-"))
         if msg.is_reply:
             self._complete(msg)
             return
@@ -304,6 +306,10 @@ class Server:
         self.connections_served = 0
         self._connected = threading.Condition()
         self._closed_pipes = False
+
+    @property
+    def tracing(self) -> bool:
+        return self._trace_sink is not None
 
     def _trace(self, line: str) -> None:
         if self._trace_sink is not None:
