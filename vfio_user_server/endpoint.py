@@ -36,6 +36,7 @@ from .protocol.constants import (
 )
 from .protocol.session import Session
 from .protocol.structs import (
+    COMMANDS,
     DeviceInfo,
     DmaMap,
     DmaUnmap,
@@ -160,11 +161,14 @@ class Endpoint:
 
     # Returns the reply to send, or None (NO_REPLY honoured). Never raises for bad input.
     def handle(self, msg: codec.Message) -> codec.Message | None:
+        cmd = msg.command
         try:
             if msg.is_reply:
                 raise ProtocolError("a reply where a request was expected")
-            cmd = self.session.check(msg.command)
-            codec.check_request_size(cmd, msg.payload)
+            if not self.session.accepts(cmd):
+                self.session.check(cmd)  # raises the precise error
+            if len(msg.payload) < _MIN_PAYLOAD[cmd]:
+                codec.check_request_size(Command(cmd), msg.payload)
             result = _HANDLERS[cmd](self, msg)
             self.session.completed(cmd)
         except VfioUserError as exc:
@@ -341,35 +345,46 @@ def _set_irqs(ep: Endpoint, msg: codec.Message) -> None:
     ep.device.irqs.set_irqs(req.index, req.flags, req.start, req.count, fds, bytes(data))
 
 
+_ACCESS = RegionAccess.STRUCT
+
+
 def _region_read(ep: Endpoint, msg: codec.Message) -> bytes:
-    ep._no_fds(msg)
-    acc = RegionAccess.unpack(msg.payload)
+    # The hot path of every trapped read: plain struct calls, no dataclass on the way.
+    if msg.fds:
+        ep._no_fds(msg)
     if len(msg.payload) != RegionAccess.SIZE:
         raise ProtocolError("REGION_READ with trailing bytes", errno=errno.EINVAL)
-    region = ep._access_region(acc, False)
+    offset, index, count = _ACCESS.unpack(msg.payload)
+    region = ep._regions.get(index)
+    if (region is None or region.read is None or count > ep.session.caps.max_data_xfer_size
+            or offset + count > region.size):
+        region = ep._access_region(RegionAccess(offset, index, count), False)
+        count = min(count, region.size - offset)  # only the ROM gets here with a short read
     assert region.read is not None
-    count = acc.count
-    if region.allow_short_read:
-        count = min(count, region.size - acc.offset)
-    data = region.read(acc.offset, count)
+    data = region.read(offset, count)
     if len(data) != count:
-        raise VfioUserError(f"region {acc.region} read returned {len(data)} of {count} bytes",
+        raise VfioUserError(f"region {index} read returned {len(data)} of {count} bytes",
                             errno=errno.EIO)
-    return RegionAccess(acc.offset, acc.region, count).pack() + data
+    return _ACCESS.pack(offset, index, count) + data
 
 
 def _region_write(ep: Endpoint, msg: codec.Message) -> bytes:
-    ep._no_fds(msg)
-    acc = RegionAccess.unpack(msg.payload)
-    data = msg.payload[RegionAccess.SIZE:]
-    if len(data) != acc.count:
+    if msg.fds:
+        ep._no_fds(msg)
+    payload = msg.payload
+    offset, index, count = _ACCESS.unpack_from(payload)
+    data = payload[RegionAccess.SIZE:]
+    if len(data) != count:
         raise ProtocolError(
-            f"REGION_WRITE count {acc.count} but {len(data)} data bytes", errno=errno.EINVAL
+            f"REGION_WRITE count {count} but {len(data)} data bytes", errno=errno.EINVAL
         )
-    region = ep._access_region(acc, True)
+    region = ep._regions.get(index)
+    if (region is None or region.write is None or count > ep.session.caps.max_data_xfer_size
+            or offset + count > region.size or count == 0):
+        region = ep._access_region(RegionAccess(offset, index, count), True)
     assert region.write is not None
-    region.write(acc.offset, bytes(data))
-    return RegionAccess(acc.offset, acc.region, acc.count).pack()
+    region.write(offset, data)
+    return payload[: RegionAccess.SIZE]
 
 
 def _write_multi(ep: Endpoint, msg: codec.Message) -> bytes:
@@ -401,7 +416,7 @@ def _unsupported(ep: Endpoint, msg: codec.Message) -> None:
                         "page tracking yet)", errno=errno.ENOTSUP)
 
 
-_HANDLERS: dict[Command, Handler] = {
+_HANDLERS: dict[int, Handler] = {
     Command.VERSION: _version,
     Command.DMA_MAP: _dma_map,
     Command.DMA_UNMAP: _dma_unmap,
@@ -418,4 +433,10 @@ _HANDLERS: dict[Command, Handler] = {
     Command.DEVICE_FEATURE: _unsupported,
     Command.MIG_DATA_READ: _unsupported,
     Command.MIG_DATA_WRITE: _unsupported,
+}
+
+#: Smallest payload per command (its fixed structure), as plain ints for the hot path.
+_MIN_PAYLOAD: dict[int, int] = {
+    int(cmd): (spec.request.SIZE if spec.request is not None else 0)
+    for cmd, spec in COMMANDS.items()
 }

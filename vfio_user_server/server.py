@@ -377,27 +377,47 @@ class Server:
         log.info("client connected on %s", self.path)
         poller = select.poll()
         assert self._listener is not None
-        poller.register(client.fileno(), select.POLLIN)
-        poller.register(self._listener.fileno(), select.POLLIN)
+        sock_fd = client.fileno()
+        listen_fd = self._listener.fileno()
+        poller.register(sock_fd, select.POLLIN)
+        poller.register(listen_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        irqs = self.device.irqs
         watched: set[int] = set()
+        # The INTx resample fds to poll change only through SET_IRQS, reset or close; the
+        # controller says when, and a device thread's change also wakes the poll.
+        changed = [True]
+
+        def watch_changed() -> None:
+            changed[0] = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"w")
+
+        irqs.on_watch_change = watch_changed
         try:
             while not self._stopping.is_set():
-                wanted = set(self.device.irqs.watched_fds())
-                for fd in watched - wanted:
-                    poller.unregister(fd)
-                for fd in wanted - watched:
-                    poller.register(fd, select.POLLIN)
-                watched = wanted
+                if changed[0]:
+                    changed[0] = False
+                    wanted = set(irqs.watched_fds())
+                    for fd in watched - wanted:
+                        with contextlib.suppress(KeyError):
+                            poller.unregister(fd)
+                    for fd in wanted - watched:
+                        poller.register(fd, select.POLLIN)
+                    watched = wanted
                 for fd, events in poller.poll():
-                    if fd == client.fileno():
+                    if fd == sock_fd:
                         conn.handle_one()
-                    elif fd == self._listener.fileno():
+                    elif fd == listen_fd:
                         self._refuse_extra_client()
                     elif fd == self._wake_r:
+                        with contextlib.suppress(OSError):
+                            os.read(self._wake_r, 4096)
                         break
                     elif fd in watched and events & (select.POLLIN | select.POLLERR):
-                        self.device.irqs.on_fd_readable(fd)
+                        irqs.on_fd_readable(fd)
+                    elif fd in watched:
+                        changed[0] = True  # closed under us (POLLNVAL): refresh the set
         except ConnectionClosed:
             log.info("client disconnected from %s", self.path)
         except ProtocolError as exc:
@@ -405,6 +425,7 @@ class Server:
         except OSError as exc:
             log.error("dropping client after socket error: %s", exc)
         finally:
+            irqs.on_watch_change = None
             with self._connected:
                 self.connection = None
                 self.connections_served += 1

@@ -36,6 +36,12 @@ from .structs import (
 )
 
 _HEADER = Header.STRUCT
+# Plain ints for the hot path (IntFlag arithmetic costs a microsecond a message).
+_TYPE_MASK = int(MSG_TYPE_MASK)
+_REPLY = int(MsgType.REPLY)
+_NO_REPLY = int(HeaderFlag.NO_REPLY)
+_ERROR = int(HeaderFlag.ERROR)
+_REPLY_ERROR = _REPLY | _ERROR
 
 
 @dataclass(slots=True)
@@ -51,15 +57,15 @@ class Message:
 
     @property
     def is_reply(self) -> bool:
-        return self.flags & MSG_TYPE_MASK == MsgType.REPLY
+        return self.flags & _TYPE_MASK == _REPLY
 
     @property
     def no_reply(self) -> bool:
-        return bool(self.flags & HeaderFlag.NO_REPLY)
+        return bool(self.flags & _NO_REPLY)
 
     @property
     def is_error(self) -> bool:
-        return bool(self.flags & HeaderFlag.ERROR)
+        return bool(self.flags & _ERROR)
 
     @property
     def size(self) -> int:
@@ -95,12 +101,12 @@ def request(msg_id: int, command: int, payload: bytes = b"", fds: Sequence[int] 
 
 
 def reply_to(req: Message, payload: bytes = b"") -> Message:
-    return Message(req.msg_id, req.command, int(MsgType.REPLY), 0, payload, [])
+    return Message(req.msg_id, req.command, _REPLY, 0, payload, [])
 
 
 def error_reply(req: Message, errno: int) -> Message:
     """A header-only error reply carrying a positive errno."""
-    return Message(req.msg_id, req.command, int(MsgType.REPLY | HeaderFlag.ERROR), errno, b"")
+    return Message(req.msg_id, req.command, _REPLY_ERROR, errno, b"")
 
 
 def decode_header(buf: bytes | bytearray | memoryview) -> Header:

@@ -44,11 +44,18 @@ ACCEPTS: dict[SessionState, frozenset[Command]] = {
     SessionState.CLOSED: frozenset(),
 }
 
+#: The same, as plain ints, for the per-message check.
+ACCEPTS_INT: dict[SessionState, frozenset[int]] = {
+    state: frozenset(int(c) for c in cmds) for state, cmds in ACCEPTS.items()
+}
+
 #: State changes caused by a successfully handled command.
 TRANSITIONS: dict[tuple[SessionState, Command], SessionState] = {
     (SessionState.AWAIT_VERSION, Command.VERSION): SessionState.NEGOTIATED,
     (SessionState.NEGOTIATED, Command.DEVICE_GET_INFO): SessionState.RUNNING,
 }
+
+_TRANSITION_COMMANDS = frozenset(int(c) for _, c in TRANSITIONS)
 
 #: States in which the server may send DMA_READ / DMA_WRITE to the client.
 MAY_REQUEST = frozenset({SessionState.NEGOTIATED, SessionState.RUNNING})
@@ -93,6 +100,10 @@ class Session:
     client_max_data_xfer: int = DEFAULT_MAX_DATA_XFER
     client_caps: dict[str, Any] = field(default_factory=dict)
 
+    def accepts(self, command: int) -> bool:
+        """Whether this state accepts ``command`` (the fast check; :meth:`check` explains)."""
+        return command in ACCEPTS_INT[self.state]
+
     def check(self, command: int) -> Command:
         """Return the command if this state accepts it, else raise :class:`ProtocolError`."""
         try:
@@ -107,9 +118,11 @@ class Session:
             )
         return cmd
 
-    def completed(self, command: Command) -> None:
+    def completed(self, command: int) -> None:
         """Record that ``command`` was handled successfully (drives the transitions)."""
-        nxt = TRANSITIONS.get((self.state, command))
+        if command not in _TRANSITION_COMMANDS:
+            return
+        nxt = TRANSITIONS.get((self.state, Command(command)))
         if nxt is not None:
             self.state = nxt
 

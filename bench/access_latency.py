@@ -1,0 +1,100 @@
+"""Round-trip cost of one trapped BAR access, as QEMU's vCPU pays it.
+
+A raw blocking client (no reader thread: send, then read the reply, like QEMU's synchronous
+path) does REGION_READ and REGION_WRITE of 4 bytes on BAR0 of a server and reports the mean
+round trip. The server is ours (in a subprocess, so the two do not share a GIL) or any other
+vfio-user server given with --socket (e.g. QEMU's x-vfio-user-server exporting `edu`).
+
+    python bench/access_latency.py                    # our sample device
+    python bench/access_latency.py --device edu       # our edu device
+    python bench/access_latency.py --socket /tmp/peer.sock --offset 0 --label qemu-edu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+from vfio_user_server.protocol import codec
+from vfio_user_server.protocol.constants import Command
+from vfio_user_server.protocol.structs import RegionAccess
+
+HDR = struct.Struct("<HHIII")
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def call(sock: socket.socket, msg_id: int, cmd: int, payload: bytes) -> bytes:
+    sock.sendall(HDR.pack(msg_id, cmd, 16 + len(payload), 0, 0) + payload)
+    head = recv_exact(sock, 16)
+    _, _, size, flags, err = HDR.unpack(head)
+    body = recv_exact(sock, size - 16)
+    if flags & 0x20:
+        raise OSError(err, os.strerror(err))
+    return body
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--socket", help="benchmark an already running server")
+    ap.add_argument("--device", default="sample", help="our device to start (default sample)")
+    ap.add_argument("--bar", type=int, default=0)
+    ap.add_argument("--offset", type=lambda s: int(s, 0), default=4)
+    ap.add_argument("-n", type=int, default=20000)
+    ap.add_argument("--label", default=None)
+    args = ap.parse_args()
+    proc = None
+    path = args.socket
+    if path is None:
+        path = os.path.join(tempfile.mkdtemp(), "bench.sock")
+        proc = subprocess.Popen([sys.executable, "-m", "vfio_user_server.cli", "--socket", path,
+                                 "--log-level", "WARNING", args.device])
+        for _ in range(200):
+            if os.path.exists(path):
+                break
+            time.sleep(0.05)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    try:
+        caps = {"max_msg_fds": 16, "max_data_xfer_size": 1048576}
+        call(sock, 0, Command.VERSION, codec.encode_version(0, 0, caps))
+        call(sock, 1, Command.DEVICE_GET_INFO, struct.pack("<IIII", 16, 0, 0, 0))
+        read = RegionAccess(args.offset, args.bar, 4).pack()
+        write = RegionAccess(args.offset, args.bar, 4).pack() + b"\x01\0\0\0"
+        results = {}
+        for name, cmd, payload in (("read", Command.REGION_READ, read),
+                                   ("write", Command.REGION_WRITE, write)):
+            for i in range(min(1000, args.n)):  # warm up
+                call(sock, i & 0xFFFF, cmd, payload)
+            t0 = time.perf_counter()
+            for i in range(args.n):
+                call(sock, i & 0xFFFF, cmd, payload)
+            results[name] = (time.perf_counter() - t0) / args.n * 1e6
+        label = args.label or (args.device if args.socket is None else path)
+        print(json.dumps({"server": label, "read_us": round(results["read"], 2),
+                          "write_us": round(results["write"], 2), "n": args.n}))
+    finally:
+        sock.close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
