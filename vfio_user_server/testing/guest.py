@@ -1,0 +1,764 @@
+"""Boot a Linux guest under QEMU, attach vfio-user devices, and run commands in it.
+
+:class:`QemuMachine` (alias :class:`Guest`) starts QEMU with:
+
+* ``-machine q35`` under TCG (``-cpu max``), or KVM (``-cpu host``) only when a probe boot of
+  the same kernel reached its marker under KVM on this boot of the host (cached per boot id
+  in the provisioning cache). ``$PYVFIO_ACCEL`` (``tcg``, ``kvm``, ``auto``) overrides;
+* guest RAM from ``memory-backend-memfd,share=on`` by default (so a vfio-user server gets fds
+  for DMA), or plain RAM with no fd (``shared_memory=False``);
+* the console (COM1, ``ttyS0``) streamed to ``console.log`` in the work folder, the command
+  agent on COM2 (``ttyS1``) through a UNIX socket, a QMP socket (``qemu.qmp``);
+* each vfio-user socket as ``-device '{"driver":"vfio-user-pci","socket":{...}}'``.
+
+Commands run through the agent: ``guest.run("cmd", timeout=...) -> Result(ok, status,
+output)``. Everything (QEMU's process group, sockets, threads, the work folder) is torn down by
+:meth:`QemuMachine.close`, the context manager, or at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import contextlib
+import ctypes
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vfio_user_server.errors import GuestError, ProvisioningError
+from vfio_user_server.testing.initramfs import (
+    AGENT_BEGIN,
+    AGENT_END,
+    AGENT_READY,
+    BOOT_MARKER,
+    EXIT_MARKER,
+    FileSource,
+    build_initramfs,
+)
+from vfio_user_server.testing.provision import Provisioned, provision
+
+__all__ = [
+    "DEFAULT_CMDLINE",
+    "Guest",
+    "QemuMachine",
+    "Result",
+    "VfioUserDevice",
+    "kvm_usable",
+    "select_accel",
+]
+
+log = logging.getLogger("vfio_user_server.testing.guest")
+
+DEFAULT_CMDLINE = "console=ttyS0 panic=-1 rdinit=/init mitigations=off"
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of a command run in the guest."""
+
+    ok: bool
+    status: int
+    output: str
+    command: str = ""
+    duration: float = 0.0
+    timed_out: bool = False
+
+    def check(self) -> Result:
+        """Return self, or raise :class:`GuestError` if the command failed."""
+        if not self.ok:
+            why = "timed out" if self.timed_out else f"exited with status {self.status}"
+            raise GuestError(f"guest command {self.command!r} {why}; output:\n{self.output}")
+        return self
+
+
+@dataclass(frozen=True)
+class VfioUserDevice:
+    """A ``vfio-user-pci`` device: the server's UNIX socket plus optional QEMU properties."""
+
+    socket: str
+    id: str | None = None
+    props: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self, default_id: str | None = None) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "driver": "vfio-user-pci",
+            "socket": {"type": "unix", "path": str(self.socket)},
+        }
+        if self.id or default_id:
+            spec["id"] = self.id or default_id
+        spec.update(self.props)
+        return spec
+
+
+DeviceSpec = str | os.PathLike[str] | VfioUserDevice
+
+
+def _as_device(spec: DeviceSpec) -> VfioUserDevice:
+    if isinstance(spec, VfioUserDevice):
+        return spec
+    return VfioUserDevice(os.fspath(spec))
+
+
+# --------------------------------------------------------------------------------------------
+# Accelerator selection
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def kvm_usable(prov: Provisioned, *, timeout: float = 15.0) -> bool:
+    """True when a guest really boots under KVM here (cached per host boot id).
+
+    /dev/kvm being present is not enough (a kvm-pvm host kills Debian's kernel with an
+    emulation failure), so this boots the provisioned kernel with KVM until its marker.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    cache_file = prov.cache_dir / "kvm-probe.json"
+    key = {
+        "boot_id": _boot_id(),
+        "qemu": prov.qemu.version,
+        "qemu_binary": str(prov.qemu.binary),
+        "kernel": prov.kernel.release,
+        "image": str(prov.kernel.image),
+    }
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(cache_file.read_text())
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return bool(cached.get("ok"))
+    ok = False
+    detail = ""
+    try:
+        with QemuMachine(
+            prov,
+            accel="kvm",
+            agent=False,
+            test_script="true",
+            boot_timeout=timeout,
+            memory_mib=256,
+            shared_memory=False,
+            keep_workdir=False,
+            name="kvm-probe",
+        ) as probe:
+            probe.wait_exit(timeout=timeout)
+            ok = BOOT_MARKER in probe.console_text()
+            detail = probe.console_text()[-2000:]
+    except (GuestError, ProvisioningError, OSError) as exc:
+        detail = str(exc)[-2000:]
+    log.info("KVM probe: %s", "guest booted" if ok else "guest did not boot")
+    with contextlib.suppress(OSError):
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "ok": ok, "detail": detail}, indent=2))
+        os.replace(tmp, cache_file)
+    return ok
+
+
+def select_accel(prov: Provisioned, accel: str | None = None) -> str:
+    """``"tcg"`` or ``"kvm"`` for ``accel`` in (None/``"auto"``, ``"tcg"``, ``"kvm"``)."""
+    choice = (accel or os.environ.get("PYVFIO_ACCEL") or "auto").lower()
+    if choice in ("tcg", "kvm"):
+        return choice
+    if choice != "auto":
+        raise GuestError(f"unknown accelerator {choice!r} (tcg, kvm or auto)")
+    return "kvm" if kvm_usable(prov) else "tcg"
+
+
+# --------------------------------------------------------------------------------------------
+# QMP in its own event loop thread
+
+
+class _Qmp:
+    """A ``qemu.qmp`` client driven by a private asyncio loop in a daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        from qemu.qmp import QMPClient
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"qmp-{name}", daemon=True
+        )
+        self._thread.start()
+        self._client = QMPClient(name)
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
+
+    def connect(self, path: str, timeout: float) -> None:
+        self._call(self._client.connect(path), timeout)
+
+    def execute(self, cmd: str, args: Mapping[str, Any] | None = None, timeout: float = 30) -> Any:
+        return self._call(self._client.execute(cmd, dict(args) if args else None), timeout)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            self._call(self._client.disconnect(), 5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The machine
+
+_live: weakref.WeakSet[QemuMachine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for machine in list(_live):
+        with contextlib.suppress(Exception):
+            machine.close()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class QemuMachine:
+    """A QEMU guest with the busybox initramfs, vfio-user devices and the command agent.
+
+    Use as a context manager, or call :meth:`start` and :meth:`close`. All arguments are
+    keywords except ``prov`` (the result of :func:`~vfio_user_server.testing.provision
+    .provision`, provisioned when None).
+    """
+
+    def __init__(
+        self,
+        prov: Provisioned | None = None,
+        *,
+        sockets: Sequence[DeviceSpec] = (),
+        modules: Sequence[str] = (),
+        module_params: Mapping[str, str] | None = None,
+        files: Mapping[str, FileSource] | None = None,
+        test_script: str | None = None,
+        agent: bool = True,
+        memory_mib: int = 512,
+        smp: int = 1,
+        accel: str | None = None,
+        shared_memory: bool = True,
+        iommu: bool = False,
+        cmdline: str = "",
+        extra_args: Sequence[str] = (),
+        no_reboot: bool = True,
+        boot_timeout: float = 180.0,
+        workdir: str | os.PathLike[str] | None = None,
+        keep_workdir: bool | None = None,
+        name: str = "guest",
+        die_with_parent: bool = True,
+    ) -> None:
+        self.prov = prov
+        self.devices = [_as_device(s) for s in sockets]
+        self.modules = list(modules)
+        self.module_params = dict(module_params or {})
+        self.files = dict(files or {})
+        self.test_script = test_script
+        self.agent = agent
+        self.memory_mib = memory_mib
+        self.smp = smp
+        self.requested_accel = accel
+        self.shared_memory = shared_memory
+        self.iommu = iommu
+        self.cmdline = cmdline
+        self.extra_args = list(extra_args)
+        self.no_reboot = no_reboot
+        self.boot_timeout = boot_timeout
+        self.name = name
+        self.die_with_parent = die_with_parent
+        self.keep_workdir = keep_workdir
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else None
+        #: "tcg" or "kvm" once started.
+        self.accel: str | None = None
+        #: Seconds from starting QEMU to the boot marker (agent ready) of the first boot.
+        self.boot_time: float | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._qmp: _Qmp | None = None
+        self._listener: socket.socket | None = None
+        self._agent_sock: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._ready_count = 0
+        self._results: dict[int, tuple[int, bytes]] = {}
+        self._collect: dict[int, list[str]] = {}
+        self._next_id = 0
+        self._send_lock = threading.Lock()
+        self._agent_eof = False
+        self._failed = False
+        self._closed = False
+        self._device_counter = 0
+
+    # ---------------------------------------------------------------- paths
+
+    def _path(self, name: str) -> Path:
+        assert self.workdir is not None
+        return self.workdir / name
+
+    @property
+    def console_log(self) -> Path:
+        return self._path("console.log")
+
+    @property
+    def qemu_log(self) -> Path:
+        return self._path("qemu.log")
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self._path("qmp.sock")
+
+    # ---------------------------------------------------------------- start
+
+    def qemu_argv(self) -> list[str]:
+        """The full QEMU command line (valid after the initramfs is built in :meth:`start`)."""
+        assert self.prov is not None and self.accel is not None
+        prov = self.prov
+        mem = f"{self.memory_mib}M"
+        machine = f"q35,accel={self.accel}"
+        argv = [*prov.qemu_argv_prefix, "-name", self.name, "-nodefaults", "-display", "none"]
+        if self.shared_memory:
+            argv += [
+                "-object",
+                f"memory-backend-memfd,id=mem,size={mem},share=on",
+            ]
+            machine += ",memory-backend=mem"
+        argv += ["-machine", machine, "-m", mem, "-smp", str(self.smp)]
+        argv += ["-cpu", "host" if self.accel == "kvm" else "max"]
+        if self.no_reboot:
+            argv.append("-no-reboot")
+        cmdline = DEFAULT_CMDLINE
+        if self.iommu:
+            argv += ["-device", "intel-iommu,intremap=off"]
+            cmdline += " intel_iommu=on"
+        if self.cmdline:
+            cmdline += " " + self.cmdline
+        argv += [
+            "-kernel",
+            str(prov.kernel_image),
+            "-initrd",
+            str(self._path("initramfs.cpio.gz")),
+            "-append",
+            cmdline,
+            "-chardev",
+            f"file,id=console,path={self.console_log}",
+            "-serial",
+            "chardev:console",
+        ]
+        if self.agent:
+            argv += [
+                "-chardev",
+                f"socket,id=agent,path={self._path('agent.sock')}",
+                "-serial",
+                "chardev:agent",
+            ]
+        argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        for dev in self.devices:
+            argv += ["-device", json.dumps(dev.to_json(self._new_device_id()))]
+        argv += self.extra_args
+        return argv
+
+    def _new_device_id(self) -> str:
+        self._device_counter += 1
+        return f"vfu{self._device_counter - 1}"
+
+    def start(self) -> QemuMachine:
+        """Build the initramfs, start QEMU and wait until the guest is ready."""
+        if self.proc is not None:
+            raise GuestError("guest already started")
+        if self.prov is None:
+            self.prov = provision()
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="pyvfio-guest-"))
+        else:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        _live.add(self)
+        try:
+            self._start()
+        except BaseException:
+            self._failed = True
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        assert self.prov is not None
+        prov = self.prov
+        initrd = build_initramfs(
+            prov.busybox,
+            modules_dir=prov.modules_dir,
+            modules=self.modules,
+            module_params=self.module_params,
+            test_script=self.test_script,
+            agent_port="/dev/ttyS1" if self.agent else None,
+            files=self.files,
+        )
+        self._path("initramfs.cpio.gz").write_bytes(initrd)
+        self.accel = select_accel(prov, self.requested_accel)
+        if self.agent:
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listener.bind(str(self._path("agent.sock")))
+            self._listener.listen(1)
+        argv = self.qemu_argv()
+        self._path("qemu-argv.json").write_text(json.dumps(argv, indent=1))
+        with open(self.qemu_log, "wb") as qlog:
+            qlog.write(f"# accel={self.accel}\n# {json.dumps(argv)}\n".encode())
+            qlog.flush()
+            t0 = time.monotonic()
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=qlog,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
+        self._started_at = t0
+        deadline = t0 + self.boot_timeout
+        if self.agent:
+            assert self._listener is not None
+            self._agent_sock = self._accept(self._listener, deadline)
+            self._reader = threading.Thread(
+                target=self._read_agent, name=f"agent-{self.name}", daemon=True
+            )
+            self._reader.start()
+        self._connect_qmp(deadline)
+        if self.agent:
+            self._wait_ready(1, deadline)
+        else:
+            self.wait_for_console(BOOT_MARKER, timeout=max(0.0, deadline - time.monotonic()))
+        self.boot_time = time.monotonic() - t0
+        msg = (
+            f"guest {self.name!r} booted in {self.boot_time:.2f} s "
+            f"(accel={self.accel}, kernel {prov.kernel.release} "
+            f"{prov.kernel_image.name}, QEMU {prov.qemu.version})"
+        )
+        log.info(msg)
+        print(f"pyvfio-user: {msg}", file=sys.stderr, flush=True)
+
+    def _accept(self, listener: socket.socket, deadline: float) -> socket.socket:
+        listener.settimeout(0.2)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                self._check_alive("waiting for QEMU to connect the agent serial port")
+                if time.monotonic() > deadline:
+                    raise self._error("QEMU did not connect the agent serial port") from None
+                continue
+            conn.settimeout(None)
+            return conn
+
+    def _connect_qmp(self, deadline: float) -> None:
+        qmp = _Qmp(self.name)
+        self._qmp = qmp
+        while True:
+            self._check_alive("connecting to QMP")
+            if self.qmp_socket.exists():
+                try:
+                    qmp.connect(str(self.qmp_socket), timeout=10)
+                    return
+                except Exception as exc:  # ConnectError, OSError
+                    if time.monotonic() > deadline:
+                        raise self._error(f"cannot connect to QMP: {exc}") from exc
+            if time.monotonic() > deadline:
+                raise self._error("QEMU never created its QMP socket")
+            time.sleep(0.05)
+
+    # ---------------------------------------------------------------- agent
+
+    def _read_agent(self) -> None:
+        assert self._agent_sock is not None
+        buf = b""
+        sock = self._agent_sock
+        with open(self._path("agent.log"), "ab") as alog:
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    with self._cond:
+                        self._agent_eof = True
+                        self._cond.notify_all()
+                    return
+                alog.write(chunk)
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    self._agent_line(raw.decode(errors="replace").strip("\r"))
+
+    def _agent_line(self, line: str) -> None:
+        with self._cond:
+            if line.endswith(AGENT_READY):
+                self._ready_count += 1
+                self._collect.clear()
+                self._cond.notify_all()
+                return
+            m = re.match(rf"^{AGENT_BEGIN} (\d+)$", line)
+            if m:
+                self._collect[int(m.group(1))] = []
+                return
+            m = re.match(rf"^{AGENT_END} (\d+) (-?\d+)$", line)
+            if m:
+                cid = int(m.group(1))
+                parts = self._collect.pop(cid, [])
+                try:
+                    data = base64.b64decode("".join(parts))
+                except ValueError:
+                    data = ("".join(parts)).encode()
+                self._results[cid] = (int(m.group(2)), data)
+                self._cond.notify_all()
+                return
+            for parts in self._collect.values():
+                parts.append(line.strip())
+
+    def _wait_ready(self, count: int, deadline: float) -> None:
+        with self._cond:
+            while self._ready_count < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._error("the guest agent did not come up in time")
+                if self._agent_eof:
+                    raise self._error("the agent serial port closed before the guest was ready")
+                self._cond.wait(min(remaining, 0.25))
+                if self._cond_check_dead():
+                    raise self._error("QEMU exited before the guest was ready")
+
+    def _cond_check_dead(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def _send(self, line: str) -> None:
+        if self._agent_sock is None:
+            raise GuestError("this guest has no command agent (agent=False)")
+        with self._send_lock:
+            self._agent_sock.sendall(line.encode() + b"\n")
+
+    def run(self, command: str, timeout: float = 60.0, *, check: bool = False) -> Result:
+        """Run ``command`` with ``sh`` in the guest; stdout and stderr come back merged.
+
+        The guest kills the command after ``timeout`` seconds (``Result.timed_out``); a guest
+        that does not answer within ``timeout`` plus a margin raises :class:`GuestError`.
+        """
+        if self.proc is None or self._closed:
+            raise GuestError("guest is not running")
+        with self._cond:
+            self._next_id += 1
+            cid = self._next_id
+        guest_timeout = max(1, math.ceil(timeout)) if timeout > 0 else 0
+        payload = base64.b64encode(command.encode()).decode()
+        t0 = time.monotonic()
+        self._send(f"{cid} {guest_timeout} {payload}")
+        deadline = t0 + (timeout if timeout > 0 else 1e9) + 30
+        with self._cond:
+            while cid not in self._results:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._error(f"no answer from the guest agent to {command!r}")
+                if self._agent_eof or self._cond_check_dead():
+                    raise self._error(f"the guest went away while running {command!r}")
+                self._cond.wait(min(remaining, 0.25))
+            status, data = self._results.pop(cid)
+        duration = time.monotonic() - t0
+        timed_out = timeout > 0 and status == 137 and duration >= guest_timeout - 0.5
+        result = Result(
+            ok=status == 0,
+            status=status,
+            output=data.decode(errors="replace"),
+            command=command,
+            duration=duration,
+            timed_out=timed_out,
+        )
+        return result.check() if check else result
+
+    def reboot(self, *, timeout: float | None = None, via: str = "guest") -> float:
+        """Reboot the guest (``reboot -f`` in it, or QMP ``system_reset`` with ``via="qmp"``)
+        and wait until the agent is back; return the seconds it took. Needs ``no_reboot=False``.
+        """
+        if self.no_reboot:
+            raise GuestError("reboot() needs QemuMachine(no_reboot=False)")
+        with self._cond:
+            target = self._ready_count + 1
+        t0 = time.monotonic()
+        if via == "qmp":
+            self.qmp("system_reset")
+        else:
+            with self._cond:
+                self._next_id += 1
+                cid = self._next_id
+            payload = base64.b64encode(b"sync; reboot -f").decode()
+            self._send(f"{cid} 0 {payload}")
+        self._wait_ready(target, t0 + (timeout or self.boot_timeout))
+        return time.monotonic() - t0
+
+    # ---------------------------------------------------------------- QMP, devices
+
+    def qmp(self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        """Run a QMP command and return its result (raises ``qemu.qmp.ExecuteError``)."""
+        if self._qmp is None:
+            raise GuestError("QMP is not connected")
+        merged = {**(args or {}), **kwargs}
+        return self._qmp.execute(command, merged or None)
+
+    def attach(self, device: DeviceSpec) -> str:
+        """Hot-plug a vfio-user device through QMP ``device_add``; returns its id."""
+        dev = _as_device(device)
+        spec = dev.to_json(self._new_device_id())
+        self.qmp("device_add", spec)
+        self.devices.append(dev)
+        return str(spec["id"])
+
+    def detach(self, device_id: str) -> None:
+        """Ask for the guest-cooperative unplug of a device (QMP ``device_del``)."""
+        self.qmp("device_del", id=device_id)
+
+    # ---------------------------------------------------------------- console
+
+    def console_text(self) -> str:
+        try:
+            return self.console_log.read_text(errors="replace")
+        except (OSError, AssertionError):
+            return ""
+
+    def wait_for_console(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        """Wait until the console log matches the regex ``pattern``."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while True:
+            m = rx.search(self.console_text())
+            if m:
+                return m
+            if self._cond_check_dead():
+                m = rx.search(self.console_text())
+                if m:
+                    return m
+                raise self._error(f"QEMU exited before the console showed {pattern!r}")
+            if time.monotonic() > deadline:
+                raise self._error(f"the console did not show {pattern!r} in {timeout} s")
+            time.sleep(0.05)
+
+    def wait_exit(self, timeout: float = 120.0) -> int | None:
+        """Wait for QEMU to exit; return the test script's status from the console, if any."""
+        if self.proc is None:
+            raise GuestError("guest is not running")
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise self._error(f"QEMU did not exit within {timeout} s") from None
+        m = re.search(rf"{EXIT_MARKER} (\d+)", self.console_text())
+        return int(m.group(1)) if m else None
+
+    # ---------------------------------------------------------------- errors and teardown
+
+    def _tail(self, path: Path, n: int = 40) -> str:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(none)"
+        return "\n".join(lines[-n:]) or "(empty)"
+
+    def _error(self, message: str) -> GuestError:
+        self._failed = True
+        status = self.proc.poll() if self.proc is not None else None
+        state = "running" if status is None else f"exited with status {status}"
+        return GuestError(
+            f"{message} (guest {self.name!r}, accel={self.accel}, QEMU {state}, "
+            f"work folder {self.workdir})\n"
+            f"--- console (last lines) ---\n{self._tail(self.console_log)}\n"
+            f"--- qemu log ---\n{self._tail(self.qemu_log, 20)}"
+        )
+
+    def _check_alive(self, doing: str) -> None:
+        if self._cond_check_dead():
+            raise self._error(f"QEMU exited while {doing}")
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop QEMU (QMP quit, then SIGTERM/SIGKILL to its process group) and clean up."""
+        if self._closed:
+            return
+        self._closed = True
+        _live.discard(self)
+        proc = self.proc
+        if proc is not None and proc.poll() is None and self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.execute("quit", timeout=2)
+        if proc is not None:
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, sig)
+                try:
+                    proc.wait(timeout if sig is None else 3)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            # Anything left in QEMU's process group (helpers) goes too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if self._qmp is not None:
+            self._qmp.close()
+        for sock in (self._agent_sock, self._listener):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    sock.close()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        keep = self.keep_workdir if self.keep_workdir is not None else self._failed
+        if self._own_workdir and self.workdir is not None and not keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and not self._closed
+
+    def __enter__(self) -> QemuMachine:
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self._failed = True
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):
+                self.close()
+
+
+Guest = QemuMachine
+
+#: A callable that makes a started guest, for fixtures: ``factory(**overrides) -> QemuMachine``.
+GuestFactory = Callable[..., QemuMachine]
