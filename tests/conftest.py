@@ -1,0 +1,250 @@
+"""Shared fixtures: a Server with a SampleDevice on a temporary UNIX socket, and Clients.
+
+Everything here talks over a real UNIX socket. Socket paths live in a short directory under
+``/tmp`` (``sun_path`` is limited to 107 bytes and pytest's ``tmp_path`` can be longer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vfio_user_server.client import Client
+from vfio_user_server.endpoint import VfioDevice
+from vfio_user_server.pci.capabilities import Msi, MsiX
+from vfio_user_server.protocol import codec
+from vfio_user_server.protocol.constants import HEADER_SIZE, RegionIndex
+from vfio_user_server.sample import SampleDevice
+from vfio_user_server.server import Server
+
+#: Generous timeout for anything we wait for (events, threads, disconnects).
+WAIT = 10.0
+
+
+def open_fds() -> set[int]:
+    """The fds open in this process now."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def fd_target(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = WAIT, what: str = "condition") -> None:
+    """Poll ``cond`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def wait_eventfd(fd: int, timeout: float = WAIT) -> int:
+    """Wait for an eventfd to be signalled; return (and clear) its counter. 0 on timeout."""
+    import select
+
+    r, _, _ = select.select([fd], [], [], timeout)
+    if not r:
+        return 0
+    return Client.eventfd_count(fd)
+
+
+def eventfd_quiet(fd: int) -> bool:
+    """True if the eventfd has not been signalled (non-blocking check; clears nothing)."""
+    import select
+
+    r, _, _ = select.select([fd], [], [], 0)
+    return not r
+
+
+def efd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class RecordingSample(SampleDevice):
+    """The sample device, recording connection hooks."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        super().__init__()
+
+    def on_connect(self) -> None:
+        self.events.append("connect")
+
+    def on_disconnect(self) -> None:
+        self.events.append("disconnect")
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="vfu-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def sock_path(sock_dir: Path) -> Path:
+    return sock_dir / "dev.sock"
+
+
+ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture
+def make_server(sock_dir: Path) -> Iterator[ServerFactory]:
+    """Start Servers: ``make_server(device=None, name="dev.sock", **server_kwargs)``."""
+    servers: list[Server] = []
+
+    def make(device: VfioDevice | None = None, name: str = "dev.sock", **kwargs: Any) -> Server:
+        dev = device if device is not None else RecordingSample()
+        srv = Server(dev, sock_dir / name, **kwargs)
+        servers.append(srv)
+        return srv.start()
+
+    yield make
+    for srv in servers:
+        srv.close()
+
+
+@pytest.fixture
+def device() -> RecordingSample:
+    return RecordingSample()
+
+
+@pytest.fixture
+def server(make_server: ServerFactory, device: RecordingSample) -> Server:
+    """A started Server serving ``device`` on a temporary socket (small DMA timeout)."""
+    return make_server(device, dma_timeout=2.0)
+
+
+ClientFactory = Callable[..., Client]
+
+
+@pytest.fixture
+def make_client() -> Iterator[ClientFactory]:
+    """Connect Clients: ``make_client(server_or_path, **client_kwargs)``; closed at teardown."""
+    clients: list[Client] = []
+
+    def make(target: Server | str | os.PathLike[str], **kwargs: Any) -> Client:
+        path = target.path if isinstance(target, Server) else target
+        kwargs.setdefault("timeout", WAIT)
+        c = Client.connect(path, **kwargs)
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture
+def raw_client(server: Server, make_client: ClientFactory) -> Client:
+    """A connected client that has not sent anything yet."""
+    return make_client(server)
+
+
+@pytest.fixture
+def client(server: Server, make_client: ClientFactory) -> Client:
+    """A connected client that did VERSION and DEVICE_GET_INFO (the session is RUNNING)."""
+    c = make_client(server)
+    c.negotiate()
+    c.get_device_info()
+    return c
+
+
+def negotiated(c: Client) -> Client:
+    c.negotiate()
+    c.get_device_info()
+    return c
+
+
+# --- raw socket helpers ---------------------------------------------------------------------
+
+
+class RawPeer:
+    """A bare socket to the server, for messages the Client would refuse to send."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.connect(os.fspath(path))
+        self.sock.settimeout(WAIT)
+
+    def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        import array
+
+        anc = []
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        self.sock.sendmsg([data], anc)
+
+    def recv_message(self) -> codec.Message:
+        head = self._exact(HEADER_SIZE)
+        hdr = codec.decode_header(head)
+        body = self._exact(hdr.size - HEADER_SIZE)
+        return codec.Message(hdr.msg_id, hdr.command, hdr.flags, hdr.error, body, [])
+
+    def _exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            data = self.sock.recv(n - len(buf))
+            if not data:
+                raise EOFError("server closed the connection")
+            buf += data
+        return buf
+
+    def at_eof(self) -> bool:
+        """Wait (up to WAIT) for the server to close the connection."""
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, TimeoutError):
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- config space helpers -------------------------------------------------------------------
+
+
+def find_capability(c: Client, cap_id: int) -> int:
+    """Walk the standard capability chain through config reads; return the offset or 0."""
+    pos = c.config_read(0x34, 1) & 0xFC
+    seen = 0
+    while pos and seen < 48:
+        if c.config_read(pos, 1) == cap_id:
+            return pos
+        pos = c.config_read(pos + 1, 1) & 0xFC
+        seen += 1
+    return 0
+
+
+MSI_CAP_ID = Msi.cap_id
+MSIX_CAP_ID = MsiX.cap_id
+CONFIG = RegionIndex.CONFIG
+
+
+def run_in_thread(fn: Callable[[], Any]) -> threading.Thread:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
