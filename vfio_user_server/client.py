@@ -95,7 +95,11 @@ class RegionDescription:
 
 
 class Client:
-    """A synchronous vfio-user client with a reader thread."""
+    """A synchronous vfio-user client with a reader thread.
+
+    With ``serve_dma=False`` the server's DMA_READ / DMA_WRITE requests are recorded in
+    :attr:`unanswered` and never answered, as when QEMU's main loop is blocked.
+    """
 
     def __init__(
         self,
@@ -114,6 +118,8 @@ class Client:
         self.memory: list[MemoryRegion] = []
         self.server_caps: dict[str, Any] = {}
         self.dma_requests: list[tuple[str, int, int]] = []  # (kind, addr, count) served
+        #: server requests received while ``serve_dma`` is false (never answered)
+        self.unanswered: list[codec.Message] = []
         self._ids = itertools.count(1)
         self._pending: dict[int, Future[codec.Message]] = {}
         self._lock = threading.Lock()
@@ -236,10 +242,14 @@ class Client:
 
     def _serve(self, msg: codec.Message) -> None:
         msg.close_fds()
+        if not self.serve_dma:
+            # like a QEMU whose main loop is blocked: the request is never answered
+            self.unanswered.append(msg)
+            return
         err = 0
         payload = b""
         try:
-            if not self.serve_dma or msg.command not in (Command.DMA_READ, Command.DMA_WRITE):
+            if msg.command not in (Command.DMA_READ, Command.DMA_WRITE):
                 err = errno.ENOSYS
             elif self.dma_layout is DmaLayout.SPEC:
                 acc = DmaAccess.unpack(msg.payload)
