@@ -358,7 +358,12 @@ class Server:
     def _accept(self) -> socket.socket | None:
         assert self._listener is not None
         r, _, _ = select.select([self._listener.fileno(), self._wake_r], [], [])
-        if self._wake_r in r or self._stopping.is_set():
+        if self._wake_r in r:
+            # stop(), or an IRQ-watch wake-up left over from the last connection: drain it,
+            # or select() returns at once forever and no client is ever accepted again
+            with contextlib.suppress(OSError):
+                os.read(self._wake_r, 4096)
+        if self._stopping.is_set() or self._listener.fileno() not in r:
             return None
         try:
             client, _ = self._listener.accept()
