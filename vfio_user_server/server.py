@@ -191,6 +191,9 @@ class Connection:
             raise DmaTimeoutError(
                 f"{command.name} #{msg_id} got no reply in {self.server.dma_timeout} s"
             ) from None
+        except (ConnectionClosed, OSError) as exc:
+            # devices handle DmaError; a client that left is one more reason DMA failed
+            raise DmaError(f"{command.name} #{msg_id}: {exc}", errno=errno.ENOTCONN) from exc
         finally:
             with self._pending_lock:
                 self._pending.pop(msg_id, None)
