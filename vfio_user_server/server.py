@@ -434,11 +434,14 @@ class Server:
             log.error("dropping client after socket error: %s", exc)
         finally:
             irqs.on_watch_change = None
-            with self._connected:
-                self.connection = None
-                self.connections_served += 1
-                self._connected.notify_all()
-            conn.close()
+            try:
+                conn.close()
+            finally:
+                # only now: wait_for_disconnect() promises maps, fds and the device are done
+                with self._connected:
+                    self.connection = None
+                    self.connections_served += 1
+                    self._connected.notify_all()
 
     def _refuse_extra_client(self) -> None:
         assert self._listener is not None
