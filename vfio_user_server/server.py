@@ -65,6 +65,18 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
+def _socket_is_live(path: Path) -> bool:
+    """True if something accepts connections on the UNIX socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False  # ECONNREFUSED: a stale socket file
+    finally:
+        probe.close()
+    return True
+
+
 class Connection:
     """One client connection: socket I/O, the endpoint, and server->client requests."""
 
@@ -331,7 +343,10 @@ class Server:
             if not stat.S_ISSOCK(st.st_mode):
                 raise VfioUserError(f"{self.path} exists and is not a socket; not replacing it",
                                     errno=errno.EEXIST)
-            self.path.unlink()
+            if _socket_is_live(self.path):
+                raise VfioUserError(f"{self.path}: another server is listening there",
+                                    errno=errno.EADDRINUSE)
+            self.path.unlink()  # stale: nobody listens
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o777 & ~self.mode)
         try:
