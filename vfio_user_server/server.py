@@ -104,6 +104,8 @@ class Connection:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="vfio-user-worker")
         self.loop_thread: threading.Thread | None = None
         self.closed = False
+        #: the device was told about this client (client_connected), so it hears it leave
+        self.device_connected = False
         self.ctx = DeviceContext(self.dma, self.table, self._worker.submit, None)
 
     # --- sending ----------------------------------------------------------------------------
@@ -169,6 +171,7 @@ class Connection:
         if reply is not None:
             self.send(reply)
         if msg.command == Command.VERSION and first is not self.session.state:
+            self.device_connected = True
             self.device.client_connected(self.ctx)
 
     def _complete(self, msg: codec.Message) -> None:
@@ -275,7 +278,8 @@ class Connection:
                 with contextlib.suppress(OSError):
                     self.sock.close()
                 try:
-                    self.device.client_disconnected()
+                    if self.device_connected:  # a client that never negotiated is no news
+                        self.device.client_disconnected()
                 except Exception:
                     log.exception("device client_disconnected hook failed")
 
