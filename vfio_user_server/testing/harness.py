@@ -124,6 +124,7 @@ class DeviceGuest:
 
     def start(self) -> DeviceGuest:
         try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
             for i, dev in enumerate(self.devices):
                 srv = Server(dev, self.socket_path(i), trace=self._trace_sink(i),
                              dma_layout=self._dma_layout)

@@ -1,0 +1,45 @@
+"""Golden trace: the messages of QEMU attaching the sample device and Linux probing it.
+
+The sequence is recorded once in tests/golden/ and compared on every run; a change shows as a
+unified diff. After an intended change (a new QEMU, a new kernel, a device change), record it
+again with ``PYVFIO_UPDATE_GOLDEN=1 pytest tests/e2e/test_golden_trace.py`` and review the diff
+in git.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from vfio_user_server.testing.harness import DeviceGuest
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "sample_attach.trace"
+_ID = re.compile(r"#\d+ ")
+
+
+def normalize(lines: list[str]) -> list[str]:
+    """Drop what legitimately varies between runs: message ids."""
+    return [_ID.sub("", line) for line in lines]
+
+
+@pytest.mark.vfio_user_devices("sample", trace=True)
+def test_attach_and_probe_trace_matches_golden(guest: DeviceGuest) -> None:
+    # Everything up to the guest's boot marker: QEMU's realize, firmware, Linux's PCI probe.
+    got = normalize(list(guest.trace_lines))
+    header = [
+        f"# QEMU {guest.guest.prov.qemu.version if guest.guest.prov else '?'}, "
+        f"kernel {guest.guest.prov.kernel.release if guest.guest.prov else '?'}, sample device",
+    ]
+    if os.environ.get("PYVFIO_UPDATE_GOLDEN") == "1" or not GOLDEN.exists():
+        if not GOLDEN.exists() and os.environ.get("CI"):
+            pytest.fail(f"{GOLDEN} is missing: record it with PYVFIO_UPDATE_GOLDEN=1")
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text("\n".join(header + got) + "\n")
+    want = [ln for ln in GOLDEN.read_text().splitlines() if not ln.startswith("#")]
+    if got != want:
+        diff = "\n".join(difflib.unified_diff(want, got, "golden", "this run", lineterm="", n=2))
+        pytest.fail(f"the attach/probe trace changed ({len(want)} -> {len(got)} lines):\n{diff}")
