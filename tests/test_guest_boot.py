@@ -134,3 +134,27 @@ def test_test_script_mode(prov: Provisioned) -> None:
         assert machine.wait_exit(timeout=120) == 5
         assert time.monotonic() - t0 < 120
         assert "from-script" in machine.console_text()
+
+
+def test_iommu_lets_vfio_pci_bind(prov: Provisioned) -> None:
+    # QEMU's in-process edu device (1234:11e8) stands in for a vfio-user device here.
+    script = r"""
+set -e
+for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat $d/vendor):$(cat $d/device)" = 0x1234:0x11e8 ]; then dev=$d; fi
+done
+bdf=$(basename $dev)
+echo vfio-pci > $dev/driver_override
+echo $bdf > /sys/bus/pci/drivers_probe
+group=$(basename $(readlink $dev/iommu_group))
+echo driver=$(basename $(readlink $dev/driver)) group=$group
+test -c /dev/vfio/$group
+test -c /dev/vfio/vfio
+grep -q '^vfio_iommu_type1 ' /proc/modules
+"""
+    with QemuMachine(
+        prov, modules=["vfio-pci"], iommu=True, extra_args=["-device", "edu"], name="iommu"
+    ) as machine:
+        result = machine.run(script, timeout=60)
+        assert result.ok, result.output
+        assert "driver=vfio-pci" in result.output

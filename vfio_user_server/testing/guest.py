@@ -67,7 +67,13 @@ __all__ = [
 
 log = logging.getLogger("vfio_user_server.testing.guest")
 
-DEFAULT_CMDLINE = "console=ttyS0 panic=-1 rdinit=/init mitigations=off"
+#: Kernel command line. After ``rdinit=/init`` come boot-time savers measured under TCG:
+#: no crypto self-tests, no CPU-bug mitigations, no i8042 probing, two UARTs only, a quiet
+#: console (``verbose=True`` drops ``quiet``; ``dmesg`` in the guest has everything anyway).
+DEFAULT_CMDLINE = (
+    "console=ttyS0 panic=-1 rdinit=/init mitigations=off cryptomgr.notests tsc=reliable "
+    "no_timer_check 8250.nr_uarts=2 i8042.noaux i8042.nokbd"
+)
 
 
 @dataclass(frozen=True)
@@ -252,6 +258,25 @@ class QemuMachine:
     Use as a context manager, or call :meth:`start` and :meth:`close`. All arguments are
     keywords except ``prov`` (the result of :func:`~vfio_user_server.testing.provision
     .provision`, provisioned when None).
+
+    * ``sockets``: vfio-user server sockets (paths or :class:`VfioUserDevice`), attached at
+      start as ``vfu0``, ``vfu1``, ... (:meth:`attach` hot-plugs more);
+    * ``modules`` / ``module_params``: kernel modules loaded by /init (dependencies too);
+    * ``files``: extra files for the initramfs (see :func:`build_initramfs`);
+    * ``test_script`` / ``agent``: a script /init runs (then powers off; see
+      :meth:`wait_exit`), and/or the command agent for :meth:`run` (default on);
+    * ``memory_mib``, ``smp``; ``accel`` (None/"auto", "tcg", "kvm");
+    * ``shared_memory``: guest RAM from a shared memfd (the server gets DMA fds) or plain RAM;
+    * ``iommu``: an emulated Intel IOMMU (``caching-mode=on``) and ``intel_iommu=on``, so
+      that the guest's vfio-pci works (Debian's kernel has no VFIO no-IOMMU mode); with
+      ``vfio-pci`` in ``modules`` this also loads ``vfio_iommu_type1
+      allow_unsafe_interrupts=1``;
+    * ``verbose``: full kernel log on the console (default ``$PYVFIO_GUEST_VERBOSE``);
+    * ``cmdline``: appended to :data:`DEFAULT_CMDLINE`; ``extra_args``: appended to QEMU's;
+    * ``no_reboot``: QEMU exits when the guest reboots; ``False`` allows :meth:`reboot`;
+    * ``workdir`` / ``keep_workdir``: logs and sockets (a temporary folder by default, kept
+      only when something failed);
+    * ``die_with_parent``: QEMU gets SIGKILL when the thread that started it exits.
     """
 
     def __init__(
@@ -269,6 +294,7 @@ class QemuMachine:
         accel: str | None = None,
         shared_memory: bool = True,
         iommu: bool = False,
+        verbose: bool | None = None,
         cmdline: str = "",
         extra_args: Sequence[str] = (),
         no_reboot: bool = True,
@@ -282,6 +308,13 @@ class QemuMachine:
         self.devices = [_as_device(s) for s in sockets]
         self.modules = list(modules)
         self.module_params = dict(module_params or {})
+        if iommu and any(m.replace("-", "_") == "vfio_pci" for m in self.modules):
+            # vfio-pci with the emulated IOMMU needs the type1 backend, which the kernel
+            # would load on demand (there is no modprobe here), and the IOMMU has no interrupt
+            # remapping (intremap=off), which type1 refuses unless told otherwise.
+            if not any(m.replace("-", "_") == "vfio_iommu_type1" for m in self.modules):
+                self.modules.append("vfio_iommu_type1")
+            self.module_params.setdefault("vfio_iommu_type1", "allow_unsafe_interrupts=1")
         self.files = dict(files or {})
         self.test_script = test_script
         self.agent = agent
@@ -290,6 +323,9 @@ class QemuMachine:
         self.requested_accel = accel
         self.shared_memory = shared_memory
         self.iommu = iommu
+        if verbose is None:
+            verbose = os.environ.get("PYVFIO_GUEST_VERBOSE", "") not in ("", "0")
+        self.verbose = verbose
         self.cmdline = cmdline
         self.extra_args = list(extra_args)
         self.no_reboot = no_reboot
@@ -357,8 +393,12 @@ class QemuMachine:
         if self.no_reboot:
             argv.append("-no-reboot")
         cmdline = DEFAULT_CMDLINE
+        if not self.verbose:
+            cmdline += " quiet"
         if self.iommu:
-            argv += ["-device", "intel-iommu,intremap=off"]
+            # caching-mode=on: QEMU's VFIO code (vfio-user-pci too) needs to see every IOMMU
+            # map the guest makes.
+            argv += ["-device", "intel-iommu,intremap=off,caching-mode=on"]
             cmdline += " intel_iommu=on"
         if self.cmdline:
             cmdline += " " + self.cmdline
