@@ -8,6 +8,10 @@ vfio-user server given with --socket (e.g. QEMU's x-vfio-user-server exporting `
     python bench/access_latency.py                    # our sample device
     python bench/access_latency.py --device edu       # our edu device
     python bench/access_latency.py --socket /tmp/peer.sock --offset 0 --label qemu-edu
+
+Every run also measures a peer in the same run: ``floor``, a server that answers each message
+with a well-formed reply without decoding it (the cost of the socket round trip alone in
+Python), and reports our server's cost as a ratio to it and as the difference.
 """
 
 from __future__ import annotations
@@ -49,25 +53,32 @@ def call(sock: socket.socket, msg_id: int, cmd: int, payload: bytes) -> bytes:
     return body
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--socket", help="benchmark an already running server")
-    ap.add_argument("--device", default="sample", help="our device to start (default sample)")
-    ap.add_argument("--bar", type=int, default=0)
-    ap.add_argument("--offset", type=lambda s: int(s, 0), default=4)
-    ap.add_argument("-n", type=int, default=20000)
-    ap.add_argument("--label", default=None)
-    args = ap.parse_args()
-    proc = None
-    path = args.socket
-    if path is None:
-        path = os.path.join(tempfile.mkdtemp(), "bench.sock")
-        proc = subprocess.Popen([sys.executable, "-m", "vfio_user_server.cli", "--socket", path,
-                                 "--log-level", "WARNING", args.device])
-        for _ in range(200):
-            if os.path.exists(path):
-                break
-            time.sleep(0.05)
+def floor_server(path: str) -> None:
+    """Answer every request with a same-sized reply (+count bytes for REGION_READ)."""
+    if os.path.exists(path):
+        os.unlink(path)
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(1)
+    conn, _ = lsock.accept()
+    while True:
+        try:
+            head = recv_exact(conn, 16)
+        except EOFError:
+            return
+        msg_id, cmd, size, _flags, _err = HDR.unpack(head)
+        body = recv_exact(conn, size - 16)
+        extra = b""
+        if cmd == Command.REGION_READ:
+            extra = bytes(struct.unpack_from("<QII", body)[2])
+        elif cmd == Command.VERSION:
+            body = body[:4] + b'{"capabilities":{}}\0'
+        elif cmd == Command.REGION_WRITE:
+            body = body[:16]
+        conn.sendall(HDR.pack(msg_id, cmd, 16 + len(body) + len(extra), 1, 0) + body + extra)
+
+
+def measure(path: str, args: argparse.Namespace) -> dict[str, float]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     try:
@@ -85,14 +96,61 @@ def main() -> int:
             for i in range(args.n):
                 call(sock, i & 0xFFFF, cmd, payload)
             results[name] = (time.perf_counter() - t0) / args.n * 1e6
-        label = args.label or (args.device if args.socket is None else path)
-        print(json.dumps({"server": label, "read_us": round(results["read"], 2),
-                          "write_us": round(results["write"], 2), "n": args.n}))
+        return results
     finally:
         sock.close()
+
+
+def start(argv: list[str], path: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv)
+    for _ in range(400):
+        if os.path.exists(path):
+            return proc
+        time.sleep(0.025)
+    proc.kill()
+    raise RuntimeError(f"server did not create {path}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--socket", help="benchmark an already running server")
+    ap.add_argument("--device", default="sample", help="our device to start (default sample)")
+    ap.add_argument("--bar", type=int, default=0)
+    ap.add_argument("--offset", type=lambda s: int(s, 0), default=4)
+    ap.add_argument("-n", type=int, default=20000)
+    ap.add_argument("--label", default=None)
+    ap.add_argument("--floor-server", metavar="PATH", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.floor_server:
+        floor_server(args.floor_server)
+        return 0
+    tmp = tempfile.mkdtemp()
+    floor_path = os.path.join(tmp, "floor.sock")
+    floor = start([sys.executable, __file__, "--floor-server", floor_path], floor_path)
+    try:
+        base = measure(floor_path, args)
+    finally:
+        floor.terminate()
+        floor.wait(10)
+    proc = None
+    path = args.socket
+    if path is None:
+        path = os.path.join(tmp, "bench.sock")
+        proc = start([sys.executable, "-m", "vfio_user_server.cli", "--socket", path,
+                      "--log-level", "WARNING", args.device], path)
+    try:
+        ours = measure(path, args)
+    finally:
         if proc is not None:
             proc.terminate()
             proc.wait(10)
+    label = args.label or (args.device if args.socket is None else path)
+    out = {"server": label, "n": args.n}
+    for op in ("read", "write"):
+        out[f"{op}_us"] = round(ours[op], 2)
+        out[f"floor_{op}_us"] = round(base[op], 2)
+        out[f"{op}_ratio"] = round(ours[op] / base[op], 2)
+    print(json.dumps(out))
     return 0
 
 
