@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import contextlib
+import dataclasses
 import fcntl
 import importlib
 import json
@@ -877,6 +878,62 @@ def _build_busybox(session: _Session, dest: Path) -> dict[str, Any]:
     return {"version": version, "download_bytes": size, "applets": applets}
 
 
+def _vmlinux_boots(qemu: QemuInstall, kernel: Kernel, busybox: Path) -> tuple[bool, str]:
+    """Whether this QEMU boots ``kernel.vmlinux`` (PVH) to /init; cached per QEMU binary."""
+    from vfio_user_server.testing.initramfs import BOOT_MARKER, build_initramfs
+
+    assert kernel.vmlinux is not None
+    record = kernel.vmlinux.parent / "vmlinux-boot.json"
+    key = f"{qemu.binary}:{qemu.version}"
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(record.read_text())
+        if isinstance(data, dict) and data.get("qemu") == key:
+            return bool(data["ok"]), str(data.get("why", ""))
+    _log(f"checking that QEMU {qemu.version} boots {kernel.vmlinux.name} (PVH) under TCG")
+    with tempfile.TemporaryDirectory(prefix="pyvfio-probe-") as tmp:
+        initrd = Path(tmp) / "initrd"
+        initrd.write_bytes(build_initramfs(busybox, test_script="true", agent_port=None))
+        console = Path(tmp) / "console"
+        cmd = [
+            *qemu.argv_prefix,
+            "-machine",
+            "q35,accel=tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "256M",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(kernel.vmlinux),
+            "-initrd",
+            str(initrd),
+            "-append",
+            "console=ttyS0 panic=-1 rdinit=/init quiet",
+            "-serial",
+            f"file:{console}",
+        ]
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(
+                cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=240, check=False
+            )
+            err = proc.stderr.decode(errors="replace")[-500:]
+        except subprocess.TimeoutExpired:
+            err = "timed out after 240 s"
+        text = console.read_text(errors="replace") if console.exists() else ""
+        ok = BOOT_MARKER in text
+        why = f"booted in {time.monotonic() - t0:.1f} s" if ok else (err or text[-500:])
+    with contextlib.suppress(OSError):
+        tmp_record = record.with_suffix(".tmp")
+        tmp_record.write_text(json.dumps({"qemu": key, "ok": ok, "why": why}))
+        os.replace(tmp_record, record)
+    _log(f"vmlinux boot check: {'ok, ' if ok else 'FAILED: '}{why}")
+    return ok, why
+
+
 def provision(
     cache_dir: Path | None = None,
     *,
@@ -917,6 +974,12 @@ def provision(
             session.close()
     kernel = _kernel_from(kdir, kstamp)
     notes = [str(n) for n in kstamp.get("notes", [])]
+    if kernel.vmlinux is not None:
+        with _locked(cache):
+            ok, why = _vmlinux_boots(qemu, kernel, bdir / "busybox")
+        if not ok:
+            notes.append(f"QEMU could not boot vmlinux ({why}): using vmlinuz")
+            kernel = dataclasses.replace(kernel, vmlinux=None)
     for option in ("VFIO_NOIOMMU", "GPIO_PCI_IDIO_16", "PVH"):
         notes.append(f"CONFIG_{option}={kernel.config_value(option) or 'not set'}")
     return Provisioned(
