@@ -107,7 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = make_device(args.device, args.device_args)
         server = Server(device, args.socket, mode=int(args.mode, 8), trace=args.trace,
                         dma_layout=DmaLayout(args.dma_layout))
-        server.listen()
     except (VfioUserError, OSError) as exc:
         print(f"vfio-user-server: {exc}", file=sys.stderr)
         return 1
@@ -117,8 +116,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(__name__).info("signal %d: shutting down", signum)
         threading.Thread(target=server.stop, daemon=True).start()
 
+    # before the socket appears: whoever sees it may signal us at once
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    try:
+        server.listen()
+    except (VfioUserError, OSError) as exc:
+        server.close()
+        print(f"vfio-user-server: {exc}", file=sys.stderr)
+        return 1
     if args.once:
 
         def stop_after_first_client() -> None:
