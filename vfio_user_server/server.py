@@ -325,6 +325,8 @@ class Server:
         self.connections_served = 0
         self._connected = threading.Condition()
         self._closed_pipes = False
+        self._listener_lock = threading.Lock()
+        self._serving = False
 
     @property
     def tracing(self) -> bool:
@@ -368,6 +370,9 @@ class Server:
     def serve_forever(self) -> None:
         self.listen()
         assert self._listener is not None
+        with self._listener_lock:
+            # from here on only this thread closes the listener (stop() just wakes it)
+            self._serving = True
         try:
             while not self._stopping.is_set():
                 client = self._accept()
@@ -375,7 +380,9 @@ class Server:
                     continue
                 self._serve_client(client)
         finally:
-            self._close_listener()
+            with self._listener_lock:
+                self._serving = False
+                self._close_listener()
 
     def _accept(self) -> socket.socket | None:
         assert self._listener is not None
@@ -500,7 +507,9 @@ class Server:
             os.write(self._wake_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        self._close_listener()
+        with self._listener_lock:
+            if not self._serving:  # else the loop, which may be polling it, closes it
+                self._close_listener()
 
     def _close_listener(self) -> None:
         if self._listener is not None:
