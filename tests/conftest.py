@@ -7,6 +7,7 @@ Everything here talks over a real UNIX socket. Socket paths live in a short dire
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import shutil
 import socket
@@ -15,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from vfio_user_server.client import Client
-from vfio_user_server.endpoint import VfioDevice
+from vfio_user_server.endpoint import MmapSpec, Region, VfioDevice
+from vfio_user_server.pci import Bar
 from vfio_user_server.pci.capabilities import Msi, MsiX
 from vfio_user_server.protocol import codec
 from vfio_user_server.protocol.constants import HEADER_SIZE, RegionIndex
@@ -92,6 +94,52 @@ class RecordingSample(SampleDevice):
 
     def on_disconnect(self) -> None:
         self.events.append("disconnect")
+
+
+# --- a device with mmap-able regions --------------------------------------------------------
+
+SPARSE_AREAS = [(0, 0x1000), (0x2000, 0x2000)]
+MMAP_BAR = 4
+MMAP_BAR_SIZE = 0x4000
+WHOLE_MMAP_BAR = 5
+
+
+class MmapSample(RecordingSample):
+    """The sample device plus two regions the client may mmap, both backed by one memfd.
+
+    BAR4 (16 KiB) has a SPARSE_MMAP capability with :data:`SPARSE_AREAS`; region 5 (4 KiB,
+    read-only) is mappable as a whole (no capability).
+    """
+
+    bars: ClassVar = {**RecordingSample.bars, MMAP_BAR: Bar(MMAP_BAR_SIZE, kind="mem32")}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mem_fd = os.memfd_create("bar4", os.MFD_CLOEXEC)
+        os.ftruncate(self.mem_fd, MMAP_BAR_SIZE)
+        self.mem = mmap.mmap(self.mem_fd, MMAP_BAR_SIZE)
+        self._regions[MMAP_BAR] = Region(
+            MMAP_BAR_SIZE,
+            read=lambda off, n: bytes(self.mem[off:off + n]),
+            write=self._write,
+            mmap=MmapSpec(self.mem_fd, 0, areas=list(SPARSE_AREAS)),
+        )
+        self._regions[WHOLE_MMAP_BAR] = Region(0x1000, read=lambda off, n: bytes(n),
+                                               mmap=MmapSpec(self.mem_fd, 0))
+
+    def _write(self, off: int, data: bytes) -> None:
+        self.mem[off:off + len(data)] = data
+
+    def close(self) -> None:
+        self.mem.close()
+        os.close(self.mem_fd)
+
+
+@pytest.fixture
+def mmap_device() -> Iterator[MmapSample]:
+    dev = MmapSample()
+    yield dev
+    dev.close()
 
 
 @pytest.fixture
@@ -214,10 +262,16 @@ class RawPeer:
         return buf
 
     def at_eof(self) -> bool:
-        """Wait (up to WAIT) for the server to close the connection."""
+        """Wait (up to WAIT) for the server to close the connection.
+
+        A server that closes with unread input makes the kernel report ECONNRESET instead of
+        EOF; both mean the server hung up.
+        """
         try:
             return self.sock.recv(1) == b""
-        except (ConnectionResetError, TimeoutError):
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
             return False
 
     def close(self) -> None:

@@ -6,14 +6,17 @@ import errno
 import mmap
 import os
 import struct
-from collections.abc import Iterator
-from typing import ClassVar
 
 import pytest
 from conftest import (
     CONFIG,
+    MMAP_BAR,
+    MMAP_BAR_SIZE,
+    SPARSE_AREAS,
     WAIT,
+    WHOLE_MMAP_BAR,
     ClientFactory,
+    MmapSample,
     RawPeer,
     RecordingSample,
     ServerFactory,
@@ -27,8 +30,6 @@ from conftest import (
 )
 
 from vfio_user_server.client import QEMU_CAPABILITIES, Client, ClientError
-from vfio_user_server.endpoint import MmapSpec, Region
-from vfio_user_server.pci import Bar
 from vfio_user_server.protocol import codec
 from vfio_user_server.protocol.constants import (
     HEADER_SIZE,
@@ -273,46 +274,6 @@ def test_get_info_small_argsz(client: Client) -> None:
 
 # --- DEVICE_GET_REGION_INFO ---------------------------------------------------------------
 
-SPARSE_AREAS = [(0, 0x1000), (0x2000, 0x2000)]
-MMAP_BAR = 4
-MMAP_BAR_SIZE = 0x4000
-
-
-class MmapSample(RecordingSample):
-    """The sample device plus BAR4, a memfd-backed region the client may mmap (sparse)."""
-
-    bars: ClassVar = {**RecordingSample.bars, MMAP_BAR: Bar(MMAP_BAR_SIZE, kind="mem32")}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mem_fd = os.memfd_create("bar4", os.MFD_CLOEXEC)
-        os.ftruncate(self.mem_fd, MMAP_BAR_SIZE)
-        self.mem = mmap.mmap(self.mem_fd, MMAP_BAR_SIZE)
-        self._regions[MMAP_BAR] = Region(
-            MMAP_BAR_SIZE,
-            read=lambda off, n: bytes(self.mem[off:off + n]),
-            write=self._write4,
-            mmap=MmapSpec(self.mem_fd, 0, areas=list(SPARSE_AREAS)),
-        )
-        # a whole-region mmap without caps on BAR2's slot is not possible (I/O); use BAR5
-        self._regions[5] = Region(0x1000, read=lambda off, n: bytes(n),
-                                  mmap=MmapSpec(self.mem_fd, 0))
-
-    def _write4(self, off: int, data: bytes) -> None:
-        self.mem[off:off + len(data)] = data
-
-    def close(self) -> None:
-        self.mem.close()
-        os.close(self.mem_fd)
-
-
-@pytest.fixture
-def mmap_device() -> Iterator[MmapSample]:
-    dev = MmapSample()
-    yield dev
-    dev.close()
-
-
 @pytest.fixture
 def mmap_client(make_server: ServerFactory, make_client: ClientFactory,
                 mmap_device: MmapSample) -> Client:
@@ -401,7 +362,7 @@ def test_region_info_mmap_through_client(mmap_client: Client, mmap_device: MmapS
         os.close(desc.fd)
     # whole-region mmap without caps: fd with the first 32-byte reply
     reply = call(mmap_client, Command.DEVICE_GET_REGION_INFO,
-                 RegionInfo(RegionInfo.SIZE, 0, 5, 0, 0, 0).pack())
+                 RegionInfo(RegionInfo.SIZE, 0, WHOLE_MMAP_BAR, 0, 0, 0).pack())
     assert len(reply.fds) == 1 and len(reply.payload) == RegionInfo.SIZE
     info = RegionInfo.unpack(reply.payload)
     assert info.flags == RegionInfoFlag.READ | RegionInfoFlag.MMAP
