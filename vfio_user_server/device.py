@@ -224,6 +224,10 @@ class PciDevice(VfioDevice):
             else:
                 self.irqs.intx_deassert()
 
+    def report_error(self) -> bool:
+        """Signal an unrecoverable device error on the ERR eventfd (QEMU stops the VM)."""
+        return self.irqs.trigger(IrqIndex.ERR, 0)
+
     @property
     def intx_level(self) -> bool:
         return self._intx_level
