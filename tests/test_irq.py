@@ -606,3 +606,26 @@ def test_no_fd_leak_after_many_cycles() -> None:
             c.close()
     c.close()
     assert fd_count() == before
+
+
+def test_err_index_is_wired() -> None:
+    """A device's report_error() writes the ERR eventfd QEMU gave (QEMU then stops the VM)."""
+    import os
+    import tempfile
+
+    from vfio_user_server.client import Client
+    from vfio_user_server.protocol.constants import IrqIndex
+    from vfio_user_server.sample import SampleDevice
+    from vfio_user_server.server import Server
+
+    path = os.path.join(tempfile.mkdtemp(), "err.sock")
+    device = SampleDevice()
+    with Server(device, path), Client.connect(path) as client:
+        client.negotiate()
+        client.get_device_info()
+        assert client.get_irq_info(IrqIndex.ERR).count == 1
+        assert device.report_error() is False  # no eventfd yet
+        (efd,) = client.enable_irq(IrqIndex.ERR, 1)
+        assert device.report_error() is True
+        assert Client.eventfd_count(efd) == 1
+        os.close(efd)
