@@ -283,10 +283,9 @@ class QemuMachine:
       :meth:`wait_exit`), and/or the command agent for :meth:`run` (default on);
     * ``memory_mib``, ``smp``; ``accel`` (None/"auto", "tcg", "kvm");
     * ``shared_memory``: guest RAM from a shared memfd (the server gets DMA fds) or plain RAM;
-    * ``iommu``: an emulated Intel IOMMU (``caching-mode=on``) and ``intel_iommu=on``, so
-      that the guest's vfio-pci works (Debian's kernel has no VFIO no-IOMMU mode); with
-      ``vfio-pci`` in ``modules`` this also loads ``vfio_iommu_type1
-      allow_unsafe_interrupts=1``;
+    * ``iommu``: an emulated Intel IOMMU (``intremap=on,caching-mode=on``) and
+      ``intel_iommu=on``, so that the guest's vfio-pci works (Debian's kernel has no VFIO
+      no-IOMMU mode); with ``vfio-pci`` in ``modules`` this also loads ``vfio_iommu_type1``;
     * ``verbose``: full kernel log on the console (default ``$PYVFIO_GUEST_VERBOSE``);
     * ``cmdline``: appended to :data:`DEFAULT_CMDLINE`; ``extra_args``: appended to QEMU's;
     * ``no_reboot``: QEMU exits when the guest reboots; ``False`` allows :meth:`reboot`;
@@ -324,13 +323,11 @@ class QemuMachine:
         self.devices = [_as_device(s) for s in sockets]
         self.modules = list(modules)
         self.module_params = dict(module_params or {})
-        if iommu and any(m.replace("-", "_") == "vfio_pci" for m in self.modules):
+        names = {m.replace("-", "_") for m in self.modules}
+        if iommu and "vfio_pci" in names and "vfio_iommu_type1" not in names:
             # vfio-pci with the emulated IOMMU needs the type1 backend, which the kernel
-            # would load on demand (there is no modprobe here), and the IOMMU has no interrupt
-            # remapping (intremap=off), which type1 refuses unless told otherwise.
-            if not any(m.replace("-", "_") == "vfio_iommu_type1" for m in self.modules):
-                self.modules.append("vfio_iommu_type1")
-            self.module_params.setdefault("vfio_iommu_type1", "allow_unsafe_interrupts=1")
+            # would load on demand (there is no modprobe here).
+            self.modules.append("vfio_iommu_type1")
         self.files = dict(files or {})
         self.test_script = test_script
         self.agent = agent
@@ -404,6 +401,8 @@ class QemuMachine:
                 f"memory-backend-memfd,id=mem,size={mem},share=on",
             ]
             machine += ",memory-backend=mem"
+        if self.iommu and self.accel == "kvm":
+            machine += ",kernel-irqchip=split"
         argv += ["-machine", machine, "-m", mem, "-smp", str(self.smp)]
         argv += ["-cpu", "host" if self.accel == "kvm" else "max"]
         if self.no_reboot:
@@ -413,8 +412,9 @@ class QemuMachine:
             cmdline += " quiet"
         if self.iommu:
             # caching-mode=on: QEMU's VFIO code (vfio-user-pci too) needs to see every IOMMU
-            # map the guest makes.
-            argv += ["-device", "intel-iommu,intremap=off,caching-mode=on"]
+            # map the guest makes. Interrupt remapping: vfio_iommu_type1 refuses to work
+            # without it, and multi-vector MSI needs it (KVM then needs a split irqchip).
+            argv += ["-device", "intel-iommu,intremap=on,caching-mode=on"]
             cmdline += " intel_iommu=on"
         if self.cmdline:
             cmdline += " " + self.cmdline
