@@ -355,26 +355,48 @@ class DmaMapTable:
         self._live_files.add(new)
         return new
 
-    def remove(self, iova: int, size: int) -> None:
-        """Remove the map that exactly matches ``iova``/``size``.
+    def remove(self, iova: int, size: int) -> int:
+        """Remove the maps in ``[iova, iova + size)``; return how many bytes were unmapped.
 
-        ENOENT if no map starts at ``iova``, EINVAL if its size differs. Waits up to
-        ``unmap_timeout`` for in-flight direct accesses; after that the munmap is deferred to
-        the release of the last reference (a warning is logged).
+        As with VFIO's type1 IOMMU: every map the range touches must lie wholly inside it (a
+        map is never split: EINVAL otherwise), and a range with no map in it unmaps nothing
+        and is not an error. The usual request matches one map exactly; QEMU with a vIOMMU
+        also unmaps large ranges around (or without) maps. Waits up to ``unmap_timeout`` for
+        in-flight direct accesses; after that the munmap is deferred to the release of the
+        last reference (a warning is logged).
         """
+        if size <= 0 or iova < 0 or iova + size > _IOVA_LIMIT:
+            raise DmaError(f"DMA_UNMAP {iova:#x}+{size:#x}: bad range", errno=errno.EINVAL)
+        end = iova + size
         with self._lock:
-            mapping = self._maps.get(iova)
-            if mapping is None:
-                raise DmaError(f"DMA_UNMAP {iova:#x}+{size:#x}: no such map", errno=errno.ENOENT)
-            if mapping.size != size:
-                raise DmaError(
-                    f"DMA_UNMAP {iova:#x}+{size:#x} does not match {mapping!r}",
-                    errno=errno.EINVAL,
-                )
-            self._unlink(mapping)
-        log.debug("DMA unmap %r", mapping)
-        self._call_hook(self.on_unmap, mapping)
-        self._drain([mapping])
+            exact = self._maps.get(iova)
+            if exact is not None and exact.size == size:
+                victims = [exact]
+            else:
+                first = bisect.bisect_left(self._starts, iova)
+                if first > 0 and self._maps[self._starts[first - 1]].end > iova:
+                    first -= 1  # a map that starts below the range and reaches into it
+                victims = []
+                for start in self._starts[first:]:
+                    if start >= end:
+                        break
+                    m = self._maps[start]
+                    if m.iova < iova or m.end > end:
+                        raise DmaError(
+                            f"DMA_UNMAP {iova:#x}+{size:#x} would split {m!r}",
+                            errno=errno.EINVAL,
+                        )
+                    victims.append(m)
+            for m in victims:
+                self._unlink(m)
+        if not victims:
+            log.debug("DMA unmap %#x+%#x: nothing mapped there", iova, size)
+            return 0
+        log.debug("DMA unmap %s", victims)
+        for m in victims:
+            self._call_hook(self.on_unmap, m)
+        self._drain(victims)
+        return sum(m.size for m in victims)
 
     def remove_all(self) -> None:
         """Remove every map (client disconnect, UNMAP_ALL), waiting as :meth:`remove` does."""
