@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vfio_user_devices.edu import DMA_START, Edu, factorial32
 
+from vfio_user_devices.edu import DMA_START, Edu, factorial32
 from vfio_user_server.cli import make_device
 from vfio_user_server.client import Client
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from vfio_user_devices.idio16 import (
     INTCSR_LINT1_ENABLE,
     INTCSR_LINT1_STATUS,
@@ -17,7 +18,6 @@ from vfio_user_devices.idio16 import (
     PLX_INTCSR,
     PciIdio16,
 )
-
 from vfio_user_server.cli import make_device
 from vfio_user_server.client import Client
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from vfio_user_devices.edu import Edu
 
+from vfio_user_devices.edu import Edu
 from vfio_user_server.server import Server
 from vfio_user_server.testing.guest import QemuMachine
 from vfio_user_server.testing.guestprog import guest_program

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from vfio_user_devices.idio16 import PciIdio16
 
+from vfio_user_devices.idio16 import PciIdio16
 from vfio_user_server.server import Server
 from vfio_user_server.testing.guest import QemuMachine, Result
 from vfio_user_server.testing.guestprog import guest_program
