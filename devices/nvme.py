@@ -366,7 +366,8 @@ class NvmeController(PciDevice):
         self._busy = False
         self._rr = 0
         # counters for SMART (worker only)
-        self.stats = {"read_bytes": 0, "write_bytes": 0, "reads": 0, "writes": 0}
+        self.stats = {"read_bytes": 0, "write_bytes": 0, "reads": 0, "writes": 0,
+                      "flushes": 0}
         self.power_cycles = 1
         self._created = time.monotonic()
         #: (time, qid, cid, status) of failed commands, newest last (tests, debugging)
@@ -935,6 +936,7 @@ class NvmeController(PciDevice):
                 self.backend.flush()
             except OSError as exc:
                 raise NvmeError(Status.INTERNAL_ERROR, str(exc)) from exc
+            self.stats["flushes"] += 1
             return 0
         if opcode == IoOpcode.WRITE_ZEROES:
             self._check_nsid(cmd[3])
