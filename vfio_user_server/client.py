@@ -412,10 +412,16 @@ class Client:
         return [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)]
 
     def enable_irq(self, index: int, vectors: int) -> list[int]:
-        """Give the server ``vectors`` trigger eventfds for ``index``; return the client's."""
+        """Give the server ``vectors`` trigger eventfds for ``index``; return the client's.
+
+        Like QEMU, the fds go in chunks of the server's ``max_msg_fds``.
+        """
         fds = self._eventfds(vectors)
-        self.set_irqs(index, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER, 0, vectors,
-                      fds)
+        chunk = int(self.server_caps.get("max_msg_fds", 8)) or 1
+        flags = IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER
+        for start in range(0, vectors, chunk):
+            part = fds[start:start + chunk]
+            self.set_irqs(index, flags, start, len(part), part)
         return fds
 
     def enable_msix(self, vectors: int) -> list[int]:
