@@ -168,11 +168,15 @@ class Connection:
             return
         first = self.session.state
         reply = self.endpoint.handle(msg)
+        if msg.command == Command.VERSION and first is not self.session.state:
+            # before the reply: once the client has it, the device must know its client
+            self.device_connected = True
+            try:
+                self.device.client_connected(self.ctx)
+            except Exception:
+                log.exception("device client_connected hook failed")
         if reply is not None:
             self.send(reply)
-        if msg.command == Command.VERSION and first is not self.session.state:
-            self.device_connected = True
-            self.device.client_connected(self.ctx)
 
     def _complete(self, msg: codec.Message) -> None:
         with self._pending_lock:
