@@ -358,16 +358,26 @@ class Server:
                                     errno=errno.EADDRINUSE)
             self.path.unlink()  # stale: nobody listens
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bind under a temporary name and rename it into place once it listens, with its
+        # mode: whoever waits for the path to appear (a launcher, QEMU) may connect at once.
+        tmp = self.path.with_name(f".{self.path.name[:8]}-{os.urandom(4).hex()}")
+        if len(os.fsencode(tmp)) > 107:  # sun_path is 108 bytes with the NUL
+            tmp = self.path
         old = os.umask(0o777 & ~self.mode)
         try:
-            sock.bind(str(self.path))
+            sock.bind(str(tmp))
+            os.chmod(tmp, self.mode)
+            sock.listen(4)
+            if tmp != self.path:
+                os.rename(tmp, self.path)
         except OSError:
             sock.close()
+            if tmp != self.path:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             raise
         finally:
             os.umask(old)
-        os.chmod(self.path, self.mode)
-        sock.listen(4)
         self._listener = sock
 
     # --- main loop --------------------------------------------------------------------------
