@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,6 +115,47 @@ def test_refuses_to_steal_a_live_socket(server: Server, make_client: ClientFacto
     assert os.path.exists(server.path)
     c = negotiated(make_client(server))
     assert c.bar_read(0, REG_ID, 4) == ID_VALUE
+
+
+def test_socket_appears_only_when_listening(sock_dir: Path) -> None:
+    # whoever waits for the path (a launcher, QEMU) connects at once: never ECONNREFUSED
+    refused = []
+    for i in range(50):
+        path = sock_dir / f"race{i}.sock"
+
+        def probe(path: Path = path) -> None:
+            while not path.exists():
+                pass
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(path))
+            except OSError as exc:
+                refused.append(exc)
+            finally:
+                s.close()
+
+        t = threading.Thread(target=probe, daemon=True)
+        t.start()
+        srv = Server(RecordingSample(), path, mode=0o640)
+        try:
+            srv.listen()
+            t.join(WAIT)
+            assert stat.S_IMODE(os.lstat(path).st_mode) == 0o640
+        finally:
+            srv.close()
+    assert refused == []
+    assert sorted(p.name for p in sock_dir.iterdir()) == []  # no temporary names left
+
+
+def test_long_socket_path(sock_dir: Path, make_client: ClientFactory) -> None:
+    name = "s" * (104 - len(str(sock_dir)) - 1)
+    path = sock_dir / name
+    assert len(str(path)) == 104
+    with Server(RecordingSample(), path) as srv:
+        c = negotiated(make_client(srv))
+        assert c.bar_read(0, REG_ID, 4) == ID_VALUE
+        c.close()
+    assert list(sock_dir.iterdir()) == []
 
 
 def test_stop_removes_socket_and_drops_client(make_server: ServerFactory,
