@@ -22,6 +22,7 @@ import select
 import socket
 import stat
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -358,26 +359,33 @@ class Server:
                                     errno=errno.EADDRINUSE)
             self.path.unlink()  # stale: nobody listens
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        # Bind under a temporary name and rename it into place once it listens, with its
-        # mode: whoever waits for the path to appear (a launcher, QEMU) may connect at once.
-        tmp = self.path.with_name(f".{self.path.name[:8]}-{os.urandom(4).hex()}")
-        if len(os.fsencode(tmp)) > 107:  # sun_path is 108 bytes with the NUL
+        # Bind inside a private (0700) folder beside the path, give the socket its mode, listen,
+        # then rename it into place: whoever waits for the path to appear (a launcher, QEMU)
+        # may connect at once, and nobody else can reach it before it has its mode. This needs
+        # no process-wide umask change (other threads may be creating files).
+        try:
+            private = Path(tempfile.mkdtemp(prefix=".vfu-", dir=self.path.parent))
+        except OSError:
+            sock.close()
+            raise
+        tmp = private / "s"
+        if len(os.fsencode(tmp)) > 107:  # sun_path is 108 bytes with the NUL: bind in place
             tmp = self.path
-        old = os.umask(0o777 & ~self.mode)
         try:
             sock.bind(str(tmp))
             os.chmod(tmp, self.mode)
             sock.listen(4)
             if tmp != self.path:
                 os.rename(tmp, self.path)
-        except OSError:
+        except BaseException:
             sock.close()
             if tmp != self.path:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
             raise
         finally:
-            os.umask(old)
+            with contextlib.suppress(OSError):
+                private.rmdir()
         self._listener = sock
 
     # --- main loop --------------------------------------------------------------------------
