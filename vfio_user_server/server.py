@@ -103,6 +103,7 @@ class Connection:
         )
         self._layout_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="vfio-user-worker")
+        self._negotiated = threading.Event()
         self.loop_thread: threading.Thread | None = None
         self.closed = False
         #: the device was told about this client (client_connected), so it hears it leave
@@ -178,6 +179,8 @@ class Connection:
                 log.exception("device client_connected hook failed")
         if reply is not None:
             self.send(reply)
+        if self.device_connected and not self._negotiated.is_set():
+            self._negotiated.set()  # server->client requests may follow the VERSION reply now
 
     def _complete(self, msg: codec.Message) -> None:
         with self._pending_lock:
@@ -198,7 +201,7 @@ class Connection:
                 "with ctx.defer() or from a device thread",
                 errno=errno.EDEADLK,
             )
-        if not self.session.may_request():
+        if not self._negotiated.wait(self.server.dma_timeout) or not self.session.may_request():
             raise DmaError("no negotiated client to send DMA requests to", errno=errno.ENOTCONN)
         msg_id = next(self._ids) & 0xFFFF
         fut: Future[codec.Message] = Future()
@@ -269,6 +272,7 @@ class Connection:
         with self._send_lock:
             self.closed = True
         self.session.close()
+        self._negotiated.set()  # wake requesters waiting for negotiation: they fail now
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for fut in pending.values():
