@@ -482,6 +482,8 @@ class Server:
             log.info("client disconnected from %s", self.path)
         except ProtocolError as exc:
             log.error("dropping client: %s", exc)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            log.info("client went away: %s", exc)  # an ordinary hang-up with data in flight
         except OSError as exc:
             log.error("dropping client after socket error: %s", exc)
         finally:

@@ -6,8 +6,8 @@
           |                           |                              |
           +-----------disconnect / fatal error-----------------------+--> CLOSED
 
-* ``AWAIT_VERSION``: only VERSION; anything else is refused and the connection dropped, as the
-  spec demands that negotiation comes first.
+* ``AWAIT_VERSION``: only VERSION; anything else gets an EINVAL error reply (negotiation comes
+  first), and the client may still negotiate.
 * ``NEGOTIATED``: QEMU sends its DMA maps (and may do anything else) before it asks for the
   device info. The device may not yet send server->client requests.
 * ``RUNNING``: the client knows the device; everything is accepted and the device may DMA.

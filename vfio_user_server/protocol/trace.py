@@ -40,7 +40,7 @@ def describe(msg: Message, *, direction: str = "") -> str:
         elif cmd in (Command.DMA_READ, Command.DMA_WRITE):
             if len(msg.payload) >= DmaAccess.SIZE:
                 acc = DmaAccess.unpack(msg.payload)
-                body = f"addr={acc.addr:#x} count={acc.count & 0xFFFFFFFF}"
+                body = f"addr={acc.addr:#x} count={acc.count & 0xFFFFFFFF:#x}"
             body += f" payload={len(msg.payload)}"
         elif cls is not None and len(msg.payload) >= cls.SIZE:
             body = _fields(cls.unpack(msg.payload))
