@@ -93,6 +93,7 @@ class PciIdio16(PciDevice):
     msi_vectors = 0
     msix_vectors = 0
     power_management = False
+    guest_modules = ("gpio-pci-idio-16",)
 
     def __init__(self, *, on_output: OutputCallback | None = None) -> None:
         super().__init__()

@@ -326,6 +326,7 @@ class NvmeController(PciDevice):
     msix_bar = 4
     msix_table_offset = 0
     msix_pba_offset = 0x1000
+    guest_modules = ("nvme",)
 
     def __init__(
         self,

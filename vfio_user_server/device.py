@@ -95,6 +95,10 @@ class PciDevice(VfioDevice):
     msix_table_offset: ClassVar[int] = 0
     msix_pba_offset: ClassVar[int | None] = None
 
+    #: Guest kernel modules that drive this device (the guest-test kit and the launcher load
+    #: them, with their dependencies).
+    guest_modules: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self) -> None:
         if not hasattr(type(self), "vendor_id") or not hasattr(type(self), "device_id"):
             raise DeviceDefinitionError(f"{type(self).__name__} needs vendor_id and device_id")
