@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MSI_CAP_ID, MSIX_CAP_ID, find_capability
+
 from vfio_user_devices.nvme import BLOCK_SIZE, NvmeController, parse_size
 from vfio_user_devices.nvme_spec import (
     CQE,
@@ -30,7 +31,6 @@ from vfio_user_devices.nvme_spec import (
     Status,
     prp_ranges,
 )
-
 from vfio_user_server.cli import make_device
 from vfio_user_server.client import Client
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag
