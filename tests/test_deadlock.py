@@ -172,8 +172,11 @@ def test_device_thread_dma(make_server: ServerFactory, make_client: ClientFactor
     c.add_memory(0x1000, 0x1000, fd_backed=False)
     conn = srv.wait_for_client(WAIT)
     out: list[bytes] = []
-    t = threading.Thread(target=lambda: (conn.dma.write(0x1000, b"thread"),
-                                         out.append(conn.dma.read(0x1000, 6))))
+    def worker() -> None:
+        conn.dma.write(0x1000, b"thread")
+        out.append(conn.dma.read(0x1000, 6))
+
+    t = threading.Thread(target=worker)
     t.start()
     t.join(WAIT)
     assert out == [b"thread"]

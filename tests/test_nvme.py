@@ -57,8 +57,8 @@ def cq_base(qid: int) -> int:
 class Cqe:
     def __init__(self, raw: bytes) -> None:
         self.dw0, _, self.sq_head, self.sqid, self.cid, sf = CQE.unpack(raw)
-        self.phase = sf & 1
-        self.status = sf >> 1
+        self.phase: int = sf & 1
+        self.status: int = sf >> 1
 
     @property
     def code(self) -> int:
@@ -159,7 +159,7 @@ class Driver:
 
     def pending(self, qid: int) -> bool:
         base, _size, head, phase = self.cq[qid]
-        return Cqe(self.c.read_memory(base + head * 16, 16)).phase == phase
+        return bool(Cqe(self.c.read_memory(base + head * 16, 16)).phase == phase)
 
     def cmd(self, qid: int, opcode: int, **kw: object) -> Cqe:
         cid = self.submit(qid, opcode, **kw)  # type: ignore[arg-type]
@@ -468,9 +468,9 @@ def test_features(rig: Rig) -> None:
     e = d.admin(AdminOpcode.SET_FEATURES, cdw=(Feature.POWER_MANAGEMENT, 1))
     assert e.code == Status.INVALID_FIELD
     assert d.ok(0, AdminOpcode.GET_FEATURES, cdw=(Feature.INTERRUPT_VECTOR_CONFIG, 3)).dw0 == 3
-    for fid in (0x0C, 0x0F, 0x7F, 0x80, 0xFF):
-        assert d.admin(AdminOpcode.GET_FEATURES, cdw=(fid,)).code == Status.INVALID_FIELD
-        assert d.admin(AdminOpcode.SET_FEATURES, cdw=(fid, 1)).code == Status.INVALID_FIELD
+    for bad_fid in (0x0C, 0x0F, 0x7F, 0x80, 0xFF):
+        assert d.admin(AdminOpcode.GET_FEATURES, cdw=(bad_fid,)).code == Status.INVALID_FIELD
+        assert d.admin(AdminOpcode.SET_FEATURES, cdw=(bad_fid, 1)).code == Status.INVALID_FIELD
     e = d.admin(AdminOpcode.SET_FEATURES, cdw=(Feature.ARBITRATION | 1 << 31, 0))
     assert e.code == Status.FEATURE_NOT_SAVEABLE
     # Number of Queues cannot change once I/O queues exist
