@@ -111,12 +111,19 @@ def error_reply(req: Message, errno: int) -> Message:
 
 def decode_header(buf: bytes | bytearray | memoryview) -> Header:
     """Decode and sanity-check a 16-byte header."""
-    hdr = Header.unpack(buf)
-    if hdr.size < HEADER_SIZE:
-        raise ProtocolError(f"message size {hdr.size} is smaller than the header")
-    if hdr.flags & MSG_TYPE_MASK not in (MsgType.COMMAND, MsgType.REPLY):
-        raise ProtocolError(f"bad message type in flags {hdr.flags:#x}")
-    return hdr
+    return Header(*unpack_header(buf))
+
+
+def unpack_header(buf: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int]:
+    """Checked ``(msg_id, command, size, flags, error)`` of a header, as plain ints (hot path)."""
+    if len(buf) < HEADER_SIZE:
+        raise ProtocolError(f"header of {len(buf)} bytes, need {HEADER_SIZE}")
+    fields: tuple[int, int, int, int, int] = _HEADER.unpack_from(buf)
+    if fields[2] < HEADER_SIZE:
+        raise ProtocolError(f"message size {fields[2]} is smaller than the header")
+    if fields[3] & _TYPE_MASK > _REPLY:
+        raise ProtocolError(f"bad message type in flags {fields[3]:#x}")
+    return fields
 
 
 class MessageReader:
