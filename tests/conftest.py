@@ -26,7 +26,15 @@ from vfio_user_server.pci import Bar
 from vfio_user_server.pci.capabilities import Msi, MsiX
 from vfio_user_server.protocol import codec
 from vfio_user_server.protocol.constants import HEADER_SIZE, RegionIndex
-from vfio_user_server.sample import SampleDevice
+from vfio_user_server.sample import (
+    REG_DMA_ADDR,
+    REG_DMA_CMD,
+    REG_DMA_LEN,
+    REG_DMA_STAT,
+    STAT_DONE,
+    STAT_ERROR,
+    SampleDevice,
+)
 from vfio_user_server.server import Server
 
 #: Generous timeout for anything we wait for (events, threads, disconnects).
@@ -52,6 +60,22 @@ def wait_until(cond: Callable[[], bool], timeout: float = WAIT, what: str = "con
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.005)
+
+def device_dma(c: Client, addr: int, length: int, cmd: int) -> int:
+    """Program the sample device's DMA engine and wait for it; return DMA_STAT."""
+    c.bar_write(0, REG_DMA_ADDR, 8, addr)
+    c.bar_write(0, REG_DMA_LEN, 4, length)
+    c.bar_write(0, REG_DMA_CMD, 4, cmd)
+    stat = 0
+
+    def done() -> bool:
+        nonlocal stat
+        stat = c.bar_read(0, REG_DMA_STAT, 4)
+        return stat in (STAT_DONE, STAT_ERROR)
+
+    wait_until(done, what="device DMA")
+    return stat
+
 
 
 def wait_eventfd(fd: int, timeout: float = WAIT) -> int:

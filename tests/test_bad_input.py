@@ -18,6 +18,7 @@ from conftest import (
     RawPeer,
     RecordingSample,
     close_all,
+    device_dma,
     efd,
     negotiated,
     open_fds,
@@ -45,10 +46,6 @@ from vfio_user_server.sample import (
     DMA_FROM_DEVICE,
     DMA_TO_DEVICE,
     ID_VALUE,
-    REG_DMA_ADDR,
-    REG_DMA_CMD,
-    REG_DMA_LEN,
-    REG_DMA_STAT,
     REG_ID,
     STAT_DONE,
     STAT_ERROR,
@@ -271,19 +268,6 @@ def test_zero_length_accesses(client: Client) -> None:
 # --- DMA by the device outside the maps ---------------------------------------------------
 
 
-def _device_dma(c: Client, addr: int, length: int, cmd: int) -> int:
-    c.bar_write(0, REG_DMA_ADDR, 8, addr)
-    c.bar_write(0, REG_DMA_LEN, 4, length)
-    c.bar_write(0, REG_DMA_CMD, 4, cmd)
-    stat = 0
-
-    def done() -> bool:
-        nonlocal stat
-        stat = c.bar_read(0, REG_DMA_STAT, 4)
-        return stat in (STAT_DONE, STAT_ERROR)
-
-    wait_until(done, what="device DMA")
-    return stat
 
 
 @pytest.mark.parametrize("fd_backed", [True, False])
@@ -291,11 +275,11 @@ def test_device_dma_outside_maps(client: Client, server: Server, make_client: Cl
                                  fd_backed: bool) -> None:
     client.add_memory(0x10000, 0x1000, fd_backed=fd_backed)
     for cmd in (DMA_TO_DEVICE, DMA_FROM_DEVICE):
-        assert _device_dma(client, 0x20000, 64, cmd) == STAT_ERROR  # unmapped
-        assert _device_dma(client, 0x10FF0, 64, cmd) == STAT_ERROR  # runs off the end
-        assert _device_dma(client, 0xFFF0, 64, cmd) == STAT_ERROR  # starts before
-        assert _device_dma(client, (1 << 64) - 16, 64, cmd) == STAT_ERROR  # wraps
-        assert _device_dma(client, 0x10000, 64, cmd) == STAT_DONE  # and a good one works
+        assert device_dma(client, 0x20000, 64, cmd) == STAT_ERROR  # unmapped
+        assert device_dma(client, 0x10FF0, 64, cmd) == STAT_ERROR  # runs off the end
+        assert device_dma(client, 0xFFF0, 64, cmd) == STAT_ERROR  # starts before
+        assert device_dma(client, (1 << 64) - 16, 64, cmd) == STAT_ERROR  # wraps
+        assert device_dma(client, 0x10000, 64, cmd) == STAT_DONE  # and a good one works
     assert client.bar_read(0, REG_ID, 4) == ID_VALUE
     client.close()
     server.wait_for_disconnect(1, WAIT)
@@ -311,8 +295,8 @@ def test_client_answers_dma_with_error(make_server: object, make_client: ClientF
     c = negotiated(make_client(srv))
     c.add_memory(0x10000, 0x1000, fd_backed=False)
     c.memory.clear()  # the client forgets it: DMA_READ/WRITE get an error reply
-    assert _device_dma(c, 0x10000, 64, DMA_TO_DEVICE) == STAT_ERROR
-    assert _device_dma(c, 0x10000, 64, DMA_FROM_DEVICE) == STAT_ERROR
+    assert device_dma(c, 0x10000, 64, DMA_TO_DEVICE) == STAT_ERROR
+    assert device_dma(c, 0x10000, 64, DMA_FROM_DEVICE) == STAT_ERROR
     assert c.bar_read(0, REG_ID, 4) == ID_VALUE
 
 

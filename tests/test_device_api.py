@@ -16,11 +16,11 @@ from conftest import (
     RecordingSample,
     ServerFactory,
     close_all,
+    device_dma,
     eventfd_quiet,
     find_capability,
     negotiated,
     wait_eventfd,
-    wait_until,
 )
 
 from vfio_user_server.client import Client, ClientError
@@ -31,10 +31,7 @@ from vfio_user_server.sample import (
     DMA_IRQ,
     DMA_TO_DEVICE,
     ID_VALUE,
-    REG_DMA_ADDR,
     REG_DMA_CMD,
-    REG_DMA_LEN,
-    REG_DMA_STAT,
     REG_ID,
     REG_INTX,
     REG_IRQ,
@@ -52,19 +49,6 @@ STATUS_INTERRUPT, STATUS_CAP_LIST = 0x8, 0x10
 PCIE_CAP_ID = 0x10
 
 
-def dma(c: Client, addr: int, length: int, cmd: int) -> int:
-    c.bar_write(0, REG_DMA_ADDR, 8, addr)
-    c.bar_write(0, REG_DMA_LEN, 4, length)
-    c.bar_write(0, REG_DMA_CMD, 4, cmd)
-    stat = 0
-
-    def done() -> bool:
-        nonlocal stat
-        stat = c.bar_read(0, REG_DMA_STAT, 4)
-        return stat in (STAT_DONE, STAT_ERROR)
-
-    wait_until(done, what="device DMA")
-    return stat
 
 
 # --- negotiation and DMA maps -------------------------------------------------------------
@@ -308,7 +292,7 @@ def test_interrupt_after_dma_completion(client: Client) -> None:
     try:
         client.add_memory(0x1000, 0x1000, fd_backed=False)
         client.write_memory(0x1000, b"irq")
-        assert dma(client, 0x1000, 3, DMA_TO_DEVICE | DMA_IRQ) == STAT_DONE
+        assert device_dma(client, 0x1000, 3, DMA_TO_DEVICE | DMA_IRQ) == STAT_DONE
         assert wait_eventfd(fd) == 1
     finally:
         os.close(fd)
@@ -322,11 +306,11 @@ def test_device_dma(client: Client, device: RecordingSample, fd_backed: bool) ->
     client.add_memory(0x80000, 0x4000, fd_backed=fd_backed)
     data = os.urandom(2048)
     client.write_memory(0x81000, data)
-    assert dma(client, 0x81000, 2048, DMA_TO_DEVICE) == STAT_DONE
+    assert device_dma(client, 0x81000, 2048, DMA_TO_DEVICE) == STAT_DONE
     assert bytes(device.buffer) == data
     assert client.region_read(0, BUFFER_OFFSET, 2048) == data
     client.region_write(0, BUFFER_OFFSET, b"from the device!")
-    assert dma(client, 0x83FF0, 16, DMA_FROM_DEVICE) == STAT_DONE
+    assert device_dma(client, 0x83FF0, 16, DMA_FROM_DEVICE) == STAT_DONE
     assert client.read_memory(0x83FF0, 16) == b"from the device!"
     # the messages went only where there was no fd
     assert bool(client.dma_requests) is not fd_backed
@@ -338,7 +322,7 @@ def test_device_dma_across_maps(client: Client, device: RecordingSample) -> None
     data = bytes(range(256)) * 4
     client.write_memory(0xE00, data[:0x200])
     client.write_memory(0x1000, data[0x200:])
-    assert dma(client, 0xE00, len(data), DMA_TO_DEVICE) == STAT_DONE
+    assert device_dma(client, 0xE00, len(data), DMA_TO_DEVICE) == STAT_DONE
     assert bytes(device.buffer[:len(data)]) == data
     assert client.dma_requests == [("read", 0x1000, 0x200)]
 
@@ -390,7 +374,7 @@ def test_disconnect_and_second_connection(server: Server, make_client: ClientFac
     assert all(fd is None for fd in device.irqs.state(IrqIndex.MSIX).fds)
     second.add_memory(0, 0x1000, fd_backed=False)
     second.write_memory(0, b"again")
-    assert dma(second, 0, 5, DMA_TO_DEVICE) == STAT_DONE
+    assert device_dma(second, 0, 5, DMA_TO_DEVICE) == STAT_DONE
     assert bytes(device.buffer[:5]) == b"again"
     [fd] = second.enable_irq(IrqIndex.MSIX, 1)
     try:

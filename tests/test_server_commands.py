@@ -21,6 +21,7 @@ from conftest import (
     RecordingSample,
     ServerFactory,
     close_all,
+    device_dma,
     efd,
     eventfd_quiet,
     negotiated,
@@ -63,10 +64,6 @@ from vfio_user_server.sample import (
     DMA_FROM_DEVICE,
     DMA_TO_DEVICE,
     ID_VALUE,
-    REG_DMA_ADDR,
-    REG_DMA_CMD,
-    REG_DMA_LEN,
-    REG_DMA_STAT,
     REG_ID,
     REG_SCRATCH,
     REG_WRITES,
@@ -716,18 +713,6 @@ def test_write_multi_bad_entries(client: Client) -> None:
 # --- DMA_READ / DMA_WRITE (server -> client) ----------------------------------------------
 
 
-def device_dma(c: Client, addr: int, length: int, cmd: int) -> int:
-    """Program the sample device's DMA engine and wait for it; return DMA_STAT."""
-    c.bar_write(0, REG_DMA_ADDR, 8, addr)
-    c.bar_write(0, REG_DMA_LEN, 4, length)
-    c.bar_write(0, REG_DMA_CMD, 4, cmd)
-    stat = 0
-    def done() -> bool:
-        nonlocal stat
-        stat = c.bar_read(0, REG_DMA_STAT, 4)
-        return stat in (STAT_DONE, STAT_ERROR)
-    wait_until(done, what="device DMA")
-    return stat
 
 
 LAYOUT_CASES = [

@@ -36,6 +36,7 @@ from enum import IntFlag
 from typing import Protocol
 
 from .errors import DmaError
+from .fds import close_fd
 
 __all__ = [
     "DEFAULT_UNMAP_TIMEOUT",
@@ -106,7 +107,7 @@ class _MappedFile:
                 "DMA file %s: memoryviews still exported; munmap deferred to garbage collection",
                 self.key,
             )
-        _close_fd(self.fd)
+        close_fd(self.fd, "DMA fd")
 
 
 class DmaMapping:
@@ -212,15 +213,6 @@ class Segment:
         return f"Segment(iova={self.iova:#x}, length={self.length:#x}, {kind})"
 
 
-def _close_fd(fd: int | None) -> None:
-    if fd is None or fd < 0:
-        return
-    try:
-        os.close(fd)
-    except OSError as e:
-        log.warning("closing DMA fd %d: %s", fd, e)
-
-
 def _round_down(value: int, align: int) -> int:
     return value - value % align
 
@@ -267,7 +259,7 @@ class DmaMapTable:
         try:
             mapping = self._add(iova, size, prot, owned_fd, offset)
         except BaseException:
-            _close_fd(owned_fd)
+            close_fd(owned_fd, "DMA fd")
             raise
         self._call_hook(self.on_map, mapping)
 
@@ -292,7 +284,7 @@ class DmaMapTable:
             if fd is not None:
                 mfile = self._attach_file(fd, offset + size, bool(prot & DmaProt.WRITE), iova)
                 if mfile is None or mfile.fd != fd:
-                    _close_fd(fd)  # not needed: same file already mapped, or message DMA
+                    close_fd(fd, "DMA fd")  # not needed: same file already mapped, or message DMA
             mapping = DmaMapping(iova, size, prot, offset if mfile else 0, mfile)
             bisect.insort(self._starts, iova)
             self._maps[iova] = mapping

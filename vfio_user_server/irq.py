@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import DeviceDefinitionError, IrqError
+from .fds import close_fd
 from .protocol.constants import (
     IRQ_SET_ACTION_MASK,
     IRQ_SET_DATA_MASK,
@@ -92,15 +93,6 @@ class _Vector:
 
 def _einval(message: str) -> IrqError:
     return IrqError(message, errno=errno.EINVAL)
-
-
-def _close(fd: int | None) -> None:
-    if fd is None or fd < 0:
-        return
-    try:
-        os.close(fd)
-    except OSError as e:
-        log.warning("closing IRQ fd %d: %s", fd, e)
 
 
 def _signal(fd: int) -> bool:
@@ -211,7 +203,7 @@ class IrqController:
         finally:
             for fd in set(fds):
                 if fd >= 0 and fd not in keep:
-                    _close(fd)
+                    close_fd(fd, "IRQ fd")
             if watch_changed:
                 self._watch_changed()
 
@@ -283,7 +275,7 @@ class IrqController:
                 if fd is not None:
                     keep.add(fd)
                 if old is not None and old != fd:
-                    _close(old)
+                    close_fd(old, "IRQ fd")
                 self._wake_watcher()
             else:
                 raise _einval(f"SET_IRQS {idx.name}: eventfd not supported for {action.name}")
@@ -314,16 +306,16 @@ class IrqController:
         if fd is not None:
             keep.add(fd)
         if old is not None and old != fd:
-            _close(old)
+            close_fd(old, "IRQ fd")
 
     def _disable_index(self, idx: IrqIndex) -> None:
         for v, vec in enumerate(self._vecs[idx]):
-            _close(vec.fd)
+            close_fd(vec.fd, "IRQ fd")
             vec.fd = None
             vec.masked = False
             self._set_pending(idx, v, vec, False)
         if idx is IrqIndex.INTX:
-            _close(self._resample_fd)
+            close_fd(self._resample_fd, "IRQ fd")
             self._resample_fd = None
             self._wake_watcher()
 
@@ -526,7 +518,7 @@ class IrqController:
             self._wake_watcher()
         thread.join()
         with self._lock:
-            _close(self._wake_fd)
+            close_fd(self._wake_fd, "IRQ fd")
             self._wake_fd = None
             self._watcher = None
 

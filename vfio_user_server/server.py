@@ -33,6 +33,7 @@ from typing import Any, TextIO
 from .dma import DmaAccessor, DmaMapTable
 from .endpoint import DeviceContext, Endpoint, VfioDevice
 from .errors import ConnectionClosed, DmaError, DmaTimeoutError, ProtocolError, VfioUserError
+from .fds import close_fds
 from .protocol import codec
 from .protocol.constants import HEADER_SIZE, Command, DmaLayout
 from .protocol.session import ServerCapabilities, Session
@@ -59,12 +60,6 @@ def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
             fds.extend(arr)
     return fds
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def _socket_is_live(path: Path) -> bool:
@@ -136,10 +131,10 @@ class Connection:
             if ancdata:
                 fds.extend(_fds_from_ancillary(ancdata))
             if flags & _MSG_CTRUNC:
-                _close_all(fds)
+                close_fds(fds)
                 raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} fds in one message")
             if nbytes == 0:
-                _close_all(fds)
+                close_fds(fds)
                 raise ConnectionClosed("client closed the connection")
             got += nbytes
         return fds
@@ -156,10 +151,10 @@ class Connection:
             if body:
                 more = self._recv_exact(memoryview(body))
                 if more:
-                    _close_all(more)
+                    close_fds(more)
                     raise ProtocolError("fds arrived in the middle of a message")
         except BaseException:
-            _close_all(fds)
+            close_fds(fds)
             raise
         return codec.Message(msg_id, command, flags, error, bytes(body), fds)
 

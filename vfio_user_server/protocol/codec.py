@@ -7,14 +7,13 @@ feeds them to :class:`MessageReader` and gets :class:`Message` values back; to s
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ProtocolError
+from ..fds import close_fds
 from .constants import (
     HEADER_SIZE,
     MSG_TYPE_MASK,
@@ -80,9 +79,7 @@ class Message:
     def close_fds(self) -> None:
         """Close every fd this message carries (ownership ends here)."""
         fds, self.fds = self.fds, []
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_fds(fds, "message fd")
 
 
 def encode_header(msg_id: int, command: int, size: int, flags: int, error: int = 0) -> bytes:
@@ -160,9 +157,7 @@ class MessageReader:
         return Message(hdr.msg_id, hdr.command, hdr.flags, hdr.error, payload, fds)
 
     def close(self) -> None:
-        for fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_fds(self._fds, "message fd")
         self._fds = []
         self._buf.clear()
 
