@@ -78,6 +78,25 @@ def floor_server(path: str) -> None:
         conn.sendall(HDR.pack(msg_id, cmd, 16 + len(body) + len(extra), 1, 0) + body + extra)
 
 
+CONFIG_REGION = 7  # VFIO_PCI_CONFIG_REGION_INDEX
+BAR0_ADDRESS = 0xFE000000
+
+
+def program_bar0(sock: socket.socket) -> None:
+    """Give BAR0 an address and turn on memory decoding, as a guest's PCI enumeration does.
+
+    QEMU's x-vfio-user-server forwards a BAR access to the device's memory region at the
+    address the BAR is programmed with, and fails it (EINVAL) while the BAR is unassigned.
+    Our server does not care; the same two config writes are sent to both.
+    """
+    bar = RegionAccess(0x10, CONFIG_REGION, 4).pack() + struct.pack("<I", BAR0_ADDRESS)
+    call(sock, 2, Command.REGION_WRITE, bar)
+    head = call(sock, 3, Command.REGION_READ, RegionAccess(0x04, CONFIG_REGION, 2).pack())
+    command = struct.unpack_from("<H", head, 16)[0] | 0x2  # COMMAND.MEMORY
+    call(sock, 4, Command.REGION_WRITE,
+         RegionAccess(0x04, CONFIG_REGION, 2).pack() + struct.pack("<H", command))
+
+
 def measure(path: str, args: argparse.Namespace) -> dict[str, float]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
@@ -85,6 +104,8 @@ def measure(path: str, args: argparse.Namespace) -> dict[str, float]:
         caps = {"max_msg_fds": 16, "max_data_xfer_size": 1048576}
         call(sock, 0, Command.VERSION, codec.encode_version(0, 0, caps))
         call(sock, 1, Command.DEVICE_GET_INFO, struct.pack("<IIII", 16, 0, 0, 0))
+        if args.bar == 0:
+            program_bar0(sock)
         read = RegionAccess(args.offset, args.bar, 4).pack()
         write = RegionAccess(args.offset, args.bar, 4).pack() + b"\x01\0\0\0"
         results = {}
