@@ -60,7 +60,7 @@ OFFSET = 4  # edu's liveness register: readable and writable on both servers
 def cpeer_binary() -> Path | None:
     env = os.environ.get("PYVFIO_CPEER")
     if env:
-        return Path(env)
+        return Path(env) if Path(env).is_file() else None
     path = cache_root() / "c-peer" / "build" / "qemu-system-x86_64"
     stamp = cache_root() / "c-peer" / "stamp"
     return path if path.is_file() and stamp.is_file() else None
@@ -206,10 +206,17 @@ def main() -> int:
           "python": sys.version.split()[0], "c_peer": str(cpeer) if cpeer else None})
     rows: list[tuple[str, str, float | None, float | None, str]] = []
 
-    def row(label: str, unit: str, ours: float | None, c: float | None, extra: str = "") -> None:
+    def row(label: str, unit: str, ours: float | None, c: float | None, extra: str = "",
+            pairs: tuple[list[float], list[float]] | None = None) -> None:
+        """One result; ``pairs`` (ours, C per run) adds the median of the per-run ratios."""
+        paired = None
+        if pairs is not None and pairs[1]:
+            paired = med([a / b for a, b in zip(*pairs, strict=True)])
+            extra = f"{extra}; per-run ratio median {paired:.2f}".lstrip("; ")
         rows.append((label, unit, ours, c, extra))
         emit({"bench": "median", "what": label, "unit": unit, "ours": ours, "c": c,
-              "ratio": round(ours / c, 2) if ours is not None and c else None})
+              "ratio": round(ours / c, 2) if ours is not None and c else None,
+              "paired_ratio": paired})
 
     try:
         if "raw" in want:
@@ -230,7 +237,8 @@ def main() -> int:
             for op in ("read", "write"):
                 c = med(samples["c"][op]) if "c" in samples else None
                 row(f"raw client REGION_{op.upper()} round trip", "us",
-                    med(samples["ours"][op]), c, f"floor {med(samples['floor'][op])} us")
+                    med(samples["ours"][op]), c, f"floor {med(samples['floor'][op])} us",
+                    (samples["ours"][op], samples["c"][op]) if "c" in samples else None)
         if "guest" in want or "memory" in want:
             loop = build_mmio_loop()
             g: dict[str, dict[str, list[float]]] = {}
@@ -271,7 +279,8 @@ def main() -> int:
                     row(f"guest trapped BAR0 {title}", "us",
                         round(med(g["ours"][key]) / 1000, 2),
                         round(c / 1000, 2) if c is not None else None,
-                        f"in-process edu {round(med(g['qemu-in-process'][key]) / 1000, 2)} us")
+                        f"in-process edu {round(med(g['qemu-in-process'][key]) / 1000, 2)} us",
+                        (g["ours"][key], g["c"][key]) if "c" in g else None)
             if "memory" in want:
                 for phase in ("idle", "attached", "after_loop"):
                     for k in ("rss_kib", "pss_kib"):
