@@ -100,6 +100,8 @@ class Connection:
         self._layout_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="vfio-user-worker")
         self._negotiated = threading.Event()
+        self._head = bytearray(HEADER_SIZE)
+        self._head_view = memoryview(self._head)
         self.loop_thread: threading.Thread | None = None
         self.closed = False
         #: the device was told about this client (client_connected), so it hears it leave
@@ -111,15 +113,16 @@ class Connection:
         data = codec.encode(msg)
         if self.server.tracing:
             self.server._trace(describe(msg, direction="->"))
-        anc = []
-        if msg.fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", msg.fds).tobytes())]
         with self._send_lock:
             if self.closed:
                 raise ConnectionClosed("connection is closed")
-            sent = self.sock.sendmsg([data], anc)
-            while sent < len(data):
-                sent += self.sock.send(data[sent:])
+            if not msg.fds:
+                self.sock.sendall(data)
+                return
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", msg.fds).tobytes())]
+            sent = self.sock.sendmsg([data], anc)  # the fds travel with the header
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
 
     # --- receiving --------------------------------------------------------------------------
     def _recv_exact(self, buf: memoryview) -> list[int]:
@@ -140,23 +143,42 @@ class Connection:
         return fds
 
     def read_message(self) -> codec.Message:
-        head = bytearray(HEADER_SIZE)
-        fds = self._recv_exact(memoryview(head))
+        head = self._head
+        # The header with one recvmsg, so that its fds come with it (QEMU sends them there);
+        # then the body, whose bytes never carry fds.
+        nbytes, ancdata, rflags, _ = self.sock.recvmsg_into([self._head_view], _ANCBUF)
+        fds = _fds_from_ancillary(ancdata) if ancdata else []
+        if rflags & _MSG_CTRUNC:
+            close_fds(fds)
+            raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} fds in one message")
+        if nbytes == 0:
+            close_fds(fds)
+            raise ConnectionClosed("client closed the connection")
+        if nbytes < HEADER_SIZE:  # a header split across segments: rare, take the slow way
+            fds += self._recv_exact(self._head_view[nbytes:])
         try:
             msg_id, command, size, flags, error = codec.unpack_header(head)
             limit = self.session.caps.max_data_xfer_size + 4096
             if size > limit:
                 raise ProtocolError(f"message of {size} bytes is larger than {limit}")
-            body = bytearray(size - HEADER_SIZE)
-            if body:
-                more = self._recv_exact(memoryview(body))
-                if more:
-                    close_fds(more)
-                    raise ProtocolError("fds arrived in the middle of a message")
+            body = b""
+            if size > HEADER_SIZE:
+                body = self._recv_body(size - HEADER_SIZE)
         except BaseException:
             close_fds(fds)
             raise
-        return codec.Message(msg_id, command, flags, error, bytes(body), fds)
+        return codec.Message(msg_id, command, flags, error, body, fds)
+
+    def _recv_body(self, n: int) -> bytes:
+        data, ancdata, _, _ = self.sock.recvmsg(n, _ANCBUF, socket.MSG_WAITALL)
+        if ancdata:  # fds belong with a header; here they break the protocol
+            close_fds(_fds_from_ancillary(ancdata))
+            raise ProtocolError("fds arrived in the middle of a message")
+        if len(data) == n:
+            return data
+        if not data:
+            raise ConnectionClosed("client closed the connection inside a message")
+        return data + self._recv_body(n - len(data))
 
     def handle_one(self) -> None:
         msg = self.read_message()
