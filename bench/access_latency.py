@@ -11,7 +11,9 @@ vfio-user server given with --socket (e.g. QEMU's x-vfio-user-server exporting `
 
 Every run also measures a peer in the same run: ``floor``, a server that answers each message
 with a well-formed reply without decoding it (the cost of the socket round trip alone in
-Python), and reports our server's cost as a ratio to it and as the difference.
+Python), and reports our server's cost as a ratio to it. The server's own CPU time per message
+(from /proc, all threads) is reported too: unlike the round trip it hardly moves with the load
+of the machine.
 """
 
 from __future__ import annotations
@@ -97,7 +99,17 @@ def program_bar0(sock: socket.socket) -> None:
          RegionAccess(0x04, CONFIG_REGION, 2).pack() + struct.pack("<H", command))
 
 
-def measure(path: str, args: argparse.Namespace) -> dict[str, float]:
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), from /proc."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(path: str, args: argparse.Namespace, pid: int | None = None) -> dict[str, float]:
+    """Mean round trip (µs) per op, and the server's CPU time per op when its pid is known."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     try:
@@ -113,10 +125,13 @@ def measure(path: str, args: argparse.Namespace) -> dict[str, float]:
                                    ("write", Command.REGION_WRITE, write)):
             for i in range(min(1000, args.n)):  # warm up
                 call(sock, i & 0xFFFF, cmd, payload)
+            c0 = cpu_seconds(pid)
             t0 = time.perf_counter()
             for i in range(args.n):
                 call(sock, i & 0xFFFF, cmd, payload)
             results[name] = (time.perf_counter() - t0) / args.n * 1e6
+            if pid is not None:
+                results[f"{name}_cpu"] = (cpu_seconds(pid) - c0) / args.n * 1e6
         return results
     finally:
         sock.close()
@@ -140,6 +155,8 @@ def main() -> int:
     ap.add_argument("--offset", type=lambda s: int(s, 0), default=4)
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("--label", default=None)
+    ap.add_argument("--pid", type=int, default=None,
+                    help="pid of the --socket server, to report its CPU time per message")
     ap.add_argument("--floor-server", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor_server:
@@ -149,7 +166,7 @@ def main() -> int:
     floor_path = os.path.join(tmp, "floor.sock")
     floor = start([sys.executable, __file__, "--floor-server", floor_path], floor_path)
     try:
-        base = measure(floor_path, args)
+        base = measure(floor_path, args, floor.pid)
     finally:
         floor.terminate()
         floor.wait(10)
@@ -160,7 +177,7 @@ def main() -> int:
         proc = start([sys.executable, "-m", "vfio_user_server.cli", "--socket", path,
                       "--log-level", "WARNING", args.device], path)
     try:
-        ours = measure(path, args)
+        ours = measure(path, args, proc.pid if proc is not None else args.pid)
     finally:
         if proc is not None:
             proc.terminate()
@@ -171,6 +188,9 @@ def main() -> int:
         out[f"{op}_us"] = round(ours[op], 2)
         out[f"floor_{op}_us"] = round(base[op], 2)
         out[f"{op}_ratio"] = round(ours[op] / base[op], 2)
+        if f"{op}_cpu" in ours:
+            out[f"server_cpu_{op}_us"] = round(ours[f"{op}_cpu"], 2)
+            out[f"floor_cpu_{op}_us"] = round(base[f"{op}_cpu"], 2)
     print(json.dumps(out))
     return 0
 
