@@ -74,6 +74,16 @@ def _socket_is_live(path: Path) -> bool:
     return True
 
 
+def _at_eof(sock: socket.socket) -> bool:
+    """Whether the peer has closed ``sock`` (nothing left to read), without consuming data."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 class Connection:
     """One client connection: socket I/O, the endpoint, and server->client requests."""
 
@@ -355,6 +365,7 @@ class Server:
         self._closed_pipes = False
         self._listener_lock = threading.Lock()
         self._serving = False
+        self._handover: socket.socket | None = None  # a client the refuser accepted
 
     @property
     def tracing(self) -> bool:
@@ -431,6 +442,12 @@ class Server:
 
     def _accept(self) -> socket.socket | None:
         assert self._listener is not None
+        if self._handover is not None:  # accepted by the refuser as the last client left
+            client, self._handover = self._handover, None
+            if self._stopping.is_set():
+                client.close()
+                return None
+            return client
         r, _, _ = select.select([self._listener.fileno(), self._wake_r], [], [])
         if self._wake_r in r:
             # stop(), or an IRQ-watch wake-up left over from the last connection: drain it,
@@ -454,49 +471,18 @@ class Server:
             self.connection = conn
             self._connected.notify_all()
         log.info("client connected on %s", self.path)
-        poller = select.poll()
-        assert self._listener is not None
-        sock_fd = client.fileno()
-        listen_fd = self._listener.fileno()
-        poller.register(sock_fd, select.POLLIN)
-        poller.register(listen_fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        # The loop thread blocks in the client socket's recvmsg: no poll per message. The
+        # INTx resample fds are watched by the interrupt controller's own thread, a second
+        # client is refused by a small thread, and stop() shuts the socket down to end it.
         irqs = self.device.irqs
-        watched: set[int] = set()
-        # The INTx resample fds to poll change only through SET_IRQS, reset or close; the
-        # controller says when, and a device thread's change also wakes the poll.
-        changed = [True]
-
-        def watch_changed() -> None:
-            changed[0] = True
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"w")
-
-        irqs.on_watch_change = watch_changed
+        irqs.start_watcher()
+        done_r, done_w = os.pipe2(os.O_CLOEXEC)
+        refuser = threading.Thread(target=self._refuse_others, args=(done_r, client),
+                                   name=f"vfio-user-refuser:{self.path.name}", daemon=True)
+        refuser.start()
         try:
             while not self._stopping.is_set():
-                if changed[0]:
-                    changed[0] = False
-                    wanted = set(irqs.watched_fds())
-                    for fd in watched - wanted:
-                        with contextlib.suppress(KeyError):
-                            poller.unregister(fd)
-                    for fd in wanted - watched:
-                        poller.register(fd, select.POLLIN)
-                    watched = wanted
-                for fd, events in poller.poll():
-                    if fd == sock_fd:
-                        conn.handle_one()
-                    elif fd == listen_fd:
-                        self._refuse_extra_client()
-                    elif fd == self._wake_r:
-                        with contextlib.suppress(OSError):
-                            os.read(self._wake_r, 4096)
-                        break
-                    elif fd in watched and events & (select.POLLIN | select.POLLERR):
-                        irqs.on_fd_readable(fd)
-                    elif fd in watched:
-                        changed[0] = True  # closed under us (POLLNVAL): refresh the set
+                conn.handle_one()
         except ConnectionClosed:
             log.info("client disconnected from %s", self.path)
         except ProtocolError as exc:
@@ -506,7 +492,10 @@ class Server:
         except OSError as exc:
             log.error("dropping client after socket error: %s", exc)
         finally:
-            irqs.on_watch_change = None
+            os.write(done_w, b"x")
+            refuser.join()
+            os.close(done_r)
+            os.close(done_w)
             try:
                 conn.close()
             finally:
@@ -516,14 +505,27 @@ class Server:
                     self.connections_served += 1
                     self._connected.notify_all()
 
-    def _refuse_extra_client(self) -> None:
-        assert self._listener is not None
-        try:
-            extra, _ = self._listener.accept()
-        except OSError:
-            return
-        log.warning("refusing a second client on %s: one client at a time", self.path)
-        extra.close()
+    def _refuse_others(self, done_r: int, current: socket.socket) -> None:
+        """While a client is served, accept and close any other (one client at a time).
+
+        A client that arrives while the current one is hanging up is kept for the accept loop
+        instead: the loop thread may not have seen that EOF yet.
+        """
+        listener = self._listener
+        assert listener is not None
+        while True:
+            r, _, _ = select.select([listener.fileno(), done_r], [], [])
+            if done_r in r:
+                return
+            try:
+                extra, _ = listener.accept()
+            except OSError:
+                continue
+            if _at_eof(current):
+                self._handover = extra
+                return
+            log.warning("refusing a second client on %s: one client at a time", self.path)
+            extra.close()
 
     # --- lifetime ---------------------------------------------------------------------------
     def start(self) -> Server:
@@ -552,6 +554,10 @@ class Server:
         self._stopping.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
+        conn = self.connection
+        if conn is not None:  # wakes the loop thread blocked in recvmsg
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         with self._listener_lock:
