@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 #: Most fds one message may carry; more is an error (the ancillary buffer is sized for it).
 MAX_FDS_PER_MESSAGE = 64
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+#: Most bytes taken from the socket by one read.
+RECV_CHUNK = 256 * 1024
 #: Largest chunk of one DMA_READ / DMA_WRITE message (QEMU cannot send big replies reliably).
 DMA_CHUNK = 64 * 1024
 
@@ -110,8 +112,11 @@ class Connection:
         self._layout_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="vfio-user-worker")
         self._negotiated = threading.Event()
-        self._head = bytearray(HEADER_SIZE)
-        self._head_view = memoryview(self._head)
+        self._rbuf = bytearray()
+        self._rpos = 0
+        self._fdmarks: list[tuple[int, int, list[int]]] = []  # (first, last byte, fds) of reads
+        self._rx_chunk = bytearray(RECV_CHUNK)
+        self._rx_view = memoryview(self._rx_chunk)
         self.loop_thread: threading.Thread | None = None
         self.closed = False
         #: the device was told about this client (client_connected), so it hears it leave
@@ -135,60 +140,77 @@ class Connection:
                 self.sock.sendall(data[sent:])
 
     # --- receiving --------------------------------------------------------------------------
-    def _recv_exact(self, buf: memoryview) -> list[int]:
-        """Fill ``buf`` completely; return fds that came along. EOF raises ConnectionClosed."""
-        fds: list[int] = []
-        got = 0
-        while got < len(buf):
-            nbytes, ancdata, flags, _ = self.sock.recvmsg_into([buf[got:]], _ANCBUF)
-            if ancdata:
-                fds.extend(_fds_from_ancillary(ancdata))
-            if flags & _MSG_CTRUNC:
-                close_fds(fds)
-                raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} fds in one message")
-            if nbytes == 0:
-                close_fds(fds)
-                raise ConnectionClosed("client closed the connection")
-            got += nbytes
-        return fds
-
     def read_message(self) -> codec.Message:
-        head = self._head
-        # The header with one recvmsg, so that its fds come with it (QEMU sends them there);
-        # then the body, whose bytes never carry fds.
-        nbytes, ancdata, rflags, _ = self.sock.recvmsg_into([self._head_view], _ANCBUF)
+        """The next message, from a buffer filled by as few ``recvmsg`` calls as possible.
+
+        One read takes whatever the client has sent (pipelined posted writes and DMA maps come
+        in bursts). fds arrive with the read that holds the header of the message they were
+        sent with, and Linux ends such a read right after that message's bytes: so a read's
+        fds belong to the last message that starts in it. fds anywhere else (in the middle of
+        a message) break the protocol.
+        """
+        while True:
+            msg = self._parse()
+            if msg is not None:
+                return msg
+            self._fill()
+
+    def _fill(self) -> None:
+        nbytes, ancdata, rflags, _ = self.sock.recvmsg_into([self._rx_view], _ANCBUF)
         fds = _fds_from_ancillary(ancdata) if ancdata else []
         if rflags & _MSG_CTRUNC:
             close_fds(fds)
             raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} fds in one message")
         if nbytes == 0:
             close_fds(fds)
-            raise ConnectionClosed("client closed the connection")
-        if nbytes < HEADER_SIZE:  # a header split across segments: rare, take the slow way
-            fds += self._recv_exact(self._head_view[nbytes:])
-        try:
-            msg_id, command, size, flags, error = codec.unpack_header(head)
-            limit = self.session.caps.max_data_xfer_size + 4096
-            if size > limit:
-                raise ProtocolError(f"message of {size} bytes is larger than {limit}")
-            body = b""
-            if size > HEADER_SIZE:
-                body = self._recv_body(size - HEADER_SIZE)
-        except BaseException:
-            close_fds(fds)
-            raise
-        return codec.Message(msg_id, command, flags, error, body, fds)
+            inside = len(self._rbuf) > self._rpos
+            raise ConnectionClosed("client closed the connection"
+                                   + (" inside a message" if inside else ""))
+        start = len(self._rbuf)
+        self._rbuf += self._rx_view[:nbytes]
+        if fds:
+            self._fdmarks.append((start, start + nbytes, fds))
 
-    def _recv_body(self, n: int) -> bytes:
-        data, ancdata, _, _ = self.sock.recvmsg(n, _ANCBUF, socket.MSG_WAITALL)
-        if ancdata:  # fds belong with a header; here they break the protocol
-            close_fds(_fds_from_ancillary(ancdata))
-            raise ProtocolError("fds arrived in the middle of a message")
-        if len(data) == n:
-            return data
-        if not data:
-            raise ConnectionClosed("client closed the connection inside a message")
-        return data + self._recv_body(n - len(data))
+    def _parse(self) -> codec.Message | None:
+        buf, pos = self._rbuf, self._rpos
+        if len(buf) - pos < HEADER_SIZE:
+            return None
+        msg_id, command, size, flags, error = codec.unpack_header(buf, pos)
+        limit = self.session.caps.max_data_xfer_size + 4096
+        if size > limit:
+            raise ProtocolError(f"message of {size} bytes is larger than {limit}")
+        end = pos + size
+        if len(buf) < end:
+            return None
+        fds: list[int] = []
+        if self._fdmarks:
+            fds = self._fds_for(pos, end)
+        payload = bytes(buf[pos + HEADER_SIZE:end])
+        if end == len(buf):
+            buf.clear()
+            self._rpos = 0
+        elif end > 1 << 20:  # keep the buffer from growing: drop what was parsed
+            del buf[:end]
+            self._rpos = 0
+            self._fdmarks = [(a - end, b - end, f) for a, b, f in self._fdmarks]
+        else:
+            self._rpos = end
+        return codec.Message(msg_id, command, flags, error, payload, fds)
+
+    def _fds_for(self, start: int, end: int) -> list[int]:
+        """Take the fds that came with the message at [start, end) (see read_message)."""
+        mine: list[int] = []
+        keep: list[tuple[int, int, list[int]]] = []
+        for first, last, fds in self._fdmarks:
+            if first <= start < last and end >= last:
+                mine += fds
+            elif start < first < end or last <= start:
+                close_fds(mine + fds)
+                raise ProtocolError("fds arrived in the middle of a message")
+            else:
+                keep.append((first, last, fds))
+        self._fdmarks = keep
+        return mine
 
     def handle_one(self) -> None:
         msg = self.read_message()
@@ -302,6 +324,9 @@ class Connection:
             self.closed = True
         self.session.close()
         self._negotiated.set()  # wake requesters waiting for negotiation: they fail now
+        marks, self._fdmarks = self._fdmarks, []
+        for _first, _last, fds in marks:  # fds of a message that never arrived whole
+            close_fds(fds)
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for fut in pending.values():

@@ -111,11 +111,13 @@ def decode_header(buf: bytes | bytearray | memoryview) -> Header:
     return Header(*unpack_header(buf))
 
 
-def unpack_header(buf: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int]:
+def unpack_header(
+    buf: bytes | bytearray | memoryview, offset: int = 0
+) -> tuple[int, int, int, int, int]:
     """Checked ``(msg_id, command, size, flags, error)`` of a header, as plain ints (hot path)."""
-    if len(buf) < HEADER_SIZE:
-        raise ProtocolError(f"header of {len(buf)} bytes, need {HEADER_SIZE}")
-    fields: tuple[int, int, int, int, int] = _HEADER.unpack_from(buf)
+    if len(buf) - offset < HEADER_SIZE:
+        raise ProtocolError(f"header of {len(buf) - offset} bytes, need {HEADER_SIZE}")
+    fields: tuple[int, int, int, int, int] = _HEADER.unpack_from(buf, offset)
     if fields[2] < HEADER_SIZE:
         raise ProtocolError(f"message size {fields[2]} is smaller than the header")
     if fields[3] & _TYPE_MASK > _REPLY:
