@@ -1,9 +1,10 @@
 """The server runtime: a UNIX socket, one client at a time, requests handled in order.
 
 This module is the thin transport around :class:`~vfio_user_server.endpoint.Endpoint`: it reads
-one message at a time (the header with ``recvmsg`` so that its fds come with it, then the body),
-hands it to the endpoint, and writes the reply in a single ``sendmsg``. Replies to the server's
-own DMA_READ / DMA_WRITE requests are read by the same loop and passed to the waiting thread.
+whatever the client has sent with one ``recvmsg`` (fds included), cuts it into messages, hands
+each to the endpoint in order, and writes each reply in one ``sendmsg`` (with its fd, if any).
+Replies to the server's own DMA_READ / DMA_WRITE requests are read by the same loop and passed
+to the waiting thread.
 
 Threads: the loop thread serves the client; device threads may raise interrupts and DMA; the
 per-connection worker (``DeviceContext.defer``) runs device work that needs message DMA. The loop
