@@ -14,12 +14,21 @@ host has not consumed, masked by INTMS).
 The namespace (NSID 1, 512-byte blocks) is a host file (``--image``, read and written with
 ``os.preadv``/``os.pwritev``) or a memfd (``--size``).
 
-Threads: BAR handlers run on the server's loop thread with :attr:`lock` held and only record
-state (doorbell values, register writes). A worker thread owned by the controller fetches
-submission queue entries, moves data and posts completions, one batch per queue at a time; it
-takes :attr:`lock` only to snapshot or commit queue state, never while doing DMA. With
+Threads: BAR handlers run on the server's loop thread with :attr:`lock` held and mostly only
+record state (doorbell values, register writes). A worker thread owned by the controller
+fetches submission queue entries, moves data and posts completions, one batch per queue at a
+time; it takes :attr:`lock` only to snapshot or commit queue state, never while doing DMA. With
 fd-backed guest RAM, data moves straight between the file and guest memory (``preadv`` into
 the mmapped guest pages); otherwise through DMA_READ / DMA_WRITE messages.
+
+Inline path: an I/O SQ tail doorbell that finds the worker idle runs up to :data:`INLINE_MAX`
+new commands right there, on the loop thread, with the lock held (so the worker cannot start
+meanwhile and no DMA unmap can arrive), which saves waking the worker. Only plain Reads and
+Writes (no FUA, volatile write cache on: no fsync) whose SQ entries, CQ, PRP lists and data
+are all in fd-backed guest memory qualify, since direct DMA is a memory copy but message DMA
+must never run on the loop thread. The first command that does not qualify (or that turns out
+to need message DMA) stops the run before any side effect of its own; it and the rest are left
+to the worker, in order. Admin commands always go to the worker.
 """
 
 from __future__ import annotations
@@ -122,6 +131,8 @@ AERL = 3
 ACL = 3
 #: Submission queue entries handled per batch before other queues get their turn.
 BATCH = 256
+#: At most this many commands are executed inline, on the loop thread, per SQ doorbell.
+INLINE_MAX = 16
 WARNING_TEMP = 0x157  # 343 K
 CRITICAL_TEMP = 0x175  # 373 K
 CURRENT_TEMP = 0x13B  # 315 K
@@ -273,6 +284,10 @@ class FileBackend:
             self.fd = -1
 
 
+class _Defer(Exception):
+    """Raised on the inline path when a command needs the worker (message DMA, fsync)."""
+
+
 class _SubmissionQueue:
     __slots__ = ("base", "cqid", "head", "qid", "size", "tail")
 
@@ -365,6 +380,8 @@ class NvmeController(PciDevice):
         self._worker: threading.Thread | None = None
         self._stop = False
         self._busy = False
+        #: True while the loop thread executes commands inline (see :meth:`_inline_sq`)
+        self._inline = False
         self._rr = 0
         # counters for SMART (worker only)
         self.stats = {"read_bytes": 0, "write_bytes": 0, "reads": 0, "writes": 0,
@@ -623,7 +640,56 @@ class NvmeController(PciDevice):
                 self._async_error(AER_INFO_INVALID_DOORBELL_VALUE)
                 return
             sq.tail = value
-            self._cond.notify_all()
+            if qid == 0 or self._busy or not self._inline_sq(sq):
+                self._cond.notify_all()
+
+    def _inline_sq(self, sq: _SubmissionQueue) -> bool:
+        """Execute up to :data:`INLINE_MAX` new I/O commands of ``sq`` here, on the loop thread.
+
+        Called with the lock held while the worker is idle, so nothing else processes queues.
+        Only plain reads and writes whose SQ entries, CQ, PRP lists and data are all in
+        fd-backed (directly mapped) guest memory run here: everything else (message DMA,
+        fsyncs, other opcodes) stops the inline run before its first side effect and is left
+        to the worker, in order. True if the SQ has nothing left for the worker.
+        """
+        cq = self.cqs.get(sq.cqid)
+        if cq is None:
+            return False
+        size, head = sq.size, sq.head
+        n = min((sq.tail - head) % size, cq.free(), INLINE_MAX)
+        if n <= 0:
+            return False
+        if not self._direct(cq.base, cq.size * CQE_SIZE):
+            return False
+        first = min(n, size - head)
+        raw = self._direct_read(sq.base + head * SQE_SIZE, first * SQE_SIZE)
+        if raw is not None and first < n:
+            rest = self._direct_read(sq.base, (n - first) * SQE_SIZE)
+            raw = None if rest is None else raw + rest
+        if raw is None:
+            return False  # message DMA (or a fault the worker reports)
+        gen, qid = self._gen, sq.qid
+        vwc = self.features[Feature.VOLATILE_WRITE_CACHE]
+        done: list[_Completion] = []
+        self._inline = True
+        try:
+            for i in range(n):
+                cmd: SqeTuple = SQE.unpack_from(raw, i * SQE_SIZE)
+                opcode = cmd[0]
+                if not (opcode == IoOpcode.READ or (
+                        opcode == IoOpcode.WRITE and vwc and not cmd[10] & (1 << 30))):
+                    break
+                try:
+                    entry = self._execute(cmd, qid, gen)
+                except _Defer:
+                    break
+                if entry is not None:
+                    done.append(entry)
+        finally:
+            self._inline = False
+        if done:
+            self._complete(gen, qid, (head + len(done)) % size, done)
+        return sq.head == sq.tail
 
     def _async_error(self, info: int) -> None:
         log.warning("nvme: invalid doorbell write (%s)",
@@ -746,23 +812,47 @@ class NvmeController(PciDevice):
                     self.csts |= CSTS_CFS
             return
         done: list[_Completion] = []
-        admin = qid == 0
         for i in range(n):
-            cmd: SqeTuple = SQE.unpack_from(raw, i * SQE_SIZE)
-            try:
-                result = self._admin(cmd, gen) if admin else self._io(cmd)
-            except NvmeError as exc:
-                log.debug("nvme: SQ %d opcode %#x cid %d: %s", qid, cmd[0], cmd[2], exc)
-                self.errors.append((time.monotonic(), qid, cmd[2], exc.field))
-                done.append((cmd[2], exc.field, 0))
-                continue
-            except Exception:
-                log.exception("nvme: SQ %d opcode %#x failed", qid, cmd[0])
-                done.append((cmd[2], Status.INTERNAL_ERROR | STATUS_DNR, 0))
-                continue
-            if result is not None:
-                done.append((cmd[2], 0, result))
+            entry = self._execute(SQE.unpack_from(raw, i * SQE_SIZE), qid, gen)
+            if entry is not None:
+                done.append(entry)
         self._complete(gen, qid, (head + n) % size, done)
+
+    def _execute(self, cmd: SqeTuple, qid: int, gen: int) -> _Completion | None:
+        """Run one command; its completion, or None for a held one (AER)."""
+        try:
+            result = self._admin(cmd, gen) if qid == 0 else self._io(cmd)
+        except NvmeError as exc:
+            log.debug("nvme: SQ %d opcode %#x cid %d: %s", qid, cmd[0], cmd[2], exc)
+            self.errors.append((time.monotonic(), qid, cmd[2], exc.field))
+            return (cmd[2], exc.field, 0)
+        except _Defer:
+            raise
+        except Exception:
+            log.exception("nvme: SQ %d opcode %#x failed", qid, cmd[0])
+            return (cmd[2], Status.INTERNAL_ERROR | STATUS_DNR, 0)
+        return None if result is None else (cmd[2], 0, result)
+
+    def _direct(self, iova: int, length: int) -> bool:
+        """True if ``iova``/``length`` lies in one fd-backed, writable map (cheap check)."""
+        m = self.dma.table.find(iova)
+        return m is not None and m.direct and m.writable and iova + length <= m.end
+
+    def _direct_read(self, iova: int, length: int) -> bytes | None:
+        """Guest memory by one mmap copy, or None if some of it is not fd-backed (or mapped)."""
+        try:
+            segs = self.dma.table.translate(iova, length, write=False)
+        except DmaError:
+            return None
+        try:
+            if len(segs) == 1 and segs[0].view is not None:
+                return bytes(segs[0].view)
+            if any(seg.view is None for seg in segs):
+                return None
+            return b"".join([seg.view for seg in segs if seg.view is not None])
+        finally:
+            for seg in segs:
+                seg.release()
 
     def _post_held(self, posts: list[tuple[int, int, int, int, int]], gen: int) -> None:
         for cqid, sqid, cid, status, dw0 in posts:
@@ -819,20 +909,28 @@ class NvmeController(PciDevice):
             if not chunk:
                 continue
             length = len(chunk) * CQE_SIZE
-            if self.dma.table.is_direct(addr, length):
-                # One 16-byte store per entry, so that an entry's phase bit is never seen
-                # before the rest of it.
-                with self.dma.map(addr, length, write=True) as views:
-                    if len(views) == 1:
-                        view = views[0]
-                        for i, entry in enumerate(chunk):
-                            view[i * CQE_SIZE:(i + 1) * CQE_SIZE] = entry
-                        continue
+            try:
+                segs = self.dma.table.translate(addr, length, write=True)
+            except DmaError:
+                segs = []  # dma.write below reports it
+            try:
+                view = segs[0].view if len(segs) == 1 else None
+                if view is not None:
+                    # One 16-byte store per entry, so that an entry's phase bit is never
+                    # seen before the rest of it.
+                    for i, entry in enumerate(chunk):
+                        view[i * CQE_SIZE:(i + 1) * CQE_SIZE] = entry
+                    continue
+            finally:
+                for seg in segs:
+                    seg.release()
             for i, entry in enumerate(chunk):
                 self.dma.write(addr + i * CQE_SIZE, entry)
 
     # --- data movement ------------------------------------------------------------------------
     def _read_list(self, iova: int, length: int) -> bytes:
+        if self._inline and not self.dma.table.is_direct(iova, length):
+            raise _Defer
         try:
             return self.dma.read(iova, length)
         except DmaError as exc:
@@ -882,7 +980,9 @@ class NvmeController(PciDevice):
         finally:
             for s in segs:
                 s.release()
-        # Some memory has no fd: message DMA.
+        # Some memory has no fd: message DMA, which only the worker may do.
+        if self._inline:
+            raise _Defer
         try:
             if write:
                 self.backend.write(offset, b"".join(dma.read(i, n) for i, n in ranges))
