@@ -117,7 +117,8 @@ class DmaMapping:
     memory is mmapped here (else message DMA is needed).
     """
 
-    __slots__ = ("_deferred", "_file", "_refs", "_removed", "iova", "offset", "prot", "size")
+    __slots__ = ("_deferred", "_file", "_r", "_refs", "_removed", "_w", "iova", "offset", "prot",
+                 "size")
 
     def __init__(
         self, iova: int, size: int, prot: int, offset: int, file: _MappedFile | None
@@ -125,6 +126,9 @@ class DmaMapping:
         self.iova = iova
         self.size = size
         self.prot = DmaProt(prot)
+        # plain bools: IntFlag arithmetic is slow and these are checked on every access
+        self._r = bool(prot & DmaProt.READ)
+        self._w = bool(prot & DmaProt.WRITE)
         self.offset = offset
         self._file = file
         self._refs = 0
@@ -143,11 +147,11 @@ class DmaMapping:
 
     @property
     def readable(self) -> bool:
-        return bool(self.prot & DmaProt.READ)
+        return self._r
 
     @property
     def writable(self) -> bool:
-        return bool(self.prot & DmaProt.WRITE)
+        return self._w
 
     @property
     def file_key(self) -> tuple[int, int] | None:
@@ -535,8 +539,8 @@ class DmaMapTable:
     def _put(self, mapping: DmaMapping) -> None:
         with self._lock:
             mapping._refs -= 1
-            if mapping._refs:
-                return
+            if mapping._refs or not mapping._removed:
+                return  # only _drain() waits, and only for removed maps
             self._cond.notify_all()
             if mapping._deferred:
                 mapping._deferred = False
