@@ -700,6 +700,49 @@ def test_batches_wrap_and_full_cq(ready: Rig, image: Path) -> None:
     assert got[-1].sq_head == d.sq[2][2]
 
 
+def test_inline_commands_and_hand_off_to_the_worker(ready: Rig, image: Path) -> None:
+    """With fd-backed memory, plain writes/reads run on the doorbell; the first command that
+    does not qualify (a flush) and everything after it go to the worker, in order."""
+    d, c, dev = ready.d, ready.c, ready.dev
+    d.create_queues(2, depth=16)
+    batches: list[int] = []
+    process = dev._process
+
+    def counting(gen: int, qid: int, base: int, head: int, size: int, n: int) -> None:
+        batches.append(n)
+        process(gen, qid, base, head, size, n)
+
+    def idle() -> None:  # the worker clears its busy flag just after posting a completion
+        deadline = time.monotonic() + WAIT
+        while dev._busy and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    dev._process = counting  # type: ignore[method-assign]
+    data = os.urandom(3 * 512)
+    for i in range(3):
+        c.write_memory(DATA + i * PAGE, data[i * 512:(i + 1) * 512])
+    cids = [d.submit(2, IoOpcode.WRITE, nsid=1, prp1=DATA + i * PAGE, cdw=(i, 0, 0),
+                     ring=False) for i in range(3)]
+    cids.append(d.submit(2, IoOpcode.FLUSH, nsid=1, ring=False))
+    cids.append(d.submit(2, IoOpcode.READ, nsid=1, prp1=DATA + 4 * PAGE, cdw=(1, 0, 0),
+                         ring=False))
+    idle()
+    d.ring_sq(2)
+    got = [d.poll(2) for _ in range(5)]
+    d.ring_cq(2)
+    assert [e.cid for e in got] == cids
+    assert all(e.status == 0 for e in got)
+    assert image.read_bytes()[:3 * 512] == data
+    assert c.read_memory(DATA + 4 * PAGE, 512) == data[512:1024]
+    direct = dev.dma.table.is_direct(DATA, PAGE)
+    assert batches == ([2] if direct else [5])
+    # a plain read alone never wakes the worker with direct memory
+    batches.clear()
+    idle()
+    assert d.rw(2, IoOpcode.READ, 2, 1).status == 0
+    assert batches == ([] if direct else [1])
+
+
 def test_msix_vector_per_queue(ready: Rig) -> None:
     d = ready.d
     fds = ready.msix()
