@@ -383,7 +383,7 @@ class NvmeController(PciDevice):
         #: True while the loop thread executes commands inline (see :meth:`_inline_sq`)
         self._inline = False
         self._rr = 0
-        # counters for SMART (worker only)
+        # counters for SMART (the worker, or the loop thread inline while the worker is idle)
         self.stats = {"read_bytes": 0, "write_bytes": 0, "reads": 0, "writes": 0,
                       "flushes": 0}
         self.power_cycles = 1
