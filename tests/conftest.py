@@ -61,6 +61,16 @@ def wait_until(cond: Callable[[], bool], timeout: float = WAIT, what: str = "con
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.005)
 
+def fired(fd: int, timeout: float = 0.0) -> int:
+    """The count an eventfd collected, waiting up to ``timeout`` seconds for one (0 if none)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = Client.eventfd_count(fd)
+        if n or time.monotonic() >= deadline:
+            return n
+        time.sleep(0.002)
+
+
 def device_dma(c: Client, addr: int, length: int, cmd: int) -> int:
     """Program the sample device's DMA engine and wait for it; return DMA_STAT."""
     c.bar_write(0, REG_DMA_ADDR, 8, addr)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import fired
 
 from vfio_user_devices.edu import DMA_START, Edu, factorial32
 from vfio_user_server.cli import make_device
@@ -23,11 +22,6 @@ UNMASK = IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_UNMASK
 COMMAND_MASTER = 0x4
 
 
-@pytest.fixture
-def sock_path() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="edu-", dir="/tmp")
-    yield Path(d) / "s"
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class Rig:
@@ -100,13 +94,6 @@ def rig(sock_path: Path) -> Iterator[Rig]:
     r.close()
 
 
-def fired(fd: int, timeout: float = 0.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        n = Client.eventfd_count(fd)
-        if n or time.monotonic() >= deadline:
-            return n
-        time.sleep(0.002)
 
 
 def test_factorial32_matches_the_32_bit_loop() -> None:

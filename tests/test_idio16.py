@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import fired
 
 from vfio_user_devices.idio16 import (
     INTCSR_LINT1_ENABLE,
@@ -28,11 +26,6 @@ OUT0, IN0, IRQ_CTL, FILTER, OUT8, IN8, STATUS = range(7)
 UNMASK = IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_UNMASK
 
 
-@pytest.fixture
-def sock_path() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="idio16-", dir="/tmp")
-    yield Path(d) / "s"
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class Rig:
@@ -62,13 +55,6 @@ def rig(sock_path: Path) -> Iterator[Rig]:
     r.close()
 
 
-def fired(fd: int, timeout: float = 0.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        n = Client.eventfd_count(fd)
-        if n or time.monotonic() >= deadline:
-            return n
-        time.sleep(0.005)
 
 
 def test_identity_and_bars(rig: Rig) -> None:
