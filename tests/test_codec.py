@@ -129,3 +129,16 @@ def test_irq_set_and_region_access_sizes() -> None:
     assert IrqSet.SIZE == 20
     assert RegionAccess.SIZE == 16
     assert RegionInfo.SIZE == 32
+
+
+def test_request_sizes_follow_the_command_table() -> None:
+    # a fixed structure is required; nothing may follow it where the table says so
+    codec.check_request_size(Command.DEVICE_GET_INFO, bytes(16))
+    codec.check_request_size(Command.DEVICE_RESET, b"")
+    codec.check_request_size(Command.REGION_WRITE, bytes(16 + 4))  # data follows
+    for command, payload in ((Command.DEVICE_GET_INFO, bytes(15)),
+                             (Command.DEVICE_GET_INFO, bytes(17)),
+                             (Command.REGION_READ, bytes(20)),
+                             (Command.DEVICE_RESET, b"x")):
+        with pytest.raises(ProtocolError):
+            codec.check_request_size(command, payload)

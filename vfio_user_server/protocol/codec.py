@@ -30,6 +30,7 @@ from .structs import (
     RegionInfo,
     SparseMmap,
     SparseMmapArea,
+    Tail,
     Version,
     WireStruct,
 )
@@ -173,14 +174,20 @@ def split(payload: bytes, cls: type[WireStruct]) -> tuple[Any, bytes]:
 
 
 def check_request_size(command: Command, payload: bytes) -> None:
-    """Reject a request whose payload cannot hold its command's fixed structure."""
+    """Reject a request whose payload does not fit its command's layout in the table.
+
+    The fixed structure must be there; a command with nothing after it (``Tail.NONE``) must be
+    exactly that long.
+    """
     spec = COMMANDS[command]
-    if spec.request is None:
-        return
-    if len(payload) < spec.request.SIZE:
+    size = spec.request.SIZE if spec.request is not None else 0
+    if len(payload) < size:
         raise ProtocolError(
-            f"{command.name}: payload of {len(payload)} bytes is shorter than "
-            f"{spec.request.SIZE}"
+            f"{command.name}: payload of {len(payload)} bytes is shorter than {size}"
+        )
+    if spec.request_tail is Tail.NONE and len(payload) != size:
+        raise ProtocolError(
+            f"{command.name}: payload of {len(payload)} bytes, its layout has {size}"
         )
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import ProtocolError
 from .constants import VERSION_MAJOR, VERSION_MINOR, Command, DmaLayout
+from .structs import COMMANDS
 
 
 class SessionState(enum.Enum):
@@ -32,8 +33,10 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
+#: Every command a client may send: all but the server's own requests (DMA_READ, DMA_WRITE)
+#: and VERSION, which only opens a session.
 _CLIENT_COMMANDS = frozenset(
-    c for c in Command if c not in (Command.VERSION, Command.DMA_READ, Command.DMA_WRITE)
+    c for c, spec in COMMANDS.items() if not spec.server_request and c is not Command.VERSION
 )
 
 #: What each state accepts from the client.
