@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -26,9 +29,12 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def memfd(size: int = MiB) -> int:
-    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+def memfd(size: int = MiB, sealed: bool = True) -> int:
+    """Guest RAM as QEMU's memfd backend makes it: sealed against shrinking by default."""
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    if sealed:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     return fd
 
 
@@ -226,11 +232,35 @@ def test_file_too_small_falls_back_to_message_dma(
     assert table.mapped_file_count() == 0
 
 
-def test_unmappable_fd_falls_back_to_message_dma(table: DmaMapTable) -> None:
+def _wrong_kind_fds(tmp_path: Path) -> list[tuple[str, int]]:
     r, w = os.pipe()
     os.close(w)
-    table.add(0, 0x1000, RW, r, 0)
-    assert not is_open(r)
+    a, b = socket.socketpair()
+    b.close()
+    return [
+        ("pipe", r),
+        ("socket", a.detach()),
+        ("directory", os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)),
+        ("device", os.open("/dev/zero", os.O_RDWR)),
+        ("eventfd", os.eventfd(0)),
+    ]
+
+
+def test_fd_of_the_wrong_kind_is_refused_and_closed(table: DmaMapTable, tmp_path: Path) -> None:
+    for kind, fd in _wrong_kind_fds(tmp_path):
+        with pytest.raises(DmaError) as e:
+            table.add(0, 0x1000, RW, fd, 0)
+        assert e.value.errno == errno.EINVAL, kind
+        assert not is_open(fd), kind
+        assert table.maps() == [], kind
+
+
+def test_unmappable_file_falls_back_to_message_dma(table: DmaMapTable, tmp_path: Path) -> None:
+    path = tmp_path / "write-only"
+    path.write_bytes(bytes(0x1000))
+    fd = os.open(path, os.O_WRONLY)  # a regular file mmap refuses (EACCES)
+    table.add(0, 0x1000, RW, fd, 0)
+    assert not is_open(fd)
     assert not table.maps()[0].direct
 
 
