@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .dma import DmaAccessor, DmaMapTable
+from .dmacopy import default_copy
 from .endpoint import DeviceContext, Endpoint, VfioDevice
 from .errors import ConnectionClosed, DmaError, DmaTimeoutError, ProtocolError, VfioUserError
 from .fds import close_fds
@@ -100,7 +101,7 @@ class Connection:
         self.sock = sock
         self.device = device
         self.session = Session(caps=server.caps, dma_layout=server.dma_layout)
-        self.table = DmaMapTable()
+        self.table = DmaMapTable(max_maps=server.caps.max_dma_maps)  # what VERSION advertised
         self.dma = DmaAccessor(self.table, self)
         self.endpoint = Endpoint(device, self.session, self.table)
         self._send_lock = threading.Lock()
@@ -451,6 +452,7 @@ class Server:
     # --- main loop --------------------------------------------------------------------------
     def serve_forever(self) -> None:
         self.listen()
+        log.info("DMA guarded copies: %s", default_copy().name)
         assert self._listener is not None
         with self._listener_lock:
             # from here on only this thread closes the listener (stop() just wakes it)
