@@ -839,7 +839,8 @@ class NvmeController(PciDevice):
         return m is not None and m.direct and m.writable and iova + length <= m.end
 
     def _direct_read(self, iova: int, length: int) -> bytes | None:
-        """Guest memory by one mmap copy, or None if some of it is not fd-backed (or mapped)."""
+        """Guest memory by one mmap copy, or None if some of it is not fd-backed (or mapped,
+        or the client took it away: the worker reports that)."""
         try:
             segs = self.dma.table.translate(iova, length, write=False)
         except DmaError:
@@ -847,9 +848,19 @@ class NvmeController(PciDevice):
         try:
             if len(segs) == 1 and segs[0].view is not None:
                 return bytes(segs[0].view)
-            if any(seg.view is None for seg in segs):
+            if not all(seg.direct for seg in segs):
                 return None
-            return b"".join([seg.view for seg in segs if seg.view is not None])
+            # Views only for sealed memory; other fd-backed memory by guarded copies.
+            buf = bytearray(length)
+            pos = 0
+            with memoryview(buf) as out:
+                for seg in segs:
+                    with out[pos:pos + seg.length] as piece:
+                        seg.read_into(piece)
+                    pos += seg.length
+            return bytes(buf)
+        except DmaError:
+            return None
         finally:
             for seg in segs:
                 seg.release()
@@ -970,6 +981,7 @@ class NvmeController(PciDevice):
                     segs.extend(dma.table.translate(iova, n, write=not write))
             except DmaError as exc:
                 raise NvmeError(Status.DATA_TRANSFER_ERROR, str(exc)) from exc
+            # Zero-copy only where the memory is sealed (memoryviews of it are safe).
             views = [s.view for s in segs if s.view is not None]
             if len(views) == len(segs):
                 if write:
@@ -977,11 +989,13 @@ class NvmeController(PciDevice):
                 else:
                     self.backend.readv(views, offset)
                 return
+            direct = all(s.direct for s in segs)
         finally:
             for s in segs:
                 s.release()
-        # Some memory has no fd: message DMA, which only the worker may do.
-        if self._inline:
+        # Some memory has no fd: message DMA, which only the worker may do. fd-backed memory
+        # without views (not sealed) is copied below through the guard, inline or not.
+        if self._inline and not direct:
             raise _Defer
         try:
             if write:
