@@ -9,7 +9,6 @@ import mmap
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,11 +62,23 @@ class FakeMessageDma:
         self.mem[off : off + len(data)] = data
 
 
+#: An unmap timeout no test reaches: only the test of the timeout itself waits it out.
+GENEROUS = 60.0
+
+
 @pytest.fixture
 def table() -> Iterator[DmaMapTable]:
-    t = DmaMapTable(unmap_timeout=1.0)
+    t = DmaMapTable(unmap_timeout=GENEROUS)
     yield t
     t.remove_all()
+
+
+def unmap_signal(t: DmaMapTable) -> threading.Event:
+    """An event set by the table's on_unmap hook: the map left lookups and the remove call is
+    about to wait for in-flight accesses."""
+    unmapping = threading.Event()
+    t.on_unmap = lambda _m: unmapping.set()
+    return unmapping
 
 
 # ------------------------------------------------------------------------------ add / remove
@@ -478,43 +489,47 @@ def test_read_into_memoryview_and_buffers(table: DmaMapTable) -> None:
 
 
 def test_unmap_waits_for_inflight_access(table: DmaMapTable) -> None:
-    table.add(0, 0x1000, RW, memfd(0x1000), 0)
+    fd = memfd(0x1000)
+    table.add(0, 0x1000, RW, os.dup(fd), 0)
     acc = DmaAccessor(table)
+    unmapping = unmap_signal(table)
     entered = threading.Event()
-    done: list[float] = []
+    order: list[str] = []
 
     def worker() -> None:
         with acc.map(0, 0x10, write=True) as views:
             entered.set()
-            time.sleep(0.3)
+            assert unmapping.wait(GENEROUS)  # remove() has started and is waiting for us
             views[0][:4] = b"late"
-            done.append(time.monotonic())
+            order.append("access done")
 
     t = threading.Thread(target=worker)
     t.start()
-    assert entered.wait(5)
+    assert entered.wait(GENEROUS)
     assert table.find(0) is not None
     table.remove(0, 0x1000)
-    returned = time.monotonic()
-    t.join()
-    assert done and done[0] <= returned, "remove returned before the access finished"
+    order.append("remove returned")
+    t.join(GENEROUS)
+    assert not t.is_alive()
+    assert order == ["access done", "remove returned"]
     assert table.mapped_file_count() == 0
+    assert os.pread(fd, 4, 0) == b"late"
+    os.close(fd)
 
 
 def test_unmap_removes_from_lookups_at_once(table: DmaMapTable) -> None:
     table.add(0, 0x1000, RW, memfd(0x1000), 0)
     segs = table.translate(0, 8, write=False)
+    unmapping = unmap_signal(table)
     removing = threading.Thread(target=table.remove, args=(0, 0x1000))
     removing.start()
-    deadline = time.monotonic() + 5
-    while table.maps() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert unmapping.wait(GENEROUS)
     assert table.maps() == []
     with pytest.raises(DmaError):
         table.translate(0, 8, write=False)
     assert removing.is_alive(), "remove waits for the in-flight segment"
     table.release(segs)
-    removing.join(5)
+    removing.join(GENEROUS)
     assert not removing.is_alive()
     assert table.mapped_file_count() == 0
 
@@ -543,8 +558,28 @@ def test_remove_all_waits_and_closes(table: DmaMapTable) -> None:
         table.add(i * 0x1000, 0x1000, RW, memfd(0x1000), 0)
     table.add(0x10000, 0x1000, RW, None, 0)
     segs = table.translate(0x3000, 0x10, write=False)
-    threading.Timer(0.1, table.release, args=(segs,)).start()
+    unmapped = 0
+    all_unmapped = threading.Event()
+    order: list[str] = []
+
+    def on_unmap(_m: DmaMapping) -> None:
+        nonlocal unmapped
+        unmapped += 1
+        if unmapped == 9:
+            all_unmapped.set()
+
+    def releaser() -> None:
+        assert all_unmapped.wait(GENEROUS)  # remove_all() is now waiting for segs
+        order.append("released")
+        table.release(segs)
+
+    table.on_unmap = on_unmap
+    th = threading.Thread(target=releaser)
+    th.start()
     table.remove_all()
+    order.append("remove_all returned")
+    th.join(GENEROUS)
+    assert order == ["released", "remove_all returned"]
     assert table.maps() == []
     assert table.mapped_file_count() == 0
     assert fd_count() == before
