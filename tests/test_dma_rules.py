@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,10 @@ def sealed_memfd(size: int, fill: bytes = b"") -> int:
         os.pwrite(fd, fill, 0)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     return fd
+
+
+def closed_since(before: set[int]) -> Callable[[], bool]:
+    return lambda: open_fds() <= before
 
 
 # --- max_dma_maps: advertised == enforced -----------------------------------------------------
@@ -104,8 +109,7 @@ def test_dma_map_with_a_wrong_kind_of_fd(
             with pytest.raises(ClientError) as info:
                 client.dma_map(0x10000, PAGE, fd=fd)
             assert info.value.errno == errno.EINVAL, kind
-            wait_until(lambda b=before: open_fds() <= b,
-                       what=f"refused {kind} fd closed")
+            wait_until(closed_since(before), what=f"refused {kind} fd closed")
             assert table.maps() == [], kind
         # the client is still served
         ram = sealed_memfd(PAGE)
