@@ -44,6 +44,8 @@ class DmaRecord:
     #: number of DMA maps in the table then, and how many of them were direct
     maps: int
     direct_maps: int
+    #: whether the whole range was zero-copy (files sealed against shrinking) then
+    zero_copy: bool = False
 
 
 class RecordingSample(SampleDevice):
@@ -56,17 +58,20 @@ class RecordingSample(SampleDevice):
 
     def _run_dma(self, cmd: int, addr: int, length: int) -> None:
         ctx = self._ctx
-        direct = False
+        direct = zero_copy = False
         maps = direct_maps = 0
         if ctx is not None:
             direct = ctx.table.is_direct(addr, length)
+            zero_copy = ctx.table.is_zero_copy(addr, length)
             all_maps = ctx.table.maps()
             maps = len(all_maps)
             direct_maps = sum(1 for m in all_maps if m.direct)
         super()._run_dma(cmd, addr, length)
         with self.lock:
             data = bytes(self.buffer[:length])
-        self.dma_log.append(DmaRecord(cmd & 0xFF, addr, length, data, direct, maps, direct_maps))
+        self.dma_log.append(
+            DmaRecord(cmd & 0xFF, addr, length, data, direct, maps, direct_maps, zero_copy)
+        )
 
 
 @dataclass
