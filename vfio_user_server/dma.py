@@ -673,7 +673,10 @@ class DmaAccessor:
             try:
                 pos = 0
                 for s in segs:
-                    if s.direct:
+                    if s.view is not None:  # zero-copy
+                        dst[pos : pos + s.length] = s.view
+                        s.release()
+                    elif s.direct:  # guarded copy
                         with dst[pos : pos + s.length] as piece:
                             s.read_into(piece)
                         s.release()
@@ -698,7 +701,10 @@ class DmaAccessor:
                 pos = 0
                 for s in segs:
                     piece = src[pos : pos + s.length]
-                    if s.direct:
+                    if s.view is not None:  # zero-copy
+                        s.view[:] = piece
+                        s.release()
+                    elif s.direct:  # guarded copy
                         s.write_from(piece)
                         s.release()
                     else:

@@ -178,7 +178,7 @@ def _select() -> GuardedCopy:
     except OSError as exc:
         log.warning("DMA guarded copies: python (%s)", exc)
         return PythonCopy()
-    log.info("DMA guarded copies: c-shim")
+    log.debug("DMA guarded copies: c-shim")
     return copy
 
 
