@@ -14,9 +14,14 @@
  * siglongjmp is safe; sigsetjmp(env, 1) also restores the signal mask (the handler runs with
  * the signal blocked).
  *
+ * The handlers are installed once per process, on the first use. A SIGBUS/SIGSEGV handler
+ * installed after ours (faulthandler.enable() called later, for instance) would see the faults
+ * first; enable such tools before the server starts (pytest and python -X faulthandler do).
+ *
  * Compiled with cffi (c_shim/build_dma.py) into vfio_user_server._dma_shim; cffi releases the
  * GIL around these calls, so large copies run in parallel with Python threads.
  */
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stddef.h>
@@ -33,7 +38,8 @@ struct guard {
 static __thread struct guard *volatile current __attribute__((tls_model("initial-exec")));
 
 static struct sigaction previous_bus, previous_segv;
-static int installed;
+static pthread_once_t install_once = PTHREAD_ONCE_INIT;
+static int install_result = -1;
 
 static void on_fault(int sig, siginfo_t *info, void *uctx)
 {
@@ -55,25 +61,29 @@ static void on_fault(int sig, siginfo_t *info, void *uctx)
     }
 }
 
-/* Install the handlers once per process. Returns 0, or -1 if sigaction failed. */
-int pyvfio_dma_install(void)
+static void install(void)
 {
     struct sigaction sa;
 
-    if (installed)
-        return 0;
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = on_fault;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
     if (sigaction(SIGBUS, &sa, &previous_bus) != 0)
-        return -1;
+        return;
     if (sigaction(SIGSEGV, &sa, &previous_segv) != 0) {
         sigaction(SIGBUS, &previous_bus, NULL);
-        return -1;
+        return;
     }
-    installed = 1;
-    return 0;
+    install_result = 0;
+}
+
+/* Install the handlers, once per process (so ours never becomes its own "previous").
+ * Returns 0, or -1 if sigaction failed. */
+int pyvfio_dma_install(void)
+{
+    pthread_once(&install_once, install);
+    return install_result;
 }
 
 /* memcpy(dst, src, n) where the guest side is [guest, guest + n). Returns 0, or the signal

@@ -9,7 +9,10 @@ copiers here, which turn such a fault into a :class:`DmaError`:
 
 * ``c-shim``: ``vfio_user_server._dma_shim`` (``c_shim/dma_copy.c``, built by cffi when the
   package is installed), a memcpy under a SIGBUS/SIGSEGV handler that jumps back out of the
-  copy (sigsetjmp/siglongjmp). The GIL is released during the copy.
+  copy (sigsetjmp/siglongjmp). The GIL is released during the copy. Its handlers are installed
+  on first use and pass every other fault on to the handler they replaced; a SIGBUS handler
+  installed later (``faulthandler.enable()`` after the server starts) would come first, so
+  enable such tools before.
 * ``python``: the pure-Python path, chosen when the shim is missing or when the environment
   variable ``PYVFIO_NO_SHIM`` is set to anything but ``0``. It reads and writes the same
   addresses through ``/proc/self/mem``, where the kernel does the copy: a page that is gone
