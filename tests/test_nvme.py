@@ -7,6 +7,8 @@ messages), commands are rung in through BAR0 doorbells, completions are polled b
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import select
 import shutil
@@ -32,7 +34,7 @@ from vfio_user_devices.nvme_spec import (
     prp_ranges,
 )
 from vfio_user_server.cli import make_device
-from vfio_user_server.client import Client
+from vfio_user_server.client import Client, MemoryRegion
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag
 from vfio_user_server.server import Server
 
@@ -212,12 +214,20 @@ class Driver:
 
 
 class Rig:
-    def __init__(self, path: Path, dev: NvmeController, *, fd_backed: bool = True) -> None:
+    def __init__(self, path: Path, dev: NvmeController, *, fd_backed: bool = True,
+                 sealed: bool = False) -> None:
         self.dev = dev
         self.server = Server(dev, path).start()
         self.c = Client.connect(path)
         self.c.negotiate()
-        self.c.add_memory(0, RAM, fd_backed=fd_backed)
+        if sealed:  # as QEMU's memfd backend: sealed against shrinking, so zero-copy
+            fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(fd, RAM)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            self.c.memory.append(MemoryRegion(0, RAM, fd, mmap.mmap(fd, RAM), 3))
+            self.c.dma_map(0, RAM, 3, fd=fd)
+        else:  # an unsealed memfd (guarded copies), or no fd (message DMA)
+            self.c.add_memory(0, RAM, fd_backed=fd_backed)
         self.d = Driver(self.c, dev)
 
     def msix(self, vectors: int = 17) -> list[int]:
@@ -252,9 +262,10 @@ def image(tmp: Path) -> Path:
     return p
 
 
-@pytest.fixture(params=["memfd", "message"])
+@pytest.fixture(params=["sealed", "memfd", "message"])
 def rig(request: pytest.FixtureRequest, tmp: Path, image: Path) -> Iterator[Rig]:
-    r = Rig(tmp / "s", NvmeController(image), fd_backed=request.param == "memfd")
+    r = Rig(tmp / "s", NvmeController(image), fd_backed=request.param != "message",
+            sealed=request.param == "sealed")
     try:
         yield r
     finally:
@@ -741,6 +752,32 @@ def test_inline_commands_and_hand_off_to_the_worker(ready: Rig, image: Path) -> 
     idle()
     assert d.rw(2, IoOpcode.READ, 2, 1).status == 0
     assert batches == ([] if direct else [1])
+
+
+def test_io_into_memory_the_client_took_away(tmp: Path, image: Path) -> None:
+    """The client shrinks its (unsealed) RAM file under a data buffer: that I/O completes with
+    a data transfer error, inline or on the worker, and the controller keeps working."""
+    r = Rig(tmp / "s", NvmeController(image))
+    try:
+        d = r.d
+        d.enable()
+        d.create_queues(1)
+        assert r.dev.dma.table.is_direct(DATA, PAGE)
+        assert not r.dev.dma.table.is_zero_copy(DATA, PAGE)
+        fd = r.c.memory[0].fd
+        assert fd is not None
+        gone = 0x400000
+        os.ftruncate(fd, gone)  # queues, PRP lists and DATA stay below
+        for opcode in (IoOpcode.WRITE, IoOpcode.READ):
+            for blocks in (1, 16):  # one page, and a PRP list (kept in RAM) to lost pages
+                e = d.rw(1, opcode, 0, blocks, buf=gone + 0x200)
+                assert e.code == Status.DATA_TRANSFER_ERROR, e
+        assert d.rw(1, IoOpcode.WRITE, 0, 1, buf=DATA).status == 0
+        assert d.rw(1, IoOpcode.READ, 0, 1, buf=DATA).status == 0
+        assert r.dev.csts & 0x2 == 0  # no controller fatal status
+        assert r.server.connection is not None
+    finally:
+        r.close()
 
 
 def test_msix_vector_per_queue(ready: Rig) -> None:
