@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vfio_user_server.dma import DmaAccessor, DmaMapping, DmaMapTable, DmaProt
+from vfio_user_server.dmacopy import default_copy
 from vfio_user_server.errors import DmaError
 
 RW = DmaProt.READ | DmaProt.WRITE
@@ -60,6 +61,13 @@ class FakeMessageDma:
         self.calls.append(("write", iova, len(data)))
         off = iova - self.base
         self.mem[off : off + len(data)] = data
+
+
+@pytest.fixture(autouse=True)
+def _guarded_copy_chosen() -> None:
+    """The process's guarded copy is chosen (the Python one opens /proc/self/mem) before any
+    test counts its fds."""
+    default_copy()
 
 
 #: An unmap timeout no test reaches: only the test of the timeout itself waits it out.
@@ -661,17 +669,22 @@ def test_no_fd_leak_after_many_cycles() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    layout=st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=6),
+    layout=st.lists(
+        st.tuples(st.integers(0, 3), st.sampled_from(["sealed", "unsealed", "no fd"])),
+        min_size=1,
+        max_size=6,
+    ),
     ops=st.lists(
         st.tuples(st.booleans(), st.integers(0, 0x1F000), st.integers(0, 0x3000), st.binary()),
         max_size=20,
     ),
 )
 def test_accessor_matches_flat_model(
-    layout: list[tuple[int, bool]], ops: list[tuple[bool, int, int, bytes]]
+    layout: list[tuple[int, str]], ops: list[tuple[bool, int, int, bytes]]
 ) -> None:
-    """Maps of 1-4 pages, fd-backed or not, laid out back to back with optional one-page
-    holes; every read/write either matches a flat bytearray model or raises EFAULT on a hole."""
+    """Maps of 1-4 pages, fd-backed (sealed: zero-copy, or not: guarded copies) or not, laid
+    out back to back with optional one-page holes; every read/write either matches a flat
+    bytearray model or raises EFAULT on a hole."""
     before = fd_count()
     table = DmaMapTable()
     model = bytearray(0x20000)
@@ -680,10 +693,10 @@ def test_accessor_matches_flat_model(
     fake.mem = model  # message DMA reads/writes the model directly
     files: list[tuple[int, int, int]] = []  # (iova, size, fd dup) for fd-backed maps
     iova = 0
-    for pages, with_fd in layout:
+    for pages, kind in layout:
         size = (pages + 1) * 0x1000
-        if with_fd:
-            fd = memfd(size)
+        if kind != "no fd":
+            fd = memfd(size, sealed=kind == "sealed")
             files.append((iova, size, os.dup(fd)))
             table.add(iova, size, RW, fd, 0)
         else:

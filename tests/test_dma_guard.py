@@ -97,17 +97,20 @@ def guest_file(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Guest
 
 
 @pytest.fixture(params=["c-shim", "python"])
-def copier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> GuardedCopy:
+def copier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+           ) -> Iterator[GuardedCopy]:
     """The guarded copy under test, also made the process default (for servers)."""
-    chosen: GuardedCopy
     if request.param == "c-shim":
         module = dmacopy._load_shim()
         assert module is not None, "the C shim is not built (pip install needs gcc, Python.h)"
-        chosen = dmacopy.ShimCopy(module)
-    else:
-        chosen = dmacopy.PythonCopy()
-    monkeypatch.setattr(dmacopy, "_default", chosen)
-    return chosen
+        shim = dmacopy.ShimCopy(module)
+        monkeypatch.setattr(dmacopy, "_default", shim)
+        yield shim
+        return
+    python = dmacopy.PythonCopy()
+    monkeypatch.setattr(dmacopy, "_default", python)
+    yield python
+    python.close()
 
 
 def shrink(f: GuestFile, size: int) -> bool:

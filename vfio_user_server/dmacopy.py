@@ -103,6 +103,10 @@ class PythonCopy:
         self._lock = threading.Lock()
         self._fd = -1
         self._pid = -1
+        try:
+            self._mem()  # open it now: one fd for the copier's life, not on the first DMA
+        except DmaError as exc:
+            log.error("%s; DMA to unsealed guest memory will fail", exc)
 
     def _mem(self) -> int:
         pid = os.getpid()
@@ -115,8 +119,17 @@ class PythonCopy:
                 except OSError as exc:
                     raise DmaError(f"cannot open /proc/self/mem for DMA copies: {exc}",
                                    errno=errno.EIO) from exc
+                if self._fd >= 0:
+                    os.close(self._fd)  # the parent's, inherited across fork
                 self._fd, self._pid = fd, pid
             return self._fd
+
+    def close(self) -> None:
+        """Close the ``/proc/self/mem`` fd (copies after this fail)."""
+        with self._lock:
+            fd, self._fd, self._pid = self._fd, -1, -2
+        if fd >= 0:
+            os.close(fd)
 
     def read(self, addr: int, dst: memoryview) -> None:
         fd, n, done = self._mem(), dst.nbytes, 0
