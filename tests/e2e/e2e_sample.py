@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +117,7 @@ def boot_sample_guest(
     shared_memory: bool = True,
     no_reboot: bool = True,
     name: str = "e2e-sample",
+    extra_args: Sequence[str] = (),
 ) -> Iterator[SampleGuest]:
     """Serve a RecordingSample on a fresh socket and boot a guest with it attached."""
     folder = Path(tempfile.mkdtemp(prefix="pyvfio-e2e-", dir="/tmp"))
@@ -137,7 +138,7 @@ def boot_sample_guest(
             files={"/bin/vfiotest": vfiotest},
             shared_memory=shared_memory,
             cmdline=IOMMU_CMDLINE,
-            extra_args=IOMMU_ARGS,
+            extra_args=[*IOMMU_ARGS, *extra_args],
             no_reboot=no_reboot,
             name=name,
         ) as machine:
