@@ -24,6 +24,7 @@ from conftest import (
 )
 
 from vfio_user_server.client import Client, ClientError
+from vfio_user_server.errors import DeviceDefinitionError
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag, RegionInfoFlag
 from vfio_user_server.sample import (
     BUFFER_OFFSET,
@@ -39,6 +40,7 @@ from vfio_user_server.sample import (
     REG_WRITES,
     STAT_DONE,
     STAT_ERROR,
+    SampleDevice,
 )
 from vfio_user_server.server import Server
 
@@ -339,6 +341,19 @@ def test_device_reset(client: Client, device: RecordingSample) -> None:
     assert client.bar_read(0, REG_SCRATCH, 4) == 0
     assert client.config_read(COMMAND, 2) == 0
     assert client.config_read(0, 4) == 0x7000 << 16 | 0x1B36
+
+
+@pytest.mark.parametrize(
+    ("name", "hook"),
+    [("vfio_reset", "reset"), ("vfio_attach", "on_connect"), ("vfio_detach", "on_disconnect"),
+     ("device_reset", "reset"), ("client_connected", "on_connect"),
+     ("client_disconnected", "on_disconnect")],
+)
+def test_server_side_names_are_not_hooks(name: str, hook: str) -> None:
+    """A device that defines the server's side of an event (or its old name) is told which
+    hook to write instead, when its class is defined: the server would never call it."""
+    with pytest.raises(DeviceDefinitionError, match=rf"Bad\.{name}: .* override {hook}\(\)"):
+        type("Bad", (SampleDevice,), {name: lambda self, *a: None})
 
 
 def test_function_level_reset(client: Client, device: RecordingSample) -> None:
