@@ -7,7 +7,7 @@ import os
 import struct
 
 import pytest
-from conftest import (
+from helpers import (
     CONFIG,
     MSI_CAP_ID,
     MSIX_CAP_ID,

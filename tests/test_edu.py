@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fired
+from helpers import fired
 
 from vfio_user_devices.edu import DMA_START, Edu, factorial32
 from vfio_user_server.cli import make_device

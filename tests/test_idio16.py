@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fired
+from helpers import fired
 
 from vfio_user_devices.idio16 import (
     INTCSR_LINT1_ENABLE,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MSI_CAP_ID, MSIX_CAP_ID, find_capability
+from helpers import MSI_CAP_ID, MSIX_CAP_ID, find_capability
 
 from vfio_user_devices.nvme import BLOCK_SIZE, NvmeController, parse_size
 from vfio_user_devices.nvme_spec import (

@@ -8,7 +8,7 @@ import os
 import struct
 
 import pytest
-from conftest import (
+from helpers import (
     CONFIG,
     MMAP_BAR,
     MMAP_BAR_SIZE,
