@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, ClassVar, final
 
@@ -52,6 +52,7 @@ from .dma import DmaAccessor
 from .endpoint import DeviceContext, Region, VfioDevice
 from .errors import DeviceDefinitionError, DmaError
 from .irq import IrqController, IrqIndex
+from .options import Option
 from .pci import (
     Bar,
     Capability,
@@ -65,6 +66,8 @@ from .pci import (
 )
 from .pci.config import COMMAND
 from .protocol.constants import RegionIndex
+
+__all__ = ["Option", "PciDevice"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,10 @@ class PciDevice(VfioDevice):
     msix_bar: ClassVar[int] = 0
     msix_table_offset: ClassVar[int] = 0
     msix_pba_offset: ClassVar[int | None] = None
+
+    #: Command-line options (``vfio-user-server ... DEVICE --option value``); each value goes
+    #: to the constructor as a keyword (see :mod:`vfio_user_server.options`).
+    options: ClassVar[Sequence[Option]] = ()
 
     #: Guest kernel modules that drive this device (the guest-test kit and the launcher load
     #: them, with their dependencies).

@@ -35,7 +35,6 @@ and :meth:`~PciIdio16.set_inputs` change what it reads (and raise the interrupt 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 import time
@@ -43,6 +42,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from vfio_user_server.device import PciDevice
+from vfio_user_server.options import Option, integer
 from vfio_user_server.pci import Bar
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,10 @@ INTCSR_WMASK = 0xFFFF & ~(INTCSR_LINT1_STATUS | 1 << 5)
 OutputCallback = Callable[[int, int], None]
 
 
+def _log_outputs(old: int, new: int) -> None:
+    log.info("outputs %#06x -> %#06x", old, new)
+
+
 class PciIdio16(PciDevice):
     """ACCES PCI-IDIO-16 as Linux's gpio-pci-idio-16 driver expects it (see module docs)."""
 
@@ -94,9 +98,17 @@ class PciIdio16(PciDevice):
     msix_vectors = 0
     power_management = False
     guest_modules = ("gpio-pci-idio-16",)
+    options = (
+        Option("--inputs", "initial input lines as a 16-bit mask (default 0)", type=integer,
+               default=0),
+        Option("--log-outputs", "log every output change", switch=True),
+    )
 
-    def __init__(self, *, on_output: OutputCallback | None = None) -> None:
+    def __init__(self, *, on_output: OutputCallback | None = None, inputs: int = 0,
+                 log_outputs: bool = False) -> None:
         super().__init__()
+        if log_outputs and on_output is None:
+            on_output = _log_outputs
         #: Called as ``on_output(old, new)`` (16-bit masks) when the guest changes an output,
         #: on the server's loop thread with :attr:`lock` held: keep it short.
         self.on_output = on_output
@@ -105,23 +117,7 @@ class PciIdio16(PciDevice):
         #: change-of-state interrupts latched since creation
         self.interrupts_raised = 0
         self.reset()
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--inputs", type=lambda s: int(s, 0), default=0,
-                            help="initial input lines as a 16-bit mask (default 0)")
-        parser.add_argument("--log-outputs", action="store_true",
-                            help="log every output change")
-
-    @classmethod
-    def from_arguments(cls, ns: argparse.Namespace) -> PciIdio16:
-        callback: OutputCallback | None = None
-        if ns.log_outputs:
-            def callback(old: int, new: int) -> None:
-                log.info("outputs %#06x -> %#06x", old, new)
-        dev = cls(on_output=callback)
-        dev.set_inputs(ns.inputs)
-        return dev
+        self.set_inputs(inputs)  # interrupts are disabled at power-on: none is raised
 
     # --- state ------------------------------------------------------------------------------
     def reset(self) -> None:
