@@ -25,6 +25,8 @@ from helpers import (
 
 from vfio_user_server.client import Client, ClientError
 from vfio_user_server.errors import DeviceDefinitionError
+from vfio_user_server.pci import COMMAND, COMMAND_INTX_DISABLE, COMMAND_MASTER, COMMAND_MEMORY
+from vfio_user_server.pci.config import STATUS, STATUS_CAP_LIST, STATUS_INTERRUPT
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag, RegionInfoFlag
 from vfio_user_server.sample import (
     BUFFER_OFFSET,
@@ -45,9 +47,6 @@ from vfio_user_server.sample import (
 from vfio_user_server.server import Server
 
 F = IrqSetFlag
-COMMAND, STATUS = 0x04, 0x06
-COMMAND_MEM, COMMAND_MASTER, COMMAND_INTX_DISABLE = 0x2, 0x4, 0x400
-STATUS_INTERRUPT, STATUS_CAP_LIST = 0x8, 0x10
 PCIE_CAP_ID = 0x10
 
 
@@ -334,7 +333,7 @@ def test_device_dma_across_maps(client: Client, device: RecordingSample) -> None
 
 def test_device_reset(client: Client, device: RecordingSample) -> None:
     client.bar_write(0, REG_SCRATCH, 4, 0x1234)
-    client.config_write(COMMAND, 2, COMMAND_MEM | COMMAND_MASTER)
+    client.config_write(COMMAND, 2, COMMAND_MEMORY | COMMAND_MASTER)
     resets = device.resets
     client.reset()
     assert device.resets == resets + 1

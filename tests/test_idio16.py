@@ -18,6 +18,7 @@ from vfio_user_devices.idio16 import (
 )
 from vfio_user_server.cli import make_device
 from vfio_user_server.client import Client
+from vfio_user_server.pci import COMMAND, COMMAND_INTX_DISABLE
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag
 from vfio_user_server.server import Server
 
@@ -203,12 +204,12 @@ def test_plx_intcsr_gates_the_line(rig: Rig) -> None:
 def test_intx_disable_in_command_masks(rig: Rig) -> None:
     c = rig.c
     (efd,) = c.enable_irq(IrqIndex.INTX, 1)
-    cmd = c.config_read(0x04, 2)
-    c.config_write(0x04, 2, cmd | 1 << 10)
+    cmd = c.config_read(COMMAND, 2)
+    c.config_write(COMMAND, 2, cmd | COMMAND_INTX_DISABLE)
     rig.reg(IRQ_CTL)
     rig.dev.set_input(1, True)
     assert fired(efd, 0.05) == 0
-    c.config_write(0x04, 2, cmd)
+    c.config_write(COMMAND, 2, cmd)
     assert fired(efd, 2) == 1
 
 

@@ -54,6 +54,10 @@ from .errors import DeviceDefinitionError, DmaError
 from .irq import IrqController, IrqIndex
 from .options import Option
 from .pci import (
+    COMMAND,
+    COMMAND_INTX_DISABLE,
+    COMMAND_MASTER,
+    NUM_BARS,
     Bar,
     Capability,
     ExtendedCapability,
@@ -64,14 +68,11 @@ from .pci import (
     PciExpress,
     PowerManagement,
 )
-from .pci.config import COMMAND
 from .protocol.constants import RegionIndex
 
 __all__ = ["Option", "PciDevice"]
 
 log = logging.getLogger(__name__)
-
-COMMAND_INTX_DISABLE = 1 << 10
 
 
 #: Server-side names a PciDevice subclass must not define -> the hook to write instead. The
@@ -268,7 +269,7 @@ class PciDevice(VfioDevice):
 
     @property
     def bus_master(self) -> bool:
-        return bool(self.config.command & 0x4)
+        return bool(self.config.command & COMMAND_MASTER)
 
     # --- VfioDevice: what the server calls (final: authors override the hooks above) ---------
     def regions(self) -> Mapping[int, Region]:
@@ -344,7 +345,7 @@ class PciDevice(VfioDevice):
 
     def _build_regions(self) -> dict[int, Region]:
         regions: dict[int, Region] = {}
-        for index in range(6):
+        for index in range(NUM_BARS):
             bar = self.config.bars[index]
             if bar is None:
                 continue
