@@ -116,6 +116,8 @@ class Edu(PciDevice):
         super().__init__()
         self.dma_mask = dma_mask
         self.dma_delay = dma_delay
+        #: How a transfer waits its ``dma_delay`` (a test may replace it to hold a transfer).
+        self.sleep: Callable[[float], None] = time.sleep
         self._idle = threading.Condition(self.lock)
         #: (kind, detail) of each finished job: ("fact", n) or ("dma", cmd); for tests
         self.completed: list[tuple[str, int]] = []
@@ -268,7 +270,7 @@ class Edu(PciDevice):
 
     def _run_dma(self, cmd: int, src: int, dst: int, count: int, generation: int) -> None:
         if self.dma_delay:
-            time.sleep(self.dma_delay)
+            self.sleep(self.dma_delay)
         try:
             self._transfer(cmd, src, dst, count, generation)
         except DmaError as exc:
