@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from helpers import fired
@@ -17,10 +16,9 @@ from vfio_user_devices.idio16 import (
     PciIdio16,
 )
 from vfio_user_server.cli import make_device
-from vfio_user_server.client import Client
 from vfio_user_server.pci import COMMAND, COMMAND_INTX_DISABLE
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag
-from vfio_user_server.server import Server
+from vfio_user_server.testing import Served, serve
 
 IDIO = 2  # the BAR Linux uses
 OUT0, IN0, IRQ_CTL, FILTER, OUT8, IN8, STATUS = range(7)
@@ -30,13 +28,12 @@ UNMASK = IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_UNMASK
 
 
 class Rig:
-    def __init__(self, path: Path) -> None:
-        self.outputs_seen: list[tuple[int, int]] = []
-        self.dev = PciIdio16(on_output=lambda old, new: self.outputs_seen.append((old, new)))
-        self.server = Server(self.dev, path).start()
-        self.c = Client.connect(path)
-        self.c.negotiate()
-        self.c.add_memory(0, 1 << 20)
+    """The IDIO-16 registers over a device served by :func:`serve`."""
+
+    def __init__(self, served: Served[PciIdio16], outputs_seen: list[tuple[int, int]]) -> None:
+        self.dev = served.device
+        self.c = served.client
+        self.outputs_seen = outputs_seen
 
     def reg(self, reg: int) -> int:
         return self.c.bar_read(IDIO, reg, 1)
@@ -44,18 +41,13 @@ class Rig:
     def set_reg(self, reg: int, value: int) -> None:
         self.c.bar_write(IDIO, reg, 1, value)
 
-    def close(self) -> None:
-        self.c.close()
-        self.server.close()
-
 
 @pytest.fixture
-def rig(sock_path: Path) -> Iterator[Rig]:
-    r = Rig(sock_path)
-    yield r
-    r.close()
-
-
+def rig() -> Iterator[Rig]:
+    seen: list[tuple[int, int]] = []
+    dev = PciIdio16(on_output=lambda old, new: seen.append((old, new)))
+    with serve(dev, memory=1 << 20) as s:
+        yield Rig(s, seen)
 
 
 def test_identity_and_bars(rig: Rig) -> None:
