@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 
 
 #: Server-side names a PciDevice subclass must not define -> the hook to write instead. The
-#: ``vfio_*`` methods are final; the others are their names before 0.2, which the server no
+#: ``vfio_*`` methods are final; the others are their earlier names, which the server no
 #: longer calls (a device that still defines one would lose its resets or connections).
 _SERVER_SIDE = {
     "vfio_reset": "reset",
