@@ -234,3 +234,11 @@ def test_cli_says_where_it_looked(folder: Path) -> None:
         assert not (folder / "dev.sock").exists()
     finally:
         srv.kill()
+
+
+def test_app_dir_must_be_a_folder(folder: Path) -> None:
+    with pytest.raises(VfioUserError, match="is not a folder"):
+        make_device("mydev:MyDevice", app_dir=folder / "missing")
+    before = list(sys.path)
+    make_device("edu", app_dir=folder / "missing")  # built-in names never look there
+    assert sys.path == before

@@ -39,8 +39,9 @@ BUILTIN_DEVICES: dict[str, str] = {
 def load_device_class(spec: str, app_dir: str | os.PathLike[str] | None = None) -> type[Any]:
     """Resolve a built-in name or ``module:Class`` to the device class.
 
-    ``app_dir``, when given, goes first on ``sys.path`` (as uvicorn's ``--app-dir`` does), so
-    that a module in that folder imports: the CLI passes the current folder by default.
+    ``app_dir``, when given with a ``module:Class``, goes first on ``sys.path`` (as uvicorn's
+    ``--app-dir`` does), so that a module in that folder imports: the CLI passes the current
+    folder by default. Built-in names never look there.
     """
     target = BUILTIN_DEVICES.get(spec, spec)
     if ":" not in target:
@@ -50,7 +51,7 @@ def load_device_class(spec: str, app_dir: str | os.PathLike[str] | None = None) 
         )
     module_name, _, attr = target.partition(":")
     where = ""
-    if app_dir is not None:
+    if app_dir is not None and spec not in BUILTIN_DEVICES:
         folder = os.path.abspath(app_dir)
         if not os.path.isdir(folder):
             raise VfioUserError(f"--app-dir {os.fspath(app_dir)!r} is not a folder")
