@@ -122,7 +122,13 @@ class DeviceContext:
 
 
 class VfioDevice(ABC):
-    """The interface between a device model and the protocol endpoint."""
+    """The interface between a device model and the protocol endpoint.
+
+    The server and the endpoint call the ``vfio_*`` methods, and only they do: each is the
+    server's side of one event (a client attached, detached, or asked for DEVICE_RESET).
+    :class:`~vfio_user_server.device.PciDevice` implements them once (they are final there)
+    and calls its author's hooks from them: ``on_connect``, ``on_disconnect`` and ``reset``.
+    """
 
     irqs: IrqController
 
@@ -134,13 +140,13 @@ class VfioDevice(ABC):
         return True
 
     @abstractmethod
-    def device_reset(self) -> None:
-        """DEVICE_RESET from the client (a whole-device reset)."""
+    def vfio_reset(self) -> None:
+        """DEVICE_RESET from the client (a whole-device reset); interrupts are reset already."""
 
-    def client_connected(self, ctx: DeviceContext) -> None:  # noqa: B027 (optional hook)
+    def vfio_attach(self, ctx: DeviceContext) -> None:  # noqa: B027 (optional)
         """A client finished VERSION; ``ctx`` gives DMA and the worker."""
 
-    def client_disconnected(self) -> None:  # noqa: B027 (optional hook)
+    def vfio_detach(self) -> None:  # noqa: B027 (optional)
         """The client went away; its DMA maps and interrupt fds are already gone."""
 
 
@@ -395,7 +401,7 @@ def _write_multi(ep: Endpoint, msg: codec.Message) -> bytes:
 def _reset(ep: Endpoint, msg: codec.Message) -> None:
     del msg  # header only: the command table's size check has seen to that
     ep.device.irqs.reset()
-    ep.device.device_reset()
+    ep.device.vfio_reset()
 
 
 def _unsupported(ep: Endpoint, msg: codec.Message) -> None:
