@@ -30,7 +30,6 @@ from .protocol.constants import (
     DeviceInfoFlag,
     DmaMapFlag,
     DmaUnmapFlag,
-    IrqSetFlag,
     RegionIndex,
     RegionInfoFlag,
 )
@@ -331,13 +330,10 @@ def _set_irqs(ep: Endpoint, msg: codec.Message) -> None:
     data = msg.payload[IrqSet.SIZE:]
     if req.argsz < IrqSet.SIZE:
         raise ProtocolError(f"SET_IRQS argsz {req.argsz} too small", errno=errno.EINVAL)
-    if req.flags & IrqSetFlag.DATA_BOOL and len(data) < req.count:
-        raise ProtocolError("SET_IRQS DATA_BOOL shorter than count", errno=errno.EINVAL)
-    if msg.fds and not req.flags & IrqSetFlag.DATA_EVENTFD:
-        raise ProtocolError("SET_IRQS: fds without DATA_EVENTFD", errno=errno.EINVAL)
     if len(msg.fds) > ep.session.caps.max_msg_fds:
         raise ProtocolError(f"SET_IRQS with {len(msg.fds)} fds", errno=errno.EINVAL)
-    fds, msg.fds = msg.fds, []  # the controller owns them now, and closes them on error
+    # the controller validates the whole request, owns the fds now and closes them on error
+    fds, msg.fds = msg.fds, []
     ep.device.irqs.set_irqs(req.index, req.flags, req.start, req.count, fds, bytes(data))
 
 
