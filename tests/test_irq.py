@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from vfio_user_server.client import Client, ClientError
 from vfio_user_server.errors import DeviceDefinitionError, IrqError
 from vfio_user_server.irq import IrqController, IrqIndex, IrqInfoFlag, IrqSetFlag, IrqState
+from vfio_user_server.sample import SampleDevice
+from vfio_user_server.server import Server
 
 F = IrqSetFlag
 NONE, BOOL, EVENTFD = F.DATA_NONE, F.DATA_BOOL, F.DATA_EVENTFD
@@ -696,3 +700,69 @@ def test_err_index_is_wired() -> None:
         assert device.report_error() is True
         assert Client.eventfd_count(efd) == 1
         os.close(efd)
+
+
+def fds_on(target: str) -> int:
+    """How many fds of this process refer to ``target`` (a readlink of /proc/self/fd/N)."""
+    n = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{name}") == target
+    return n
+
+
+@pytest.fixture
+def sample_client(tmp_path: Path) -> Iterator[tuple[SampleDevice, Client]]:
+    device = SampleDevice()
+    path = str(tmp_path / "irq.sock")
+    with Server(device, path), Client.connect(path) as client:
+        client.negotiate()
+        client.get_device_info()
+        yield device, client
+
+
+@pytest.mark.parametrize("kind", FD_KINDS)
+def test_wire_wrong_kind_of_fd_gets_einval_and_is_closed(
+    sample_client: tuple[SampleDevice, Client], tmp_path: Path, kind: str
+) -> None:
+    device, client = sample_client
+    fd, kept = not_an_eventfd(kind, str(tmp_path))
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    ours = fds_on(target)
+    try:
+        for index, flags in [(MSIX, EVENTFD | TRIGGER), (INTX, EVENTFD | UNMASK),
+                             (ERR, EVENTFD | TRIGGER)]:
+            with pytest.raises(ClientError) as e:
+                client.set_irqs(index, flags, 0, 1, [fd])
+            assert e.value.errno == errno.EINVAL
+            assert fds_on(target) == ours, "the server closed its copy before it replied"
+        assert device.irqs.state(MSIX).fds == (None,) * device.irqs.info(MSIX)[0]
+        assert device.irqs.state(INTX).resample_fd is None
+        (good,) = client.enable_irq(ERR, 1)  # the connection still serves
+        assert device.report_error() is True
+        assert Client.eventfd_count(good) == 1
+        os.close(good)
+    finally:
+        for f in [fd, *kept]:
+            os.close(f)
+
+
+def test_wire_vectors_are_those_irq_info_advertises(
+    sample_client: tuple[SampleDevice, Client],
+) -> None:
+    device, client = sample_client
+    for index in IrqIndex:
+        n = client.get_irq_info(index).count
+        assert n == device.irqs.info(index)[0] == device.irqs.state(index).count
+        if n:
+            fds = client.enable_irq(index, n)  # all n vectors: accepted
+            assert all(f is not None for f in device.irqs.state(index).fds)
+            client.set_irqs(index, NONE | TRIGGER, n - 1, 1)  # the last vector: accepted
+            for f in fds:
+                os.close(f)
+        for start, count in [(n, 1), (0, n + 1), (n + 1, 0)]:
+            with pytest.raises(ClientError) as e:
+                client.set_irqs(index, NONE | MASK, start, count)
+            assert e.value.errno == errno.EINVAL, (index, start, count)
+        assert not any(device.irqs.state(index).masked)
+        client.disable_irq(index)
