@@ -766,3 +766,32 @@ def test_wire_vectors_are_those_irq_info_advertises(
             assert e.value.errno == errno.EINVAL, (index, start, count)
         assert not any(device.irqs.state(index).masked)
         client.disable_irq(index)
+
+
+@pytest.mark.parametrize(("index", "flags"), [(MSIX, EVENTFD | TRIGGER), (INTX, EVENTFD | UNMASK)],
+                         ids=["trigger", "resample"])
+def test_blocking_eventfd_made_non_blocking(
+    ctl: IrqController, peer: Peer, index: int, flags: int
+) -> None:
+    # A blocking eventfd would let the client hang the server: a write at a full counter or a
+    # read at zero blocks, with the controller's lock held.
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    mine = os.dup(fd)
+    peer.dups.append(mine)
+    ctl.set_irqs(index, flags, 0, 1, [fd], b"")
+    assert not os.get_blocking(mine), "the controller made the shared description non-blocking"
+
+
+def test_saturated_blocking_eventfd_does_not_hang_trigger(peer: Peer) -> None:
+    ctl = IrqController(intx=False, msi_vectors=0, msix_vectors=1)  # not closed if it hangs
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    mine = os.dup(fd)
+    peer.dups.append(mine)
+    os.eventfd_write(mine, 0xFFFF_FFFF_FFFF_FFFE)  # one short of the maximum: a write blocks
+    ctl.set_irqs(MSIX, EVENTFD | TRIGGER, 0, 1, [fd], b"")
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(ctl.trigger(MSIX, 0)), daemon=True)
+    t.start()
+    t.join(60)  # a hang detector only: it returns at once unless the write blocks
+    assert result == [True], "a saturated counter counts as signalled, and nothing blocks"
+    ctl.close()

@@ -212,6 +212,11 @@ class IrqController:
                   [v for v, b in zip(req.vectors, req.bools, strict=True) if b])
 
     def _apply_eventfd(self, req: SetIrqs) -> None:
+        for fd in req.fds:
+            # A blocking eventfd would let the client hang us (a write at a full counter, a
+            # read at zero, with the lock held). QEMU's are non-blocking already.
+            if fd is not None and os.get_blocking(fd):
+                os.set_blocking(fd, False)
         if req.action is IrqSetFlag.ACTION_TRIGGER:
             for v, fd in zip(req.vectors, req.fds, strict=True):
                 self._assign(req.index, v, fd)
