@@ -37,7 +37,6 @@ The IRQ constants are those of :mod:`vfio_user_server.protocol.constants`, re-ex
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
@@ -47,7 +46,7 @@ from dataclasses import dataclass
 
 from .errors import DeviceDefinitionError, IrqError
 from .fds import close_fd
-from .irq_request import SetIrqs, validate_set_irqs
+from .irq_request import SetIrqs, einval, validate_set_irqs
 from .protocol.constants import IrqIndex, IrqInfoFlag, IrqSetFlag
 
 __all__ = [
@@ -64,6 +63,7 @@ log = logging.getLogger(__name__)
 #: Most MSI vectors a function can have, and most MSI-X vectors.
 MAX_MSI_VECTORS = 32
 MAX_MSIX_VECTORS = 2048
+
 
 @dataclass(frozen=True)
 class IrqState:
@@ -87,10 +87,6 @@ class _Vector:
         self.fd: int | None = None
         self.masked = False
         self.pending = False
-
-
-def _einval(message: str) -> IrqError:
-    return IrqError(message, errno=errno.EINVAL)
 
 
 def _signal(fd: int) -> bool:
@@ -155,7 +151,7 @@ class IrqController:
         try:
             return IrqIndex(index)
         except ValueError:
-            raise _einval(f"no IRQ index {index}") from None
+            raise einval(f"no IRQ index {index}") from None
 
     def info(self, index: int) -> tuple[int, IrqInfoFlag]:
         """``(count, flags)`` for DEVICE_GET_IRQ_INFO; IrqError EINVAL for unknown indices."""
@@ -191,7 +187,7 @@ class IrqController:
             try:
                 req = validate_set_irqs(index, flags, start, count, fds, data,
                                         vector_counts=self._counts, owned=self._owned_fds())
-                self._APPLIERS[req.data](self, req)
+                self._APPLIERS[req.data_type](self, req)
             finally:
                 owned = self._owned_fds()
                 for fd in set(fds):
@@ -294,7 +290,7 @@ class IrqController:
         idx = self._index(index)
         vecs = self._vecs[idx]
         if not 0 <= vector < len(vecs):
-            raise _einval(f"{idx.name} has no vector {vector}")
+            raise einval(f"{idx.name} has no vector {vector}")
         return idx, vecs[vector]
 
     def _unmask(self, idx: IrqIndex, vector: int) -> None:

@@ -24,7 +24,8 @@ __all__ = ["SetIrqs", "is_eventfd", "validate_set_irqs"]
 _EVENTFD_LINK = "anon_inode:[eventfd]"
 
 
-def _einval(message: str) -> IrqError:
+def einval(message: str) -> IrqError:
+    """The error of a request that breaks a rule (the client gets EINVAL)."""
     return IrqError(message, errno=errno.EINVAL)
 
 
@@ -37,7 +38,7 @@ class SetIrqs:
     """
 
     index: IrqIndex
-    data: IrqSetFlag
+    data_type: IrqSetFlag
     action: IrqSetFlag
     start: int
     count: int
@@ -84,40 +85,40 @@ def validate_set_irqs(
     try:
         idx = IrqIndex(index)
     except ValueError:
-        raise _einval(f"SET_IRQS: no IRQ index {index}") from None
+        raise einval(f"SET_IRQS: no IRQ index {index}") from None
     flags = int(flags)
     if flags & ~int(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK):
-        raise _einval(f"SET_IRQS: unknown flag bits {flags:#x}")
+        raise einval(f"SET_IRQS: unknown flag bits {flags:#x}")
     dtype = IrqSetFlag(flags & IRQ_SET_DATA_MASK)
     action = IrqSetFlag(flags & IRQ_SET_ACTION_MASK)
     if dtype.bit_count() != 1 or action.bit_count() != 1:
-        raise _einval(f"SET_IRQS: need exactly one DATA and one ACTION flag ({flags:#x})")
+        raise einval(f"SET_IRQS: need exactly one DATA and one ACTION flag ({flags:#x})")
     if dtype is IrqSetFlag.DATA_EVENTFD and not _allows_eventfd(idx, action):
-        raise _einval(f"SET_IRQS {idx.name}: eventfd not supported for {action.name}")
+        raise einval(f"SET_IRQS {idx.name}: eventfd not supported for {action.name}")
 
     n = vector_counts[idx]
     if start < 0 or count < 0:
-        raise _einval(f"SET_IRQS: negative start/count ({start}, {count})")
+        raise einval(f"SET_IRQS: negative start/count ({start}, {count})")
     if start + count > n:  # count 0 may name the end (start == n), as a disable does
-        raise _einval(f"SET_IRQS {idx.name}: vectors {start}+{count} beyond {n} vectors")
+        raise einval(f"SET_IRQS {idx.name}: vectors {start}+{count} beyond {n} vectors")
 
     expected = count if dtype is IrqSetFlag.DATA_BOOL else 0
     if len(data) != expected:
-        raise _einval(f"SET_IRQS {dtype.name}: {len(data)} data bytes for count {count}, "
+        raise einval(f"SET_IRQS {dtype.name}: {len(data)} data bytes for count {count}, "
                       f"need {expected}")
 
     if fds and dtype is not IrqSetFlag.DATA_EVENTFD:
-        raise _einval(f"SET_IRQS: fds sent with {dtype.name}")
+        raise einval(f"SET_IRQS: fds sent with {dtype.name}")
     if len(fds) not in (0, count):
-        raise _einval(f"SET_IRQS: {len(fds)} fds for count {count}")
+        raise einval(f"SET_IRQS: {len(fds)} fds for count {count}")
     valid = [fd for fd in fds if fd >= 0]
     if len(set(valid)) != len(valid):
-        raise _einval("SET_IRQS: the same fd is given twice")
+        raise einval("SET_IRQS: the same fd is given twice")
     if any(fd in owned for fd in valid):
-        raise _einval("SET_IRQS: an fd is already in use by this controller")
+        raise einval("SET_IRQS: an fd is already in use by this controller")
     for fd in valid:
         if not is_eventfd(fd):
-            raise _einval(f"SET_IRQS: fd {fd} is not an eventfd")
+            raise einval(f"SET_IRQS: fd {fd} is not an eventfd")
 
     if dtype is IrqSetFlag.DATA_EVENTFD:
         per_vector = tuple(fd if fd >= 0 else None for fd in fds) if fds else (None,) * count
