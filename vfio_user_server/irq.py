@@ -184,15 +184,17 @@ class IrqController:
         hold afterwards (all of them on error, except those it held before) is closed.
         """
         with self._lock:
+            owned = self._owned_fds() if fds else set()
             try:
                 req = validate_set_irqs(index, flags, start, count, fds, data,
-                                        vector_counts=self._counts, owned=self._owned_fds())
+                                        vector_counts=self._counts, owned=owned)
                 self._APPLIERS[req.data_type](self, req)
             finally:
-                owned = self._owned_fds()
-                for fd in set(fds):
-                    if fd >= 0 and fd not in owned:
-                        close_fd(fd, "IRQ fd")
+                if fds:
+                    owned = self._owned_fds()
+                    for fd in set(fds):
+                        if fd >= 0 and fd not in owned:
+                            close_fd(fd, "IRQ fd")
 
     # One applier per data type; each gets a request that passed validation.
 
