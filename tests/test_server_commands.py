@@ -486,6 +486,12 @@ def test_set_irqs_bool_trigger(client: Client) -> None:
         # data shorter than count
         expect_error(errno.EINVAL, client.set_irqs, IrqIndex.MSIX, BOOL | TRIGGER, 0, 4,
                      data=b"\1\1")
+        # data longer than count, and data with DATA_NONE: the length is the data type's
+        expect_error(errno.EINVAL, client.set_irqs, IrqIndex.MSIX, BOOL | TRIGGER, 0, 2,
+                     data=b"\1\1\1")
+        expect_error(errno.EINVAL, client.set_irqs, IrqIndex.MSIX, NONE | TRIGGER, 0, 1,
+                     data=b"\1")
+        assert all(eventfd_quiet(fd) for fd in fds), "a refused request fires nothing"
     finally:
         close_all(fds)
 
