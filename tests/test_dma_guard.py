@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import WAIT, ClientFactory, ServerFactory, device_dma, negotiated
+from helpers import WAIT, ClientFactory, ServerFactory, device_dma, negotiated
 
 from vfio_user_server import dmacopy
 from vfio_user_server.dma import DmaAccessor, DmaMapTable, DmaProt

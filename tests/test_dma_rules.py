@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     WAIT,
     ClientFactory,
     ServerFactory,

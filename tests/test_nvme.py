@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MSI_CAP_ID, MSIX_CAP_ID, find_capability
+from helpers import MSI_CAP_ID, MSIX_CAP_ID, WAIT, find_capability
 
 from vfio_user_devices.nvme import BLOCK_SIZE, NvmeController, parse_size
 from vfio_user_devices.nvme_spec import (
@@ -37,8 +37,8 @@ from vfio_user_server.cli import make_device
 from vfio_user_server.client import Client, MemoryRegion
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag
 from vfio_user_server.server import Server
+from vfio_user_server.testing import Served, serve
 
-WAIT = 10.0
 PAGE = 4096
 RAM = 64 << 20
 ASQ, ACQ = 0x10000, 0x14000
@@ -214,21 +214,12 @@ class Driver:
 
 
 class Rig:
-    def __init__(self, path: Path, dev: NvmeController, *, fd_backed: bool = True,
-                 sealed: bool = False) -> None:
-        self.dev = dev
-        self.server = Server(dev, path).start()
-        self.c = Client.connect(path)
-        self.c.negotiate()
-        if sealed:  # as QEMU's memfd backend: sealed against shrinking, so zero-copy
-            fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-            os.ftruncate(fd, RAM)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-            self.c.memory.append(MemoryRegion(0, RAM, fd, mmap.mmap(fd, RAM), 3))
-            self.c.dma_map(0, RAM, 3, fd=fd)
-        else:  # an unsealed memfd (guarded copies), or no fd (message DMA)
-            self.c.add_memory(0, RAM, fd_backed=fd_backed)
-        self.d = Driver(self.c, dev)
+    """A Python NVMe driver over a controller served by :func:`serve`."""
+
+    def __init__(self, served: Served[NvmeController]) -> None:
+        self.dev = served.device
+        self.c = served.client
+        self.d = Driver(self.c, self.dev)
 
     def msix(self, vectors: int = 17) -> list[int]:
         cap = find_capability(self.c, MSIX_CAP_ID)
@@ -240,11 +231,6 @@ class Rig:
             self.c.set_irqs(IrqIndex.MSIX, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER,
                             start, len(chunk), chunk)
         return fds
-
-    def close(self) -> None:
-        self.c.close()
-        self.server.close()
-        self.dev.close()
 
 
 @pytest.fixture
@@ -262,14 +248,27 @@ def image(tmp: Path) -> Path:
     return p
 
 
+def map_sealed_ram(c: Client) -> None:
+    """Guest RAM at IOVA 0 as QEMU's memfd backend makes it: sealed against shrinking, so the
+    controller reaches it zero-copy (an unsealed memfd goes through guarded copies)."""
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, RAM)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    c.memory.append(MemoryRegion(0, RAM, fd, mmap.mmap(fd, RAM), 3))  # the client closes it
+    c.dma_map(0, RAM, 3, fd=fd)
+
+
 @pytest.fixture(params=["sealed", "memfd", "message"])
-def rig(request: pytest.FixtureRequest, tmp: Path, image: Path) -> Iterator[Rig]:
-    r = Rig(tmp / "s", NvmeController(image), fd_backed=request.param != "message",
-            sealed=request.param == "sealed")
+def rig(request: pytest.FixtureRequest, image: Path) -> Iterator[Rig]:
+    dev = NvmeController(image)
     try:
-        yield r
+        sealed = request.param == "sealed"
+        with serve(dev, memory=0 if sealed else RAM, fd_backed=request.param == "memfd") as s:
+            if sealed:
+                map_sealed_ram(s.client)
+            yield Rig(s)
     finally:
-        r.close()
+        dev.close()
 
 
 @pytest.fixture
@@ -754,30 +753,31 @@ def test_inline_commands_and_hand_off_to_the_worker(ready: Rig, image: Path) -> 
     assert batches == ([] if direct else [1])
 
 
-def test_io_into_memory_the_client_took_away(tmp: Path, image: Path) -> None:
+def test_io_into_memory_the_client_took_away(image: Path) -> None:
     """The client shrinks its (unsealed) RAM file under a data buffer: that I/O completes with
     a data transfer error, inline or on the worker, and the controller keeps working."""
-    r = Rig(tmp / "s", NvmeController(image))
+    dev = NvmeController(image)
     try:
-        d = r.d
-        d.enable()
-        d.create_queues(1)
-        assert r.dev.dma.table.is_direct(DATA, PAGE)
-        assert not r.dev.dma.table.is_zero_copy(DATA, PAGE)
-        fd = r.c.memory[0].fd
-        assert fd is not None
-        gone = 0x400000
-        os.ftruncate(fd, gone)  # queues, PRP lists and DATA stay below
-        for opcode in (IoOpcode.WRITE, IoOpcode.READ):
-            for blocks in (1, 16):  # one page, and a PRP list (kept in RAM) to lost pages
-                e = d.rw(1, opcode, 0, blocks, buf=gone + 0x200)
-                assert e.code == Status.DATA_TRANSFER_ERROR, e
-        assert d.rw(1, IoOpcode.WRITE, 0, 1, buf=DATA).status == 0
-        assert d.rw(1, IoOpcode.READ, 0, 1, buf=DATA).status == 0
-        assert r.dev.csts & 0x2 == 0  # no controller fatal status
-        assert r.server.connection is not None
+        with serve(dev, memory=RAM) as s:
+            d = Driver(s.client, dev)
+            d.enable()
+            d.create_queues(1)
+            assert dev.dma.table.is_direct(DATA, PAGE)
+            assert not dev.dma.table.is_zero_copy(DATA, PAGE)
+            fd = s.client.memory[0].fd
+            assert fd is not None
+            gone = 0x400000
+            os.ftruncate(fd, gone)  # queues, PRP lists and DATA stay below
+            for opcode in (IoOpcode.WRITE, IoOpcode.READ):
+                for blocks in (1, 16):  # one page, and a PRP list (kept in RAM) to lost pages
+                    e = d.rw(1, opcode, 0, blocks, buf=gone + 0x200)
+                    assert e.code == Status.DATA_TRANSFER_ERROR, e
+            assert d.rw(1, IoOpcode.WRITE, 0, 1, buf=DATA).status == 0
+            assert d.rw(1, IoOpcode.READ, 0, 1, buf=DATA).status == 0
+            assert dev.csts & 0x2 == 0  # no controller fatal status
+            assert s.server.connection is not None
     finally:
-        r.close()
+        dev.close()
 
 
 def test_msix_vector_per_queue(ready: Rig) -> None:
