@@ -451,8 +451,8 @@ class Server:
 
     # --- main loop --------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        self.listen()
         log.info("DMA guarded copies: %s", default_copy().name)
+        self.listen()
         assert self._listener is not None
         with self._listener_lock:
             # from here on only this thread closes the listener (stop() just wakes it)
