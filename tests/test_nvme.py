@@ -706,18 +706,16 @@ def test_inline_commands_and_hand_off_to_the_worker(ready: Rig, image: Path) -> 
     d, c, dev = ready.d, ready.c, ready.dev
     d.create_queues(2, depth=16)
     batches: list[int] = []
-    process = dev._process
+    process = dev.datapath.process
 
     def counting(gen: int, qid: int, base: int, head: int, size: int, n: int) -> None:
         batches.append(n)
         process(gen, qid, base, head, size, n)
 
-    def idle() -> None:  # the worker clears its busy flag just after posting a completion
-        deadline = time.monotonic() + WAIT
-        while dev._busy and time.monotonic() < deadline:
-            time.sleep(0.001)
+    def idle() -> None:  # the worker finishes its batch just after posting a completion
+        assert dev.wait_idle(WAIT)
 
-    dev._process = counting  # type: ignore[method-assign]
+    dev.datapath.process = counting  # type: ignore[method-assign]
     data = os.urandom(3 * 512)
     for i in range(3):
         c.write_memory(DATA + i * PAGE, data[i * 512:(i + 1) * 512])
@@ -749,16 +747,19 @@ def test_msix_vector_per_queue(ready: Rig) -> None:
     d.create_queues(2)
     d.create_queues(3, iv=5)
     d.create_queues(4, ien=False)
-    time.sleep(0.05)  # the last completion's interrupt follows its entry
+    # the last completion's interrupt follows its entry, within the worker's batch
+    assert ready.dev.wait_idle(WAIT)
     for fd in fds:
         Client.eventfd_count(fd)
     d.ok(0, AdminOpcode.KEEP_ALIVE)
-    assert wait_fd(fds[0]) >= 1
+    assert ready.dev.wait_idle(WAIT)
+    assert [Client.eventfd_count(fd) for fd in fds] == [1] + [0] * (len(fds) - 1)
     for qid, vector in ((1, 1), (2, 2), (3, 5)):
-        d.ok(qid, IoOpcode.FLUSH, nsid=1)
-        assert wait_fd(fds[vector]) >= 1, f"queue {qid}"
+        d.ok(qid, IoOpcode.FLUSH, nsid=1)  # a flush always runs on the worker
+        assert ready.dev.wait_idle(WAIT)
+        assert Client.eventfd_count(fds[vector]) == 1, f"queue {qid}"
     d.ok(4, IoOpcode.FLUSH, nsid=1)
-    time.sleep(0.05)
+    assert ready.dev.wait_idle(WAIT)
     assert [Client.eventfd_count(fd) for fd in fds] == [0] * len(fds)
 
 
@@ -788,7 +789,7 @@ def test_msi_single_vector(ready: Rig) -> None:
     assert wait_fd(fd) >= 1
     d.w32(0x0C, 1)  # masked: pending until INTMC
     d.ok(1, IoOpcode.FLUSH, nsid=1)
-    time.sleep(0.05)
+    assert ready.dev.wait_idle(WAIT)  # the flush's batch, signal included, is over
     assert Client.eventfd_count(fd) == 0
     d.w32(0x10, 1)
     assert wait_fd(fd) >= 1
