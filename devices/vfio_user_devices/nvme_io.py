@@ -232,7 +232,7 @@ class IoCommands:
         """
         if fused(cmd):
             raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
-        handler = self._HANDLERS.get(cmd[SQE_OPCODE])
+        handler = self.HANDLERS.get(cmd[SQE_OPCODE])
         if handler is None:
             raise NvmeError(Status.INVALID_OPCODE, f"I/O opcode {cmd[SQE_OPCODE]:#x}")
         return handler(self, cmd, inline)
@@ -310,7 +310,7 @@ class IoCommands:
                     self._ctrl.backend.deallocate(slba << LBA_SHIFT, nlb << LBA_SHIFT)
         return 0
 
-    _HANDLERS: dict[int, Handler] = {
+    HANDLERS: dict[int, Handler] = {
         IoOpcode.READ: _read_write,
         IoOpcode.WRITE: _read_write,
         IoOpcode.FLUSH: _flush,
