@@ -18,7 +18,7 @@ from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
 from .nvme_backend import LBA_SHIFT
-from .nvme_io import MDTS, GuestData
+from .nvme_io import MDTS, GuestData, check_nsid
 from .nvme_queues import CompletionQueue, SubmissionQueue
 from .nvme_spec import (
     CC_IOCQES_MASK,
@@ -37,7 +37,6 @@ from .nvme_spec import (
     SEL_SAVED,
     SQE_CID,
     SQE_NSID,
-    SQE_OPCODE,
     SQE_PRP1,
     SQES_LOG2,
     TMPTH_MASK,
@@ -50,6 +49,7 @@ from .nvme_spec import (
     SqeTuple,
     Status,
     active_namespaces,
+    command_handler,
     cq_interrupts,
     cq_vector,
     feature_id,
@@ -57,7 +57,6 @@ from .nvme_spec import (
     feature_select,
     feature_value,
     firmware_log,
-    fused,
     identify_cns,
     identify_controller,
     identify_namespace,
@@ -144,16 +143,7 @@ class AdminCommands:
 
     def run(self, cmd: SqeTuple, gen: int) -> int | None:
         """Execute one admin command fetched under controller generation ``gen``."""
-        if fused(cmd):
-            raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
-        handler = self.HANDLERS.get(cmd[SQE_OPCODE])
-        if handler is None:
-            raise NvmeError(Status.INVALID_OPCODE, f"admin opcode {cmd[SQE_OPCODE]:#x}")
-        return handler(self, cmd, gen)
-
-    def _check_nsid(self, nsid: int) -> None:
-        if nsid != 1:
-            raise NvmeError(Status.INVALID_NAMESPACE, f"namespace {nsid:#x}")
+        return command_handler(self.HANDLERS, cmd, "admin")(self, cmd, gen)
 
     def _check_generation(self, gen: int) -> None:
         if gen != self._ctrl.gen:
@@ -172,7 +162,7 @@ class AdminCommands:
                 volatile_write_cache=True, warning_temp=WARNING_TEMP,
                 critical_temp=CRITICAL_TEMP)
         elif cns == Cns.NAMESPACE:
-            self._check_nsid(nsid)
+            check_nsid(nsid)
             data = identify_namespace(blocks=ctrl.blocks, lba_shift=LBA_SHIFT, nguid=ctrl.nguid,
                                       eui64=ctrl.eui64,
                                       deallocate_zeroes=ctrl.backend.can_punch)
@@ -181,7 +171,7 @@ class AdminCommands:
                 raise NvmeError(Status.INVALID_NAMESPACE, f"namespace {nsid:#x}")
             data = active_namespaces(nsid, 1)
         elif cns == Cns.NS_DESCRIPTORS:
-            self._check_nsid(nsid)
+            check_nsid(nsid)
             data = namespace_descriptors(nguid=ctrl.nguid, uuid=ctrl.uuid, eui64=ctrl.eui64)
         else:
             raise NvmeError(Status.INVALID_FIELD, f"Identify CNS {cns:#x}")

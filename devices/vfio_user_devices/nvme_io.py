@@ -37,9 +37,9 @@ from .nvme_spec import (
     NvmeError,
     SqeTuple,
     Status,
+    command_handler,
     dsm_deallocate,
     dsm_ranges,
-    fused,
     prp_ranges,
     rw_fua,
     rw_nlb,
@@ -50,13 +50,19 @@ from .nvme_spec import (
 if TYPE_CHECKING:
     from .nvme import NvmeController
 
-__all__ = ["MAX_TRANSFER", "MDTS", "GuestData", "IoCommands", "Worker", "mapped"]
+__all__ = ["MAX_TRANSFER", "MDTS", "GuestData", "IoCommands", "Worker", "check_nsid", "mapped"]
 
 log = logging.getLogger("vfio_user_devices.nvme")
 
 #: Maximum Data Transfer Size: 2**MDTS pages (128 KiB).
 MDTS = 5
 MAX_TRANSFER = PAGE_SIZE << MDTS
+
+
+def check_nsid(nsid: int) -> None:
+    """The controller has one namespace, NSID 1."""
+    if nsid != 1:
+        raise NvmeError(Status.INVALID_NAMESPACE, f"namespace {nsid:#x}")
 
 
 class Worker(Enum):
@@ -230,16 +236,7 @@ class IoCommands:
 
         Raises :class:`NvmeError` for the command's error status.
         """
-        if fused(cmd):
-            raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
-        handler = self.HANDLERS.get(cmd[SQE_OPCODE])
-        if handler is None:
-            raise NvmeError(Status.INVALID_OPCODE, f"I/O opcode {cmd[SQE_OPCODE]:#x}")
-        return handler(self, cmd, inline)
-
-    def _check_nsid(self, nsid: int) -> None:
-        if nsid != 1:
-            raise NvmeError(Status.INVALID_NAMESPACE, f"namespace {nsid:#x}")
+        return command_handler(self.HANDLERS, cmd, "I/O")(self, cmd, inline)
 
     def _lba_range(self, cmd: SqeTuple) -> tuple[int, int]:
         slba, nlb = rw_slba(cmd), rw_nlb(cmd)
@@ -248,7 +245,7 @@ class IoCommands:
         return slba, nlb
 
     def _read_write(self, cmd: SqeTuple, inline: bool) -> int | Worker:
-        self._check_nsid(cmd[SQE_NSID])
+        check_nsid(cmd[SQE_NSID])
         slba, nlb = self._lba_range(cmd)
         length = nlb << LBA_SHIFT
         if length > MAX_TRANSFER:
@@ -274,7 +271,7 @@ class IoCommands:
 
     def _flush(self, cmd: SqeTuple, inline: bool) -> int:
         if cmd[SQE_NSID] != NSID_ALL:
-            self._check_nsid(cmd[SQE_NSID])
+            check_nsid(cmd[SQE_NSID])
         try:
             self._ctrl.backend.flush()
         except OSError as exc:
@@ -283,7 +280,7 @@ class IoCommands:
         return 0
 
     def _write_zeroes(self, cmd: SqeTuple, inline: bool) -> int:
-        self._check_nsid(cmd[SQE_NSID])
+        check_nsid(cmd[SQE_NSID])
         slba, nlb = self._lba_range(cmd)
         backend = self._ctrl.backend
         try:
@@ -295,7 +292,7 @@ class IoCommands:
         return 0
 
     def _dataset_management(self, cmd: SqeTuple, inline: bool) -> int:
-        self._check_nsid(cmd[SQE_NSID])
+        check_nsid(cmd[SQE_NSID])
         nr = dsm_ranges(cmd)
         data = self._guest.from_guest(cmd, nr * DSM_RANGE.size)
         ranges = []

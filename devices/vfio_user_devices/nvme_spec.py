@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import IntEnum
-from typing import overload
+from typing import TypeVar, overload
 
 # --- controller registers (BAR0) --------------------------------------------------------------
 REG_CAP = 0x00  # 64-bit
@@ -218,6 +218,19 @@ FLAGS_FUSE = 0x03
 FLAGS_PSDT = 0xC0
 #: NSID meaning every namespace (Flush, Get/Set Features)
 NSID_ALL = 0xFFFFFFFF
+
+
+H = TypeVar("H")
+
+
+def command_handler(handlers: Mapping[int, H], cmd: SqeTuple, command_set: str) -> H:
+    """The handler of the command's opcode; :class:`NvmeError` for fused or unknown commands."""
+    if fused(cmd):
+        raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
+    handler = handlers.get(cmd[SQE_OPCODE])
+    if handler is None:
+        raise NvmeError(Status.INVALID_OPCODE, f"{command_set} opcode {cmd[SQE_OPCODE]:#x}")
+    return handler
 
 
 def fused(cmd: SqeTuple) -> bool:
