@@ -208,7 +208,8 @@ assert SQE.size == SQE_SIZE and CQE.size == CQE_SIZE
 SqeTuple = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int, int]
 
 # --- command fields -----------------------------------------------------------------------------
-# Indices into an ``SQE.unpack`` tuple (:data:`SqeTuple`); the decoders below take such a tuple.
+# Indices into an ``SQE.unpack`` tuple (:data:`SqeTuple`) and the bits of the fields; the
+# decoders below take such a tuple (the per-command path uses the constants, a call less).
 SQE_OPCODE, SQE_FLAGS, SQE_CID, SQE_NSID = 0, 1, 2, 3
 SQE_PRP1, SQE_PRP2 = 6, 7
 CDW10, CDW11, CDW12, CDW13, CDW14, CDW15 = 8, 9, 10, 11, 12, 13
@@ -225,7 +226,7 @@ H = TypeVar("H")
 
 def command_handler(handlers: Mapping[int, H], cmd: SqeTuple, command_set: str) -> H:
     """The handler of the command's opcode; :class:`NvmeError` for fused or unknown commands."""
-    if fused(cmd):
+    if cmd[SQE_FLAGS] & FLAGS_FUSE:
         raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
     handler = handlers.get(cmd[SQE_OPCODE])
     if handler is None:
