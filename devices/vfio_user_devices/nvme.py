@@ -39,7 +39,6 @@ the NVM command set and guest data movement; :mod:`.nvme_backend` the namespace'
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import threading
@@ -51,6 +50,7 @@ from typing import ClassVar
 from vfio_user_server.device import PciDevice
 from vfio_user_server.errors import DeviceDefinitionError
 from vfio_user_server.irq import IrqIndex
+from vfio_user_server.options import Option
 from vfio_user_server.pci import Bar
 
 from .nvme_admin import (
@@ -132,6 +132,14 @@ class NvmeController(PciDevice):
     msix_table_offset = 0
     msix_pba_offset = 0x1000
     guest_modules = ("nvme",)
+    options = (
+        Option("--image", "raw image file backing namespace 1 (created with --size if missing)"),
+        Option("--size", "namespace size (e.g. 64M, 2G); without --image: in memory",
+               type=parse_size),
+        Option("--serial", "serial number (default: derived from the image)"),
+        Option("--queues", f"I/O queue pairs offered (1..{MAX_IO_QUEUES}, default 8)", type=int,
+               default=8),
+    )
 
     def __init__(
         self,
@@ -152,7 +160,7 @@ class NvmeController(PciDevice):
         self.backend = backend
         self.blocks = backend.size >> LBA_SHIFT
         self.max_queues = queues
-        self.serial = serial or default_serial(backend.path, id(self))
+        self.serial = serial if serial is not None else default_serial(backend.path, id(self))
         self.nguid, self.eui64, self.uuid = namespace_ids(self.serial)
         self.cap = make_cap(MQES, 20)
         super().__init__()
@@ -176,21 +184,6 @@ class NvmeController(PciDevice):
         #: (time, qid, cid, status) of failed commands, newest last (tests, debugging)
         self.errors: deque[tuple[float, int, int, int]] = deque(maxlen=64)
         self.reset()
-
-    # --- CLI ----------------------------------------------------------------------------------
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--image", help="raw image file backing namespace 1 "
-                            "(created with --size if missing)")
-        parser.add_argument("--size", type=parse_size,
-                            help="namespace size (e.g. 64M, 2G); without --image: in memory")
-        parser.add_argument("--serial", help="serial number (default: derived from the image)")
-        parser.add_argument("--queues", type=int, default=8,
-                            help=f"I/O queue pairs offered (1..{MAX_IO_QUEUES}, default 8)")
-
-    @classmethod
-    def from_arguments(cls, ns: argparse.Namespace) -> NvmeController:
-        return cls(ns.image, ns.size, serial=ns.serial, queues=ns.queues)
 
     # --- state --------------------------------------------------------------------------------
     def reset(self) -> None:
