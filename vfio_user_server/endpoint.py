@@ -159,6 +159,12 @@ class Endpoint:
         self.session = session
         self.table = table
         self._regions = device.regions()
+        #: most fds a request may carry: the command table's, within what the server advertises
+        limit = session.caps.max_msg_fds
+        self._max_fds: dict[int, int] = {
+            int(cmd): limit if spec.max_request_fds is None else min(spec.max_request_fds, limit)
+            for cmd, spec in COMMANDS.items()
+        }
 
     # Returns the reply to send, or None (NO_REPLY honoured). Never raises for bad input.
     def handle(self, msg: codec.Message) -> codec.Message | None:
@@ -171,9 +177,9 @@ class Endpoint:
             size = len(msg.payload)
             if size < _MIN_PAYLOAD[cmd] or (size != _MIN_PAYLOAD[cmd] and cmd in _EXACT):
                 codec.check_request_size(Command(cmd), msg.payload)
-            if msg.fds and len(msg.fds) > _MAX_FDS[cmd]:
+            if msg.fds and len(msg.fds) > self._max_fds[cmd]:
                 raise ProtocolError(
-                    f"{msg.command_name()} takes at most {_MAX_FDS[cmd]} fds, got "
+                    f"{msg.command_name()} takes at most {self._max_fds[cmd]} fds, got "
                     f"{len(msg.fds)}",
                     errno=errno.EINVAL,
                 )
@@ -335,8 +341,6 @@ def _set_irqs(ep: Endpoint, msg: codec.Message) -> None:
         raise ProtocolError("SET_IRQS DATA_BOOL shorter than count", errno=errno.EINVAL)
     if msg.fds and not req.flags & IrqSetFlag.DATA_EVENTFD:
         raise ProtocolError("SET_IRQS: fds without DATA_EVENTFD", errno=errno.EINVAL)
-    if len(msg.fds) > ep.session.caps.max_msg_fds:
-        raise ProtocolError(f"SET_IRQS with {len(msg.fds)} fds", errno=errno.EINVAL)
     fds, msg.fds = msg.fds, []  # the controller owns them now, and closes them on error
     ep.device.irqs.set_irqs(req.index, req.flags, req.start, req.count, fds, bytes(data))
 
@@ -421,9 +425,6 @@ _HANDLERS: dict[int, Handler] = {
     Command.MIG_DATA_READ: _unsupported,
     Command.MIG_DATA_WRITE: _unsupported,
 }
-
-#: Most fds a request may carry, from the command table.
-_MAX_FDS: dict[int, int] = {int(cmd): spec.max_request_fds for cmd, spec in COMMANDS.items()}
 
 #: Commands whose payload is exactly their fixed structure (nothing may follow it).
 _EXACT = frozenset(int(cmd) for cmd, spec in COMMANDS.items() if spec.request_tail is Tail.NONE)

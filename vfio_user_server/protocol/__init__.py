@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .codec import Message, MessageReader, encode, error_reply, reply_to, request
+from .codec import Message, encode, error_reply, reply_to, request
 from .constants import Command, DmaLayout, HeaderFlag, IrqIndex, IrqSetFlag, RegionIndex
+from .framing import MessageReader
 from .session import Session, SessionState
 
 __all__ = [

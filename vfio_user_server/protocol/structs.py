@@ -257,7 +257,8 @@ class CommandSpec:
     request: type[WireStruct] | None
     request_tail: Tail
     reply: type[WireStruct] | None
-    max_request_fds: int = 0
+    #: fds a request may carry; None: as many as the server's ``max_msg_fds`` allows
+    max_request_fds: int | None = 0
     server_request: bool = False  # sent by the server to the client
 
 
@@ -273,7 +274,7 @@ COMMANDS: dict[Command, CommandSpec] = {
         CommandSpec(Command.DEVICE_GET_REGION_INFO, RegionInfo, Tail.NONE, RegionInfo),
         CommandSpec(Command.DEVICE_GET_REGION_IO_FDS, RegionIoFds, Tail.NONE, RegionIoFds),
         CommandSpec(Command.DEVICE_GET_IRQ_INFO, IrqInfo, Tail.NONE, IrqInfo),
-        CommandSpec(Command.DEVICE_SET_IRQS, IrqSet, Tail.DATA, None, max_request_fds=32),
+        CommandSpec(Command.DEVICE_SET_IRQS, IrqSet, Tail.DATA, None, max_request_fds=None),
         CommandSpec(Command.REGION_READ, RegionAccess, Tail.NONE, RegionAccess),
         CommandSpec(Command.REGION_WRITE, RegionAccess, Tail.DATA, RegionAccess),
         CommandSpec(Command.DMA_READ, DmaAccess, Tail.NONE, DmaAccess, server_request=True),
