@@ -17,8 +17,9 @@ The rules, each applied here and nowhere else:
 * **fds.** On a UNIX stream socket the fds of one ``sendmsg`` arrive with the read that holds
   its first byte, and that read ends at the latest with that ``sendmsg``'s last byte. A sender
   (QEMU) sends a message's fds with its header, so **a read's fds belong to the last message
-  that starts in that read**. fds in a read that starts inside a message (after its first byte)
-  were sent in the middle of a message: a :class:`~vfio_user_server.errors.FramingError`.
+  that starts in that read**. fds of a read in which no message starts (it lies inside one
+  message, after its first byte) were sent in the middle of a message: a
+  :class:`~vfio_user_server.errors.FramingError`.
 
 Whatever way the kernel splits a stream into reads, a stream whose fd-carrying sends each start
 at a message and end inside it gives the same messages with the same fds; a stream that breaks
@@ -170,20 +171,19 @@ class MessageReader:
         raise exc
 
     def _bind(self, start: int, end: int) -> list[int]:
-        """Take the fds of the message at [start, end): those of the read it is the last
+        """Take the fds of the message at [start, end): those of each read it is the last
         message to start in (see the module's docstring)."""
         mine: list[int] = []
         keep: list[_Mark] = []
         for mark in self._marks:
             first, last, fds = mark
-            if first <= start < last and end >= last:
-                mine += fds
-            elif start < first < end or last <= start:
-                # the read starts inside this message, or holds no message start at all
-                self._fail(FramingError(
-                    f"fds arrived in the middle of a message (read at byte {first - start} of "
-                    f"a {end - start}-byte message)"))
-            else:
+            if last > end:  # the read goes on past this message: a later one starts in it
                 keep.append(mark)
+            elif first <= start < last:  # it ends in this message and holds its start
+                mine += fds
+            else:  # it lies inside this message after its first byte: no message starts in it
+                self._fail(FramingError(
+                    f"fds arrived in the middle of a message (a read of bytes {first - start}"
+                    f"..{last - start} of a {end - start}-byte message)"))
         self._marks = keep
         return mine
