@@ -39,7 +39,7 @@ from vfio_user_server.protocol.constants import (
     IrqSetFlag,
     MsgType,
 )
-from vfio_user_server.protocol.session import MAX_MSG_FDS, SCM_MAX_FD
+from vfio_user_server.protocol.session import MAX_MSG_FDS, SCM_MAX_FD, ServerCapabilities
 from vfio_user_server.protocol.structs import (
     DeviceInfo,
     DmaMap,
@@ -332,6 +332,40 @@ def test_more_fds_than_advertised(server: Server, count: int) -> None:
         still_serving(peer)
     finally:
         peer.close()
+
+
+def test_the_advertised_limits_are_the_enforced_ones(make_server: ServerFactory,
+                                                   make_client: ClientFactory) -> None:
+    # a server with its own limits says them in VERSION and holds a client to them
+    caps = ServerCapabilities(max_msg_fds=3, max_data_xfer_size=4096)
+    server = make_server(caps=caps)
+    peer = RawPeer(server.path)
+    try:
+        peer.send(version_msg())
+        _, _, said = codec.decode_version(peer.recv_message().payload)
+        assert (said["max_msg_fds"], said["max_data_xfer_size"]) == (3, 4096)
+        flags = F.DATA_EVENTFD | F.ACTION_TRIGGER
+        for msg_id, count in ((2, 3), (3, 4)):
+            fds = [efd() for _ in range(count)]
+            try:
+                body = IrqSet(20, flags, IrqIndex.MSIX, 0, count).pack()
+                peer.send(msg(msg_id, Command.DEVICE_SET_IRQS, body), fds=fds)
+            finally:
+                close_all(fds)
+            reply = peer.recv_message()
+            assert reply.msg_id == msg_id
+            assert reply.is_error == (count > 3)
+        for count, err in ((4096, 0), (4097, errno.E2BIG)):
+            peer.send(msg(4, Command.REGION_READ, RegionAccess(0, CONFIG, count).pack()))
+            reply = peer.recv_message()
+            assert reply.error == err
+        # a header announcing more than the limit (data + MESSAGE_OVERHEAD) drops the client
+        served = server.connections_served
+        peer.send(msg(5, Command.REGION_WRITE, size=caps.max_message_size + 1))
+        expect_disconnect(server, peer, served)
+    finally:
+        peer.close()
+    serves_next_client(server, make_client)
 
 
 @pytest.mark.parametrize(("command", "payload"), [

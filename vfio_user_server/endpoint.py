@@ -99,7 +99,7 @@ class DeviceContext:
 
     ``dma`` reads and writes guest memory; ``defer`` runs work on the device's worker thread,
     where message-based DMA is allowed (it is not on the server's loop thread: see
-    docs/ARCHITECTURE.md, "Threads").
+    docs/ARCHITECTURE.md, "The connection and its threads").
     """
 
     def __init__(

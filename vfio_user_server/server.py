@@ -4,7 +4,7 @@
 :class:`~vfio_user_server.connection.Connection` on the loop thread until the client leaves or
 breaks the framing (a :class:`~vfio_user_server.errors.FramingError` drops it; a bad request
 only gets an error reply). Which thread runs what: :mod:`vfio_user_server.threads` and
-docs/ARCHITECTURE.md, "Threads".
+docs/ARCHITECTURE.md, "The connection and its threads".
 """
 
 from __future__ import annotations

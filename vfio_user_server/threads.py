@@ -2,7 +2,8 @@
 
 As qemu.qmp marks its ``@upper_half`` and ``@bottom_half`` methods, the connection's methods say
 which thread they run on, so the deadlock rule can be read in the code and not only met at run
-time. A connection has two kinds of threads (docs/ARCHITECTURE.md, "Threads"):
+time. A connection has two kinds of threads (docs/ARCHITECTURE.md, "The connection and its
+threads"):
 
 * the **loop thread** reads the client's socket, runs the endpoint and the device's region
   handlers and writes the replies, in arrival order. It must never wait for the client: QEMU
