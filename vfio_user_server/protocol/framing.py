@@ -130,11 +130,9 @@ class MessageReader:
             return None
         fds = self._bind(pos, end) if self._marks else []
         payload = bytes(buf[pos + HEADER_SIZE:end])
-        if end == len(buf):
+        if end == len(buf):  # all taken (and every read's fds: each ended by here)
             buf.clear()
             self._pos = 0
-            if self._marks:
-                self._marks = [(a - end, b - end, f) for a, b, f in self._marks]
         elif end >= _COMPACT:  # keep the buffer from growing: drop what was parsed
             del buf[:end]
             self._pos = 0
