@@ -86,13 +86,11 @@ class Connection:
 
     # --- receiving and dispatch -------------------------------------------------------------
     @loop_thread
-    def read_message(self) -> codec.Message:
-        """The next message from the client (FramingError, ConnectionClosed, OSError)."""
-        return self.reader.read_message()
-
-    @loop_thread
     def handle_one(self) -> None:
-        """Read one message and act on it: a request is answered, a reply goes to its waiter."""
+        """Read one message and act on it: a request is answered, a reply goes to its waiter.
+
+        Raises what the reader raises: FramingError (drop the client), ConnectionClosed, OSError.
+        """
         msg = self.reader.read_message()
         if self.server.tracing:
             self.server._trace(describe(msg, direction="<-"))

@@ -1,4 +1,4 @@
-"""The vfio-user protocol, free of I/O: constants, wire layouts, codec and session states."""
+"""The vfio-user protocol, free of I/O: constants, wire layouts, codec, framing, session states."""
 
 from __future__ import annotations
 
