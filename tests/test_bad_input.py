@@ -14,7 +14,7 @@ import termios
 import threading
 
 import pytest
-from conftest import (
+from helpers import (
     CONFIG,
     WAIT,
     ClientFactory,
