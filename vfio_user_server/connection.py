@@ -31,7 +31,7 @@ from .protocol.session import Session
 from .protocol.trace import describe
 from .requester import ClientRequester
 from .threads import any_thread, loop_thread
-from .transport import SocketReader, send_message
+from .transport import SocketReader, send_bytes
 
 if TYPE_CHECKING:
     from .server import Server
@@ -82,7 +82,7 @@ class Connection:
         with self._send_lock:
             if self.closed:
                 raise ConnectionClosed("connection is closed")
-            send_message(self.sock, msg, data)
+            send_bytes(self.sock, data, msg.fds)  # the fds travel with the header
 
     # --- receiving and dispatch -------------------------------------------------------------
     @loop_thread

@@ -3,7 +3,7 @@
 :class:`SocketReader` does the reads (one ``recvmsg_into`` takes whatever the peer has sent,
 fds included) and hands them to the sans-IO
 :class:`~vfio_user_server.protocol.framing.MessageReader`, which cuts them into messages.
-:func:`send_message` writes one message with its fds. The server's connection, the
+:func:`send_bytes` writes one encoded message with its fds. The server's connection, the
 :class:`~vfio_user_server.client.Client` and the tests' raw peers all use these two.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .errors import ConnectionClosed, FramingError
 from .fds import close_fds
-from .protocol.codec import Message, encode
+from .protocol.codec import Message
 from .protocol.framing import MessageReader
 from .protocol.session import SCM_MAX_FD
 
@@ -108,18 +108,11 @@ class SocketReader:
         close_fds(self.reader.take_fds(), "message fd")
 
 
-def send_message(sock: socket.socket, msg: Message, data: bytes | None = None) -> None:
-    """Write ``msg`` (already encoded as ``data``, if given) with its fds beside its header.
+def send_bytes(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """Write ``data``; ``fds`` travel with its first byte (one ``sendmsg``).
 
     The caller serialises senders (a lock) when several threads send.
     """
-    if data is None:
-        data = encode(msg)
-    send_bytes(sock, data, msg.fds)
-
-
-def send_bytes(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
-    """Write ``data``; ``fds`` travel with its first byte (one ``sendmsg``)."""
     if not fds:
         sock.sendall(data)
         return
