@@ -10,12 +10,14 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import threading
 from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vfio_user_server.client import Client
 from vfio_user_server.errors import ClientError, ConnectionClosed, FramingError, ProtocolError
 from vfio_user_server.protocol import codec
 from vfio_user_server.protocol.constants import HEADER_SIZE, Command, HeaderFlag, MsgType
@@ -372,3 +374,26 @@ def test_any_split_of_any_stream_loses_no_fd_and_changes_no_byte(
         assert "middle" in got_err or got_err == ref_err
     if ref_err is None and got_err is None:
         assert [m[:5] for m in got_msgs] == [m[:5] for m in ref_msgs]
+
+
+# --- the Client reads with the same reader ------------------------------------------------------
+
+
+def test_the_client_drops_a_server_that_breaks_the_framing() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = Client(ours, timeout=10.0)
+
+    def answer() -> None:
+        # once the request is here it waits for its reply; this one announces too much
+        assert len(theirs.recv(64)) == HEADER_SIZE
+        theirs.sendall(wire(1, Command.DEVICE_RESET, flags=int(MsgType.REPLY), size=LIMIT + 1))
+
+    server = threading.Thread(target=answer)
+    server.start()
+    try:
+        with pytest.raises(ConnectionClosed, match="larger than"):
+            client.request(Command.DEVICE_RESET)
+    finally:
+        server.join()
+        client.close()
+        theirs.close()
