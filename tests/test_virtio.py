@@ -87,8 +87,10 @@ class Rig:
         self.c.config_write(cap + 2, 2, self.c.config_read(cap + 2, 2) | 0x8000)
         n = self.dev.msix_vectors
         fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)]
-        self.c.set_irqs(IrqIndex.MSIX, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER,
-                        0, n, fds)
+        for start in range(0, n, 16):  # QEMU sends at most 16 fds per message
+            chunk = fds[start:start + 16]
+            self.c.set_irqs(IrqIndex.MSIX, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER,
+                            start, len(chunk), chunk)
         self.fds = fds
         return fds
 

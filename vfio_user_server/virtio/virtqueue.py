@@ -75,6 +75,14 @@ class Chain:
     def writable_length(self) -> int:
         return sum(n for _, n in self.writable)
 
+    def readable_slice(self, offset: int, length: int) -> list[Buffer]:
+        """The ``(address, length)`` pieces of readable bytes ``[offset, offset + length)``."""
+        return _slice(self.readable, offset, length)
+
+    def writable_slice(self, offset: int, length: int) -> list[Buffer]:
+        """The ``(address, length)`` pieces of writable bytes ``[offset, offset + length)``."""
+        return _slice(self.writable, offset, length)
+
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         """``length`` bytes (default: all) of the readable buffers from ``offset``."""
         total = self.readable_length
