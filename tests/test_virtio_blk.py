@@ -201,8 +201,8 @@ def test_multiqueue(sock_dir: Path, image: Path) -> None:
 
 def test_memory_backed_by_name() -> None:
     dev = make_device("virtio-blk", ["--size", "1M", "--queues", "3", "--read-only"])
+    assert isinstance(dev, VirtioBlk)
     try:
-        assert isinstance(dev, VirtioBlk)
         assert dev.sectors == 2048 and dev.num_queues == 3 and dev.read_only
         assert dev.device_id == 0x1042
         assert "virtio_blk" in dev.guest_modules
