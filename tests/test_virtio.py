@@ -564,6 +564,10 @@ def test_rng_by_name() -> None:
     assert "virtio-rng" in dev.guest_modules
 
 
+def test_rng_has_no_device_configuration(rng: Rig) -> None:
+    assert CfgType.DEVICE not in rng.d.caps  # Linux refuses a structure of length 0
+
+
 def test_rng_queue_count(rng: Rig) -> None:
     rng.d.initialize()
     assert rng.d.common_read(CommonCfg.NUM_QUEUES, 2) == 1

@@ -121,7 +121,7 @@ class VirtioPciDriver:
                 if cfg_type == CfgType.NOTIFY:
                     self.notify_multiplier = self.bus.config_read(pos + 16, 4)
             pos = self.bus.config_read(pos + 1, 1) & 0xFC
-        for need in (CfgType.COMMON, CfgType.NOTIFY, CfgType.ISR, CfgType.DEVICE):
+        for need in (CfgType.COMMON, CfgType.NOTIFY, CfgType.ISR):
             if need not in self.caps:
                 raise LookupError(f"no virtio capability of type {need.name}")
         if self.caps[CfgType.COMMON][3] < COMMON_CFG_SIZE - 8:

@@ -23,7 +23,7 @@ The transport does the rest, as Linux's ``virtio_pci`` expects it:
            0x3000  notifications, queue q at 0x3000+4q  cfg_type 2 (multiplier 4)
 
   plus the PCI configuration access capability (cfg_type 5), a window onto the BARs through
-  config space;
+  config space (a device without configuration, ``config_size`` 0, has no cfg_type 4);
 * feature negotiation: VIRTIO_F_VERSION_1 is offered and required (a driver that does not
   accept it never gets FEATURES_OK), with INDIRECT_DESC, EVENT_IDX and the device's bits;
 * device status, and reset by writing 0 (status reads non-zero until the worker has
@@ -356,14 +356,18 @@ class VirtioPciDevice(PciDevice):
 
     # --- BAR access -----------------------------------------------------------------------------
     def capabilities(self) -> list[Capability]:
-        return [
+        caps: list[Capability] = [
             VirtioPciCap(CfgType.COMMON, VIRTIO_BAR, COMMON_OFFSET, COMMON_CFG_SIZE),
             VirtioPciNotifyCap(VIRTIO_BAR, NOTIFY_OFFSET, NOTIFY_MULTIPLIER * self.num_queues,
                                NOTIFY_MULTIPLIER),
             VirtioPciCap(CfgType.ISR, VIRTIO_BAR, ISR_OFFSET, 1),
-            VirtioPciCap(CfgType.DEVICE, VIRTIO_BAR, DEVICE_OFFSET, self.config_size),
-            self._cfg_cap,
         ]
+        if self.config_size:
+            # optional, and Linux refuses a device structure of length 0
+            caps.append(VirtioPciCap(CfgType.DEVICE, VIRTIO_BAR, DEVICE_OFFSET,
+                                     self.config_size))
+        caps.append(self._cfg_cap)
+        return caps
 
     def _bar_read_locked(self, bar: int, offset: int, size: int) -> int:
         with self.lock:
