@@ -27,10 +27,13 @@ from vfio_user_server.virtio.spec import (
     DESC_F_WRITE,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
+    F_RING_PACKED,
     F_VERSION_1,
     ISR_CONFIG,
     ISR_QUEUE,
     NO_VECTOR,
+    PACKED_DESC,
+    PACKED_DESC_F_AVAIL,
     CfgType,
     CommonCfg,
     bit,
@@ -353,6 +356,7 @@ def test_event_idx_suppresses_interrupts(rig: Rig) -> None:
     assert Client.eventfd_count(fds[1]) == 0
     rig.d.request(0, [b"3"], [1])  # used idx 6: crosses 5
     assert fired(fds[1]) == 1
+    rig.idle()
     # the device asks to be notified at the next request: avail_event = last_avail
     q = rig.d.queues[0]
     avail_event = struct.unpack("<H", rig.c.read_memory(q.used + 4 + 8 * q.size, 2))[0]
@@ -369,6 +373,7 @@ def test_no_interrupt_flag_without_event_idx(rig: Rig) -> None:
     rig.d.set_avail_flags(0, 0)
     rig.d.request(0, [b"1"], [1])
     assert fired(fds[1]) == 1
+    rig.idle()
     # the device clears NO_NOTIFY when it is done: the driver notifies
     assert struct.unpack("<H", rig.c.read_memory(rig.d.queues[0].used, 2))[0] == 0
 
@@ -583,3 +588,118 @@ def test_dead_queue_is_ignored_after_disconnect(sock_dir: Path) -> None:
     r.close()
     wait_until(lambda: not dev.connected, WAIT, "disconnect")
     assert dev.status == 0 and not dev.queues[0].enabled
+
+
+# --- packed virtqueues ------------------------------------------------------------------------
+
+
+class PackedEcho(Echo):
+    ring_packed = True
+
+
+@pytest.fixture(params=["memfd", "message"])
+def packed(request: pytest.FixtureRequest, sock_dir: Path) -> Iterator[Rig]:
+    r = Rig(sock_dir / "p.sock", PackedEcho(), fd_backed=request.param == "memfd")
+    yield r
+    r.close()
+
+
+def test_packed_offered_only_when_asked(rig: Rig, packed: Rig) -> None:
+    assert not rig.d.device_features() & bit(F_RING_PACKED)
+    assert packed.d.device_features() & bit(F_RING_PACKED)
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_packed_requests(packed: Rig, indirect: bool) -> None:
+    fds = packed.msix()
+    packed.ready(2, size=16)
+    assert packed.d.has(F_RING_PACKED)
+    assert all(q.packed for q in packed.dev.queues)
+    for q in (0, 1):
+        data = os.urandom(3000)
+        done = packed.d.request(q, [data[:1000], data[1000:]], [100, 2900], indirect=indirect)
+        assert done.written == 3000 and done.data == data[::-1]
+        assert fired(fds[q + 1]) >= 1
+
+
+def test_packed_wraps_many_times(packed: Rig) -> None:
+    packed.ready(1, vectors=False, size=8)
+    for i in range(50):  # 3-entry chains in an 8-entry ring: the wrap lands mid-chain
+        data = i.to_bytes(4, "little")
+        assert packed.d.request(0, [data[:2], data[2:]], [4]).data == data[::-1]
+    assert packed.d.get(0) is None
+
+
+def test_packed_batch_out_of_order_slots(packed: Rig) -> None:
+    packed.ready(1, vectors=False, size=16)
+    heads = [packed.d.add(0, [bytes([i])] * (1 + i % 3), [3], notify=False) for i in range(5)]
+    packed.d.kick(packed.d.queues[0])
+    got = [packed.d.wait(0) for _ in heads]
+    assert [g.head for g in got] == heads
+    assert [g.data[:g.written] for g in got] == [bytes([i]) * (1 + i % 3) for i in range(5)]
+    assert all(g.written == min(3, 1 + i % 3) for i, g in enumerate(got))
+
+
+def test_packed_event_suppression(packed: Rig) -> None:
+    fds = packed.msix()
+    packed.ready(1, size=16)
+    q = packed.d.queues[0]
+    packed.d.request(0, [b"1"], [1])
+    assert fired(fds[1]) == 1
+    packed.idle()
+    # the device asks for a notification at its next position (EVENT_IDX: DESC mode)
+    off_wrap, flags = struct.unpack("<HH", packed.c.read_memory(q.used, 4))
+    assert (off_wrap, flags) == (2 | 1 << 15, 2)
+    # the driver disables interrupts
+    packed.c.write_memory(q.avail, struct.pack("<HH", 0, 1))
+    packed.d.request(0, [b"2"], [1])
+    packed.idle()
+    assert Client.eventfd_count(fds[1]) == 0
+    # and asks for one when the used entry at position 8 is written
+    packed.c.write_memory(q.avail, struct.pack("<HH", 8 | 1 << 15, 2))
+    for _ in range(2):
+        packed.d.request(0, [b"3"], [1])  # entries at 4 and 6
+    packed.idle()
+    assert Client.eventfd_count(fds[1]) == 0
+    packed.d.request(0, [b"4"], [1])  # entry at 8
+    assert fired(fds[1]) == 1
+
+
+def _packed_bad(packed: Rig, entries: list[tuple[int, int, int]]) -> None:
+    fds = packed.msix()
+    packed.ready(1, size=8)
+    q = packed.d.queues[0]
+    for i, (addr, length, flags) in enumerate(entries):
+        packed.c.write_memory(q.desc + 16 * i,
+                              PACKED_DESC.pack(addr, length, 0, flags | PACKED_DESC_F_AVAIL))
+    packed.d.kick(q)
+    _needs_reset(packed, fds)
+    packed.d.reset()
+    packed.ready(1, size=8)
+    assert packed.d.request(0, [b"ok"], [2]).data == b"ko"
+
+
+def test_packed_bad_unmapped_buffer(packed: Rig) -> None:
+    _packed_bad(packed, [(RAM + 0x1000, 16, 0)])
+
+
+def test_packed_bad_chain_longer_than_ring(packed: Rig) -> None:
+    _packed_bad(packed, [(0x1000, 1, DESC_F_NEXT)] * 8)
+
+
+def test_packed_bad_indirect_with_next(packed: Rig) -> None:
+    _packed_bad(packed, [(0x1000, 16, DESC_F_INDIRECT | DESC_F_NEXT), (0x1000, 1, 0)])
+
+
+def test_packed_bad_indirect_length(packed: Rig) -> None:
+    _packed_bad(packed, [(0x1000, 20, DESC_F_INDIRECT)])
+
+
+def test_packed_bad_readable_after_writable(packed: Rig) -> None:
+    _packed_bad(packed, [(0x1000, 1, DESC_F_WRITE | DESC_F_NEXT), (0x1000, 1, 0)])
+
+
+def test_packed_queue_size_need_not_be_a_power_of_two(packed: Rig) -> None:
+    packed.ready(1, vectors=False, size=12)
+    for i in range(30):
+        assert packed.d.request(0, [bytes([i, 1])], [2]).data == bytes([1, i])

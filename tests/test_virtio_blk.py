@@ -65,9 +65,10 @@ def make(sock_dir: Path, image: Path, *, fd_backed: bool = True, **kw: object) -
     return r
 
 
-@pytest.fixture(params=["memfd", "message"])
+@pytest.fixture(params=["memfd", "message", "memfd-packed", "message-packed"])
 def blk(request: pytest.FixtureRequest, sock_dir: Path, image: Path) -> Iterator[Blk]:
-    r = make(sock_dir, image, fd_backed=request.param == "memfd", queues=2)
+    r = make(sock_dir, image, fd_backed=request.param.startswith("memfd"), queues=2,
+             packed=request.param.endswith("packed"))
     r.ready(2)
     yield r
     r.close()
@@ -153,11 +154,12 @@ def test_request_without_status_byte_needs_reset(blk: Blk) -> None:
 
 def test_unmapped_data_buffer_needs_reset(blk: Blk) -> None:
     q = blk.d.queues[0]
+    start = q.avail_idx
     head = blk.d.add(0, [hdr(0)], [512, 1], notify=False)
-    # point the data descriptor outside guest memory
-    descs = q.inflight[head][0]
-    raw = blk.c.read_memory(q.desc + 16 * descs[1], 16)
-    blk.c.write_memory(q.desc + 16 * descs[1], struct.pack("<Q", 1 << 40) + raw[8:])
+    # point the data descriptor (the chain's second) outside guest memory; the address is
+    # the first field of both layouts
+    slot = (start + 1) % q.size if q.packed else q.inflight[head][0][1]
+    blk.c.write_memory(q.desc + 16 * slot, struct.pack("<Q", 1 << 40))
     blk.d.kick(q)
     wait_until(lambda: bool(blk.d.status & Status.DEVICE_NEEDS_RESET), WAIT, "NEEDS_RESET")
 
@@ -200,10 +202,12 @@ def test_multiqueue(sock_dir: Path, image: Path) -> None:
 
 
 def test_memory_backed_by_name() -> None:
-    dev = make_device("virtio-blk", ["--size", "1M", "--queues", "3", "--read-only"])
+    dev = make_device("virtio-blk", ["--size", "1M", "--queues", "3", "--read-only",
+                                     "--packed"])
     assert isinstance(dev, VirtioBlk)
     try:
         assert dev.sectors == 2048 and dev.num_queues == 3 and dev.read_only
+        assert dev.ring_packed
         assert dev.device_id == 0x1042
         assert "virtio_blk" in dev.guest_modules
     finally:

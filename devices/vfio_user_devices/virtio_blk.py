@@ -1,7 +1,8 @@
 """virtio-blk: a block device (virtio device ID 2) backed by a raw image file or memory.
 
 Served as ``vfio-user-server --socket S virtio-blk [--image PATH] [--size SIZE] [--queues N]
-[--read-only] [--serial S]``; Linux binds ``virtio_pci`` then ``virtio_blk`` (``/dev/vda``).
+[--read-only] [--serial S] [--packed]``; Linux binds ``virtio_pci`` then ``virtio_blk``
+(``/dev/vda``).
 
 Features offered: SEG_MAX, BLK_SIZE (512), FLUSH, MQ (up to :data:`MAX_QUEUES` request queues;
 Linux uses one per vCPU up to that), and DISCARD and WRITE_ZEROES unless read-only; RO with
@@ -117,6 +118,7 @@ class VirtioBlk(VirtioPciDevice):
         queues: int = 4,
         serial: str | None = None,
         backend: FileBackend | None = None,
+        packed: bool = False,
     ) -> None:
         if not 1 <= queues <= MAX_QUEUES:
             raise DeviceDefinitionError(f"virtio-blk: queues must be 1..{MAX_QUEUES}")
@@ -129,6 +131,7 @@ class VirtioBlk(VirtioPciDevice):
         self.read_only = read_only
         self.sectors = backend.size // SECTOR
         self.num_queues = queues
+        self.ring_packed = packed
         features = bit(F_SEG_MAX) | bit(F_BLK_SIZE) | bit(F_FLUSH) | bit(F_MQ)
         if read_only:
             features |= bit(F_RO)
@@ -156,11 +159,13 @@ class VirtioBlk(VirtioPciDevice):
         parser.add_argument("--queues", type=int, default=4,
                             help=f"request queues offered (1..{MAX_QUEUES}, default 4)")
         parser.add_argument("--serial", help="serial number (GET_ID; default: from the image)")
+        parser.add_argument("--packed", action="store_true",
+                            help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
 
     @classmethod
     def from_arguments(cls, ns: argparse.Namespace) -> VirtioBlk:
         return cls(ns.image, ns.size, read_only=ns.read_only, queues=ns.queues,
-                   serial=ns.serial)
+                   serial=ns.serial, packed=ns.packed)
 
     def close(self) -> None:
         self.backend.close()

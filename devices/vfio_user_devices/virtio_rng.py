@@ -1,6 +1,6 @@
 """virtio-rng: an entropy device (virtio device ID 4) fed by the host's ``os.urandom``.
 
-Served as ``vfio-user-server --socket S virtio-rng``; Linux binds ``virtio_pci`` then
+Served as ``vfio-user-server --socket S virtio-rng [--packed]``; Linux binds ``virtio_pci`` then
 ``virtio_rng``, which registers with the hw_random core (``/dev/hwrng``). One queue
 (requestq): each request is a chain of device-writable buffers, filled with random bytes (at
 most :data:`MAX_REQUEST` per request, as the specification allows the device to return fewer).
@@ -8,6 +8,7 @@ most :data:`MAX_REQUEST` per request, as the specification allows the device to 
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from vfio_user_server.virtio import DeviceId, VirtioPciDevice, Virtqueue
@@ -29,10 +30,20 @@ class VirtioRng(VirtioPciDevice):
     msix_vectors = 2
     guest_modules = ("virtio_pci", "virtio-rng")
 
-    def __init__(self) -> None:
+    def __init__(self, *, packed: bool = False) -> None:
+        self.ring_packed = packed
         super().__init__()
         #: bytes handed to the driver so far
         self.bytes_given = 0
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--packed", action="store_true",
+                            help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
+
+    @classmethod
+    def from_arguments(cls, ns: argparse.Namespace) -> VirtioRng:
+        return cls(packed=ns.packed)
 
     def process_queue(self, vq: Virtqueue) -> None:
         while (chain := vq.pop()) is not None:

@@ -36,8 +36,12 @@ from .spec import (
     DESC_SIZE,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
+    F_RING_PACKED,
     F_VERSION_1,
     NO_VECTOR,
+    PACKED_DESC,
+    PACKED_DESC_F_AVAIL,
+    PACKED_DESC_F_USED,
     USED_ELEM,
     CfgType,
     CommonCfg,
@@ -80,6 +84,12 @@ class DriverQueue:
     last_used: int = 0
     #: head -> (descriptor indices, writable buffers (addr, len))
     inflight: dict[int, tuple[list[int], list[tuple[int, int]]]] = field(default_factory=dict)
+    # packed ring: wrap counters, free ring entries, entries taken by each buffer ID
+    packed: bool = False
+    avail_wrap: int = 1
+    used_wrap: int = 1
+    free_slots: int = 0
+    slots: dict[int, int] = field(default_factory=dict)
 
 
 class VirtioPciDriver:
@@ -178,7 +188,7 @@ class VirtioPciDriver:
 
     def initialize(self, features: int | None = None) -> int:
         """Reset, ACKNOWLEDGE, DRIVER, accept ``features`` (default: all offered that this
-        driver knows: VERSION_1, INDIRECT_DESC, EVENT_IDX and the device's bits 0..23),
+        driver knows: VERSION_1, INDIRECT_DESC, EVENT_IDX, RING_PACKED, the device's bits),
         FEATURES_OK. Returns the status read back."""
         self.reset()
         self.set_status(Status.ACKNOWLEDGE)
@@ -186,7 +196,7 @@ class VirtioPciDriver:
         offered = self.device_features()
         if features is None:
             features = offered & ((1 << 24) - 1 | 1 << F_VERSION_1 | 1 << F_RING_INDIRECT_DESC
-                                  | 1 << F_RING_EVENT_IDX)
+                                  | 1 << F_RING_EVENT_IDX | 1 << F_RING_PACKED)
         for sel in (0, 1):
             self.common_write(CommonCfg.DRIVER_FEATURE_SELECT, 4, sel)
             self.common_write(CommonCfg.DRIVER_FEATURE, 4, features >> 32 * sel & 0xFFFFFFFF)
@@ -207,11 +217,15 @@ class VirtioPciDriver:
         if self.common_read(CommonCfg.QUEUE_ENABLE, 2):
             raise RuntimeError(f"queue {index} is already enabled")
         size = max_size if size is None else size
+        packed = self.has(F_RING_PACKED)
         desc = self.alloc(DESC_SIZE * size, 16)
-        avail = self.alloc(6 + 2 * size, 2)
-        used = self.alloc(6 + 8 * size, 4)
-        self.bus.write_memory(avail, bytes(6 + 2 * size))
-        self.bus.write_memory(used, bytes(6 + 8 * size))
+        # packed: the driver and device event suppression structures instead of the rings
+        avail_len, used_len = (4, 4) if packed else (6 + 2 * size, 6 + 8 * size)
+        avail = self.alloc(avail_len, 4)
+        used = self.alloc(used_len, 4)
+        self.bus.write_memory(desc, bytes(DESC_SIZE * size))
+        self.bus.write_memory(avail, bytes(avail_len))
+        self.bus.write_memory(used, bytes(used_len))
         self.common_write(CommonCfg.QUEUE_SIZE, 2, size)
         self.common_write64(CommonCfg.QUEUE_DESC, desc)
         self.common_write64(CommonCfg.QUEUE_DRIVER, avail)
@@ -219,7 +233,8 @@ class VirtioPciDriver:
         self.common_write(CommonCfg.QUEUE_MSIX_VECTOR, 2, vector)
         off = self.common_read(CommonCfg.QUEUE_NOTIFY_OFF, 2)
         notify = self._at(CfgType.NOTIFY, off * self.notify_multiplier)[1]
-        q = DriverQueue(index, size, desc, avail, used, notify, free=list(range(size)))
+        q = DriverQueue(index, size, desc, avail, used, notify, free=list(range(size)),
+                        packed=packed, free_slots=size)
         self.queues[index] = q
         if enable:
             self.common_write(CommonCfg.QUEUE_ENABLE, 2, 1)
@@ -245,6 +260,8 @@ class VirtioPciDriver:
             self.bus.write_memory(addr, bytes(n))
             bufs.append((addr, n, DESC_F_WRITE))
             wbufs.append((addr, n))
+        if q.packed:
+            return self._add_packed(q, bufs, wbufs, indirect=indirect, notify=notify)
         if indirect:
             table = self.alloc(DESC_SIZE * len(bufs), 16)
             raw = b"".join(
@@ -265,6 +282,52 @@ class VirtioPciDriver:
         q.inflight[head] = (used_desc, wbufs)
         self.publish(q, [head], notify=notify)
         return head
+
+    def _add_packed(self, q: DriverQueue, bufs: list[tuple[int, int, int]],
+                    wbufs: list[tuple[int, int]], *, indirect: bool, notify: bool) -> int:
+        if indirect:
+            table = self.alloc(DESC_SIZE * len(bufs), 16)
+            self.bus.write_memory(table, b"".join(PACKED_DESC.pack(a, n, 0, f)
+                                                  for a, n, f in bufs))
+            entries = [(table, DESC_SIZE * len(bufs), DESC_F_INDIRECT)]
+        else:
+            entries = [(a, n, f | (DESC_F_NEXT if i + 1 < len(bufs) else 0))
+                       for i, (a, n, f) in enumerate(bufs)]
+        if q.free_slots < len(entries) or not q.free:
+            raise RuntimeError("queue full")
+        buffer_id = q.free.pop(0)
+        q.free_slots -= len(entries)
+        q.slots[buffer_id] = len(entries)
+        q.inflight[buffer_id] = ([buffer_id], wbufs)
+        old = q.avail_idx
+        head_at, head_flags = 0, 0
+        for i, (a, n, f) in enumerate(entries):
+            wrap = q.avail_wrap
+            flags = f | (PACKED_DESC_F_AVAIL if wrap else PACKED_DESC_F_USED)
+            at = q.desc + DESC_SIZE * q.avail_idx
+            if i == 0:  # the head's flags go last: they hand the whole chain over
+                head_at, head_flags = at, flags
+                self.bus.write_memory(at, PACKED_DESC.pack(a, n, buffer_id, 0)[:14])
+            else:
+                self.bus.write_memory(at, PACKED_DESC.pack(a, n, buffer_id, flags))
+            q.avail_idx += 1
+            if q.avail_idx == q.size:
+                q.avail_idx, q.avail_wrap = 0, q.avail_wrap ^ 1
+        self.bus.write_memory(head_at + 14, struct.pack("<H", head_flags))
+        if notify and self._packed_should_notify(q, old):
+            self.kick(q)
+        return buffer_id
+
+    def _packed_should_notify(self, q: DriverQueue, old: int) -> bool:
+        off_wrap, flags = struct.unpack("<HH", self.bus.read_memory(q.used, 4))
+        if flags == 1:
+            return False
+        if flags != 2:
+            return True
+        off = off_wrap & 0x7FFF
+        if off_wrap >> 15 != q.avail_wrap:
+            off -= q.size
+        return bool((q.avail_idx - off - 1) & 0xFFFF < (q.avail_idx - old) & 0xFFFF)
 
     def write_desc(self, q: DriverQueue, i: int, addr: int, length: int, flags: int,
                    nxt: int) -> None:
@@ -297,6 +360,8 @@ class VirtioPciDriver:
     def get(self, index: int) -> Completion | None:
         """The next used entry, or None."""
         q = self.queues[index]
+        if q.packed:
+            return self._get_packed(q)
         if self.used_idx(index) == q.last_used:
             return None
         raw = self.bus.read_memory(q.used + 4 + 8 * (q.last_used % q.size), 8)
@@ -306,6 +371,24 @@ class VirtioPciDriver:
         q.free.extend(descs)
         data = b"".join(self.bus.read_memory(a, n) for a, n in wbufs)
         return Completion(head, written, data)
+
+    def _get_packed(self, q: DriverQueue) -> Completion | None:
+        at = q.desc + DESC_SIZE * q.last_used
+        flags = struct.unpack("<H", self.bus.read_memory(at + 14, 2))[0]
+        avail, used = bool(flags & PACKED_DESC_F_AVAIL), bool(flags & PACKED_DESC_F_USED)
+        if not (avail == used == bool(q.used_wrap)):
+            return None
+        _addr, written, buffer_id, _flags = PACKED_DESC.unpack(self.bus.read_memory(at, 16))
+        n = q.slots.pop(buffer_id)
+        q.last_used += n
+        if q.last_used >= q.size:
+            q.last_used -= q.size
+            q.used_wrap ^= 1
+        q.free_slots += n
+        descs, wbufs = q.inflight.pop(buffer_id)
+        q.free.extend(descs)
+        data = b"".join(self.bus.read_memory(a, n) for a, n in wbufs)
+        return Completion(buffer_id, written, data)
 
     def wait(self, index: int) -> Completion:
         """Poll for the next used entry (up to ``timeout`` seconds)."""

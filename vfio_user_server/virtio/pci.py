@@ -25,7 +25,8 @@ The transport does the rest, as Linux's ``virtio_pci`` expects it:
   plus the PCI configuration access capability (cfg_type 5), a window onto the BARs through
   config space (a device without configuration, ``config_size`` 0, has no cfg_type 4);
 * feature negotiation: VIRTIO_F_VERSION_1 is offered and required (a driver that does not
-  accept it never gets FEATURES_OK), with INDIRECT_DESC, EVENT_IDX and the device's bits;
+  accept it never gets FEATURES_OK), with INDIRECT_DESC, EVENT_IDX, RING_PACKED if
+  ``ring_packed`` is set (split rings otherwise) and the device's bits;
 * device status, and reset by writing 0 (status reads non-zero until the worker has
   stopped touching guest memory, so the driver's wait for 0 is meaningful);
 * interrupts: MSI-X with a config vector and per-queue vectors (a vector outside the table
@@ -60,6 +61,7 @@ from .spec import (
     DEVICE_FEATURE_MASK,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
+    F_RING_PACKED,
     F_VERSION_1,
     ISR_CONFIG,
     ISR_QUEUE,
@@ -72,7 +74,7 @@ from .spec import (
     Status,
     bit,
 )
-from .virtqueue import Virtqueue, VirtqueueError
+from .virtqueue import PackedVirtqueue, Virtqueue, VirtqueueError
 
 __all__ = ["VirtioPciCap", "VirtioPciCfgCap", "VirtioPciDevice", "VirtioPciNotifyCap"]
 
@@ -227,6 +229,8 @@ class VirtioPciDevice(PciDevice):
     queue_size: int = 256
     #: Bytes of device configuration (0x2000 in BAR4).
     config_size: int = 0
+    #: Offer VIRTIO_F_RING_PACKED (the driver then chooses the packed ring layout).
+    ring_packed: bool = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -244,7 +248,8 @@ class VirtioPciDevice(PciDevice):
             raise DeviceDefinitionError(f"config_size {self.config_size} out of range")
         #: Every feature bit offered to the driver.
         self.offered_features = (bit(F_VERSION_1) | bit(F_RING_INDIRECT_DESC)
-                                 | bit(F_RING_EVENT_IDX) | self.device_features)
+                                 | bit(F_RING_EVENT_IDX) | self.device_features
+                                 | (bit(F_RING_PACKED) if self.ring_packed else 0))
         self._cfg_cap = VirtioPciCfgCap()
         self._gen = 0
         self._draining = False
@@ -490,6 +495,9 @@ class VirtioPciDevice(PciDevice):
             setattr(vq, name, new)
 
     def _enable_queue(self, vq: Virtqueue) -> None:
+        if self.has_feature(F_RING_PACKED):
+            vq = PackedVirtqueue.configured_like(vq)
+            self._queues[vq.index] = vq
         problem = vq.check_config()
         if problem is not None:
             self.needs_reset(problem)
@@ -560,6 +568,7 @@ class VirtioPciDevice(PciDevice):
             self._service(vq, gen)
 
     def _service(self, vq: Virtqueue, gen: int) -> None:
+        idle = 0
         try:
             while True:
                 vq.suppress_notifications()
@@ -567,12 +576,17 @@ class VirtioPciDevice(PciDevice):
                 self.process_queue(vq)
                 if vq.dead:
                     return
+                # requests that arrive from here on notify again; those that came while
+                # notifications were off are found by the check, and processed in one more
+                # round (unless the device twice left them where they are: then it waits for
+                # the next notification, or its own kick())
                 more = vq.enable_notifications()
                 if vq.needs_interrupt():
                     with self.lock:
                         if gen == self._gen:
                             self._queue_interrupt(vq)
-                if not more or vq.popped == before:
+                idle = idle + 1 if vq.popped == before else 0
+                if not more or idle >= 2:
                     return
         except (VirtqueueError, DmaError) as exc:
             with self.lock:

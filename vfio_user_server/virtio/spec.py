@@ -158,6 +158,21 @@ AVAIL_ALIGN = 2
 USED_ALIGN = 4
 
 
+# --- packed virtqueues (2.8) --------------------------------------------------------------------
+
+#: struct pvirtq_desc: le64 addr, le32 len, le16 id, le16 flags.
+PACKED_DESC = struct.Struct("<QIHH")
+PACKED_DESC_F_AVAIL = 1 << 7
+PACKED_DESC_F_USED = 1 << 15
+#: struct pvirtq_event_suppress: le16 desc_event_off_wrap, le16 desc_event_flags.
+EVENT_SUPPRESS_SIZE = 4
+EVENT_FLAGS_ENABLE = 0
+EVENT_FLAGS_DISABLE = 1
+EVENT_FLAGS_DESC = 2
+PACKED_DESC_ALIGN = 16
+PACKED_EVENT_ALIGN = 4
+
+
 def need_event(event_idx: int, new: int, old: int) -> bool:
     """``vring_need_event``: did the index move past ``event_idx`` going from old to new?"""
     return (new - event_idx - 1) & 0xFFFF < (new - old) & 0xFFFF
