@@ -23,6 +23,7 @@ from vfio_user_devices.virtio_rng import VirtioRng
 from vfio_user_server.testing.harness import DeviceGuest
 from vfio_user_server.testing.provision import Provisioned
 from vfio_user_server.virtio import Status
+from vfio_user_server.virtio.spec import F_RING_PACKED
 
 pytestmark = pytest.mark.e2e
 
@@ -223,3 +224,37 @@ def test_blk_read_only_in_guest(vfio_user_provisioned: Provisioned) -> None:
             assert dev.stats["write"] == 0
     finally:
         dev.close()
+
+
+def test_blk_packed_ring(vfio_user_provisioned: Provisioned) -> None:
+    """Linux's virtio_ring takes the packed layout when it is offered."""
+    tmp = Path(tempfile.mkdtemp(prefix="virtio-blk-packed-", dir="/tmp"))
+    image = tmp / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+    dev = VirtioBlk(image, queues=2, packed=True)
+    try:
+        with DeviceGuest([dev], prov=vfio_user_provisioned, workdir=tmp / "work",
+                         modules=BLK_MODULES, name="virtio-blk-packed", smp=2) as h:
+            g = BlkGuest(h, image)
+            g.wait_disk()
+            assert dev.has_feature(F_RING_PACKED)
+            assert all(q.packed for q in dev.queues[:2])
+            g.run("dd if=/dev/urandom of=/tmp/r bs=4096 count=300 2>/dev/null")
+            want = g.guest_sha256("cat /tmp/r")
+            g.run(f"dd if=/tmp/r of={DISK} bs=4096 seek=11 oflag=direct 2>&1")
+            assert hashlib.sha256(g.host_bytes(11 * 4096, 300 * 4096)).hexdigest() == want
+            assert g.guest_sha256(f"dd if={DISK} bs=4096 skip=11 count=300 iflag=direct "
+                                  "2>/dev/null") == want
+            g.run(f"mke2fs -q {DISK} 2>&1 || mke2fs {DISK} 2>&1")
+            g.run(f"mkdir -p /mnt && mount -t ext2 {DISK} /mnt && "
+                  "dd if=/dev/urandom of=/mnt/blob bs=1024 count=555 2>/dev/null")
+            want = g.guest_sha256("cat /mnt/blob")
+            g.run("umount /mnt && echo 3 > /proc/sys/vm/drop_caches")
+            g.run(f"mount -t ext2 {DISK} /mnt")
+            assert g.guest_sha256("cat /mnt/blob") == want
+            g.run("umount /mnt")
+            assert not dev.status & Status.DEVICE_NEEDS_RESET
+    finally:
+        dev.close()
+        shutil.rmtree(tmp, ignore_errors=True)
