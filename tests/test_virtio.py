@@ -703,3 +703,38 @@ def test_packed_queue_size_need_not_be_a_power_of_two(packed: Rig) -> None:
     packed.ready(1, vectors=False, size=12)
     for i in range(30):
         assert packed.d.request(0, [bytes([i, 1])], [2]).data == bytes([1, i])
+
+
+def test_reset_stops_a_busy_worker(sock_dir: Path) -> None:
+    """A reset while the worker is inside process_queue: status reads non-zero until the
+    worker is out, and the old queue gives it nothing more."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(Echo):
+        def process_queue(self, vq: Virtqueue) -> None:
+            chain = vq.pop()
+            if chain is None:
+                return
+            entered.set()
+            release.wait(WAIT)
+            vq.push(chain, chain.write(b"late"))
+            self.after_reset = vq.pop()
+
+    dev = Slow()
+    r = Rig(sock_dir / "s.sock", dev)
+    try:
+        r.ready(1, vectors=False)
+        r.d.add(0, [b"x"], [4])
+        r.d.add(0, [b"y"], [4])
+        assert entered.wait(WAIT)
+        r.d.common_write(CommonCfg.DEVICE_STATUS, 1, 0)
+        assert r.d.status != 0  # the worker may still touch guest memory
+        release.set()
+        wait_until(lambda: r.d.status == 0, WAIT, "status 0 after the worker left")
+        assert dev.after_reset is None
+        assert r.d.used_idx(0) == 0  # the dead queue's push went nowhere
+    finally:
+        release.set()
+        r.close()

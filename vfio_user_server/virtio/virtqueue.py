@@ -249,8 +249,8 @@ class Virtqueue:
         return pending
 
     def pop(self) -> Chain | None:
-        """The next available request, or None."""
-        if self._avail_idx == self.last_avail and not self.avail_count():
+        """The next available request, or None (always None once the device was reset)."""
+        if self.dead or (self._avail_idx == self.last_avail and not self.avail_count()):
             return None
         slot = self.last_avail % self.size
         head = self._read_u16(self.driver + 4 + 2 * slot)
@@ -411,7 +411,7 @@ class PackedVirtqueue(Virtqueue):
         return int(self._available(self.last_avail))
 
     def pop(self) -> Chain | None:
-        if not self._available(self.last_avail):
+        if self.dead or not self._available(self.last_avail):
             return None
         readable: list[Buffer] = []
         writable: list[Buffer] = []
