@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MSI_CAP_ID, MSIX_CAP_ID, find_capability
+from helpers import MSI_CAP_ID, MSIX_CAP_ID, WAIT, find_capability
 
 from vfio_user_devices.nvme import BLOCK_SIZE, NvmeController, parse_size
 from vfio_user_devices.nvme_spec import (
@@ -35,8 +35,8 @@ from vfio_user_server.cli import make_device
 from vfio_user_server.client import Client
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag
 from vfio_user_server.server import Server
+from vfio_user_server.testing import Served, serve
 
-WAIT = 10.0
 PAGE = 4096
 RAM = 64 << 20
 ASQ, ACQ = 0x10000, 0x14000
@@ -212,13 +212,12 @@ class Driver:
 
 
 class Rig:
-    def __init__(self, path: Path, dev: NvmeController, *, fd_backed: bool = True) -> None:
-        self.dev = dev
-        self.server = Server(dev, path).start()
-        self.c = Client.connect(path)
-        self.c.negotiate()
-        self.c.add_memory(0, RAM, fd_backed=fd_backed)
-        self.d = Driver(self.c, dev)
+    """A Python NVMe driver over a controller served by :func:`serve`."""
+
+    def __init__(self, served: Served[NvmeController]) -> None:
+        self.dev = served.device
+        self.c = served.client
+        self.d = Driver(self.c, self.dev)
 
     def msix(self, vectors: int = 17) -> list[int]:
         cap = find_capability(self.c, MSIX_CAP_ID)
@@ -230,11 +229,6 @@ class Rig:
             self.c.set_irqs(IrqIndex.MSIX, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER,
                             start, len(chunk), chunk)
         return fds
-
-    def close(self) -> None:
-        self.c.close()
-        self.server.close()
-        self.dev.close()
 
 
 @pytest.fixture
@@ -253,12 +247,13 @@ def image(tmp: Path) -> Path:
 
 
 @pytest.fixture(params=["memfd", "message"])
-def rig(request: pytest.FixtureRequest, tmp: Path, image: Path) -> Iterator[Rig]:
-    r = Rig(tmp / "s", NvmeController(image), fd_backed=request.param == "memfd")
+def rig(request: pytest.FixtureRequest, image: Path) -> Iterator[Rig]:
+    dev = NvmeController(image)
     try:
-        yield r
+        with serve(dev, memory=RAM, fd_backed=request.param == "memfd") as s:
+            yield Rig(s)
     finally:
-        r.close()
+        dev.close()
 
 
 @pytest.fixture

@@ -33,7 +33,6 @@ to the worker, in order. Admin commands always go to the worker.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import hashlib
@@ -51,6 +50,7 @@ from vfio_user_server.device import PciDevice
 from vfio_user_server.dma import Segment
 from vfio_user_server.errors import DeviceDefinitionError, DmaError
 from vfio_user_server.irq import IrqIndex
+from vfio_user_server.options import Option
 from vfio_user_server.pci import Bar
 
 from .nvme_spec import (
@@ -342,6 +342,14 @@ class NvmeController(PciDevice):
     msix_table_offset = 0
     msix_pba_offset = 0x1000
     guest_modules = ("nvme",)
+    options = (
+        Option("--image", "raw image file backing namespace 1 (created with --size if missing)"),
+        Option("--size", "namespace size (e.g. 64M, 2G); without --image: in memory",
+               type=parse_size),
+        Option("--serial", "serial number (default: derived from the image)"),
+        Option("--queues", f"I/O queue pairs offered (1..{MAX_IO_QUEUES}, default 8)", type=int,
+               default=8),
+    )
 
     def __init__(
         self,
@@ -391,21 +399,6 @@ class NvmeController(PciDevice):
         #: (time, qid, cid, status) of failed commands, newest last (tests, debugging)
         self.errors: deque[tuple[float, int, int, int]] = deque(maxlen=64)
         self.reset()
-
-    # --- CLI ----------------------------------------------------------------------------------
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--image", help="raw image file backing namespace 1 "
-                            "(created with --size if missing)")
-        parser.add_argument("--size", type=parse_size,
-                            help="namespace size (e.g. 64M, 2G); without --image: in memory")
-        parser.add_argument("--serial", help="serial number (default: derived from the image)")
-        parser.add_argument("--queues", type=int, default=8,
-                            help=f"I/O queue pairs offered (1..{MAX_IO_QUEUES}, default 8)")
-
-    @classmethod
-    def from_arguments(cls, ns: argparse.Namespace) -> NvmeController:
-        return cls(ns.image, ns.size, serial=ns.serial, queues=ns.queues)
 
     # --- state --------------------------------------------------------------------------------
     def reset(self) -> None:
