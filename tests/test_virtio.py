@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MSIX_CAP_ID, find_capability, wait_until
+from helpers import MSIX_CAP_ID, find_capability, wait_until
 
 from vfio_user_devices.virtio_rng import MAX_REQUEST, VirtioRng
 from vfio_user_server.cli import make_device

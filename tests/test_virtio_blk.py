@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 from test_virtio import WAIT, Rig, fired
 
 from vfio_user_devices.virtio_blk import (

@@ -27,7 +27,6 @@ has fds, and through DMA_READ/DMA_WRITE messages otherwise, on the connection's 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -36,6 +35,7 @@ import time
 
 from vfio_user_server.dma import Segment
 from vfio_user_server.errors import DeviceDefinitionError, DmaError
+from vfio_user_server.options import Option
 from vfio_user_server.virtio import Chain, DeviceId, VirtioPciDevice, Virtqueue, VirtqueueError
 from vfio_user_server.virtio.spec import bit
 
@@ -108,6 +108,17 @@ class VirtioBlk(VirtioPciDevice):
     msix_vectors = MAX_QUEUES + 1
     config_size = CONFIG.size
     guest_modules = ("virtio_pci", "virtio_blk")
+    options = (
+        Option("--image", "raw image file (created with --size if missing)"),
+        Option("--size", "disk size (e.g. 64M, 2G); without --image: in memory",
+               type=parse_size),
+        Option("--read-only", "offer VIRTIO_BLK_F_RO and refuse writes", switch=True),
+        Option("--queues", f"request queues offered (1..{MAX_QUEUES}, default 4)", type=int,
+               default=4),
+        Option("--serial", "serial number (GET_ID; default: derived from the image)"),
+        Option("--packed", "offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)",
+               switch=True),
+    )
 
     def __init__(
         self,
@@ -147,25 +158,6 @@ class VirtioBlk(VirtioPciDevice):
         self.stats: dict[str, int] = {"read": 0, "write": 0, "flush": 0, "get_id": 0,
                                       "discard": 0, "write_zeroes": 0, "error": 0}
         super().__init__()
-
-    # --- CLI ----------------------------------------------------------------------------------
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--image", help="raw image file (created with --size if missing)")
-        parser.add_argument("--size", type=parse_size,
-                            help="disk size (e.g. 64M, 2G); without --image: in memory")
-        parser.add_argument("--read-only", action="store_true",
-                            help="offer VIRTIO_BLK_F_RO and refuse writes")
-        parser.add_argument("--queues", type=int, default=4,
-                            help=f"request queues offered (1..{MAX_QUEUES}, default 4)")
-        parser.add_argument("--serial", help="serial number (GET_ID; default: from the image)")
-        parser.add_argument("--packed", action="store_true",
-                            help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
-
-    @classmethod
-    def from_arguments(cls, ns: argparse.Namespace) -> VirtioBlk:
-        return cls(ns.image, ns.size, read_only=ns.read_only, queues=ns.queues,
-                   serial=ns.serial, packed=ns.packed)
 
     def close(self) -> None:
         self.backend.close()

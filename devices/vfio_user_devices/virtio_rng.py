@@ -8,9 +8,9 @@ most :data:`MAX_REQUEST` per request, as the specification allows the device to 
 
 from __future__ import annotations
 
-import argparse
 import os
 
+from vfio_user_server.options import Option
 from vfio_user_server.virtio import DeviceId, VirtioPciDevice, Virtqueue
 
 __all__ = ["MAX_REQUEST", "VirtioRng"]
@@ -29,21 +29,16 @@ class VirtioRng(VirtioPciDevice):
     queue_size = 256
     msix_vectors = 2
     guest_modules = ("virtio_pci", "virtio-rng")
+    options = (
+        Option("--packed", "offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)",
+               switch=True),
+    )
 
     def __init__(self, *, packed: bool = False) -> None:
         self.ring_packed = packed
         super().__init__()
         #: bytes handed to the driver so far
         self.bytes_given = 0
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--packed", action="store_true",
-                            help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
-
-    @classmethod
-    def from_arguments(cls, ns: argparse.Namespace) -> VirtioRng:
-        return cls(packed=ns.packed)
 
     def process_queue(self, vq: Virtqueue) -> None:
         while (chain := vq.pop()) is not None:
