@@ -128,9 +128,14 @@ def fired(fd: int, timeout: float = WAIT) -> int:
     return Client.eventfd_count(fd) if r else 0
 
 
-@pytest.fixture(params=["memfd", "message"])
+class InlineEcho(Echo):
+    inline = True
+
+
+@pytest.fixture(params=["memfd", "message", "memfd-inline", "message-inline"])
 def rig(request: pytest.FixtureRequest, sock_dir: Path) -> Iterator[Rig]:
-    r = Rig(sock_dir / "v.sock", Echo(), fd_backed=request.param == "memfd")
+    dev = InlineEcho() if request.param.endswith("inline") else Echo()
+    r = Rig(sock_dir / "v.sock", dev, fd_backed=request.param.startswith("memfd"))
     yield r
     r.close()
 
@@ -737,4 +742,30 @@ def test_reset_stops_a_busy_worker(sock_dir: Path) -> None:
         assert r.d.used_idx(0) == 0  # the dead queue's push went nowhere
     finally:
         release.set()
+        r.close()
+
+
+def test_inline_hands_message_dma_to_the_worker(sock_dir: Path) -> None:
+    """Rings in fd-backed memory, a buffer in memory without an fd: the loop thread leaves
+    that request (unconsumed) to the worker, which completes it by DMA messages."""
+    dev = InlineEcho()
+    r = Rig(sock_dir / "i.sock", dev)
+    try:
+        r.c.add_memory(RAM, 1 << 20, fd_backed=False)
+        r.ready(1, vectors=False)
+        assert r.d.request(0, [b"direct"], [6]).data == b"tcerid"
+        q = r.d.queues[0]
+        r.c.write_memory(RAM + 0x100, b"by message")
+        head = q.free.pop(0)
+        second = q.free.pop(0)
+        r.d.write_desc(q, head, RAM + 0x100, 10, DESC_F_NEXT, second)
+        out = r.d.alloc(10)
+        r.d.write_desc(q, second, out, 10, DESC_F_WRITE, 0)
+        q.inflight[head] = ([head, second], [(out, 10)])
+        r.d.publish(q, [head])
+        done = r.d.wait(0)
+        assert done.data == b"egassem yb"
+        assert not r.d.status & Status.DEVICE_NEEDS_RESET
+        assert ("read", RAM + 0x100, 10) in r.c.dma_requests
+    finally:
         r.close()

@@ -74,7 +74,7 @@ from .spec import (
     Status,
     bit,
 )
-from .virtqueue import PackedVirtqueue, Virtqueue, VirtqueueError
+from .virtqueue import NeedsWorker, PackedVirtqueue, Virtqueue, VirtqueueError
 
 __all__ = ["VirtioPciCap", "VirtioPciCfgCap", "VirtioPciDevice", "VirtioPciNotifyCap"]
 
@@ -231,6 +231,11 @@ class VirtioPciDevice(PciDevice):
     config_size: int = 0
     #: Offer VIRTIO_F_RING_PACKED (the driver then chooses the packed ring layout).
     ring_packed: bool = False
+    #: May :meth:`process_queue` run on the loop thread, right in the notify write, when the
+    #: worker is idle? Only for handlers that touch guest memory through the chain and the
+    #: DMA layer (no threads of their own) and whose work is short (a file read or write is
+    #: fine). Requests in memory without fds are still handed to the worker.
+    inline: bool = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -548,11 +553,35 @@ class VirtioPciDevice(PciDevice):
         vq.kicked = True
         if self._draining:
             return  # the worker looks for kicked queues before it stops
+        if self.inline and self._service_inline(vq):
+            return
         try:
             self.defer(self._drain)
         except DmaError:
             return
         self._draining = True
+
+    def _service_inline(self, vq: Virtqueue) -> bool:
+        """Run the queue here, on the loop thread (lock held, worker idle); True if done,
+        False if something needs message DMA (it is then left, unconsumed, to the worker)."""
+        try:
+            table = self.dma.table
+        except DmaError:
+            return False
+        # the rings must be fd-backed all through: after a request is consumed, nothing may
+        # need the worker any more
+        if not all(table.is_direct(addr, n) for addr, n in vq.ring_areas()):
+            return False
+        vq.kicked = False
+        vq.inline = True
+        try:
+            self._service(vq, self._gen)
+        except NeedsWorker:
+            vq.kicked = True
+            return False
+        finally:
+            vq.inline = False
+        return True
 
     def _drain(self) -> None:
         """Worker thread: service kicked queues until none is left."""
@@ -588,6 +617,8 @@ class VirtioPciDevice(PciDevice):
                 idle = idle + 1 if vq.popped == before else 0
                 if not more or idle >= 2:
                     return
+        except NeedsWorker:
+            raise
         except (VirtqueueError, DmaError) as exc:
             with self.lock:
                 if gen == self._gen and not vq.dead:

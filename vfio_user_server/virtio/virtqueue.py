@@ -47,7 +47,8 @@ from .spec import (
     need_event,
 )
 
-__all__ = ["MAX_INDIRECT", "Chain", "PackedVirtqueue", "Virtqueue", "VirtqueueError"]
+__all__ = ["MAX_INDIRECT", "Chain", "NeedsWorker", "PackedVirtqueue", "Virtqueue",
+           "VirtqueueError"]
 
 #: Most descriptors an indirect table may hold (QEMU's limit too).
 MAX_INDIRECT = 1024
@@ -59,6 +60,11 @@ Buffer = tuple[int, int]  # (guest address, length)
 
 class VirtqueueError(Exception):
     """The driver broke the virtqueue rules; the device must be reset."""
+
+
+class NeedsWorker(Exception):
+    """Raised in :attr:`Virtqueue.inline` mode before touching memory that is not fd-backed
+    (message DMA is not allowed on the server's loop thread); nothing was consumed."""
 
 
 class Chain:
@@ -183,6 +189,9 @@ class Virtqueue:
         #: chains popped / pushed since the queue started (for tests and statistics)
         self.popped = 0
         self.pushed = 0
+        #: set by the transport while it runs the queue on the loop thread: every access must
+        #: be to fd-backed memory, else :class:`NeedsWorker` (before anything is consumed)
+        self.inline = False
 
     def __repr__(self) -> str:
         return (f"Virtqueue({self.index}, size={self.size}, enabled={self.enabled}, "
@@ -205,6 +214,11 @@ class Virtqueue:
                 return f"queue {self.index}: {name} at {addr:#x} wraps the address space"
         return None
 
+    def ring_areas(self) -> tuple[tuple[int, int], ...]:
+        """``(address, length)`` of the descriptor table, driver area and device area."""
+        return ((self.desc, DESC_SIZE * self.size), (self.driver, 6 + 2 * self.size),
+                (self.device, 6 + USED_ELEM_SIZE * self.size))
+
     def start(self, dma: DmaAccessor, *, event_idx: bool, indirect: bool) -> None:
         """The driver enabled the queue: begin at index 0 with the negotiated features."""
         self.dma = dma
@@ -222,15 +236,48 @@ class Virtqueue:
         return self.dma
 
     def _read(self, addr: int, length: int) -> bytes:
+        if self.inline:
+            return self._inline_access(addr, length, None)
         try:
             return self._dma().read(addr, length)
         except DmaError as exc:
             raise VirtqueueError(f"queue {self.index}: {exc}") from exc
 
+    def _inline_access(self, addr: int, length: int, data: bytes | None) -> bytes:
+        """Read (``data`` None) or write through the mmapped guest memory only."""
+        try:
+            segs = self._dma().table.translate(addr, length, write=data is not None)
+        except DmaError as exc:
+            raise VirtqueueError(f"queue {self.index}: {exc}") from exc
+        try:
+            if any(s.view is None for s in segs):
+                raise NeedsWorker
+            if data is None:
+                return b"".join(bytes(s.view) for s in segs if s.view is not None)
+            pos = 0
+            for s in segs:
+                if s.view is not None:
+                    s.view[:] = data[pos:pos + s.length]
+                    pos += s.length
+            return b""
+        finally:
+            for s in segs:
+                s.release()
+
+    def _check_inline(self, chain: Chain) -> None:
+        """In inline mode: every buffer of ``chain`` must be fd-backed."""
+        table = self._dma().table
+        for addr, n in chain.readable + chain.writable:
+            if n and not table.is_direct(addr, n):
+                raise NeedsWorker
+
     def _read_u16(self, addr: int) -> int:
         return int.from_bytes(self._read(addr, 2), "little")
 
     def _write(self, addr: int, data: bytes) -> None:
+        if self.inline:
+            self._inline_access(addr, len(data), data)
+            return
         try:
             self._dma().write(addr, data)
         except DmaError as exc:
@@ -257,6 +304,8 @@ class Virtqueue:
         if head >= self.size:
             raise VirtqueueError(f"queue {self.index}: head {head} >= size {self.size}")
         chain = self._walk(head)
+        if self.inline:
+            self._check_inline(chain)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         self.popped += 1
         return chain
@@ -395,6 +444,10 @@ class PackedVirtqueue(Virtqueue):
                 return f"queue {self.index}: {name} at {addr:#x} wraps the address space"
         return None
 
+    def ring_areas(self) -> tuple[tuple[int, int], ...]:
+        return ((self.desc, PACKED_DESC.size * self.size), (self.driver, EVENT_SUPPRESS_SIZE),
+                (self.device, EVENT_SUPPRESS_SIZE))
+
     def start(self, dma: DmaAccessor, *, event_idx: bool, indirect: bool) -> None:
         super().start(dma, event_idx=event_idx, indirect=indirect)
         self.avail_wrap = self.used_wrap = 1
@@ -447,12 +500,15 @@ class PackedVirtqueue(Virtqueue):
             if count >= self.size:
                 raise VirtqueueError(f"queue {self.index}: descriptor chain longer than the ring")
             slot = slot + 1 if slot + 1 < self.size else 0
+        chain = Chain(self._dma(), buffer_id, readable, writable, count)
+        if self.inline:
+            self._check_inline(chain)
         self.last_avail += count
         if self.last_avail >= self.size:
             self.last_avail -= self.size
             self.avail_wrap ^= 1
         self.popped += 1
-        return Chain(self._dma(), buffer_id, readable, writable, count)
+        return chain
 
     def _add_buffer(self, readable: list[Buffer], writable: list[Buffer], addr: int,
                     length: int, flags: int) -> None:
