@@ -39,7 +39,7 @@ from vfio_user_server.options import Option
 from vfio_user_server.virtio import Chain, DeviceId, VirtioPciDevice, Virtqueue, VirtqueueError
 from vfio_user_server.virtio.spec import bit
 
-from .nvme import FileBackend, parse_size
+from .nvme_backend import FileBackend, parse_size
 
 __all__ = ["MAX_QUEUES", "VirtioBlk"]
 
