@@ -13,7 +13,9 @@ milliseconds, small against the thousands of requests of each figure).
     python bench/virtio_blk.py                 # both devices, 3 repetitions, medians
     python bench/virtio_blk.py --reps 1 --ops 500
 
-Output: one JSON line per figure and repetition, then a markdown table of the medians. The
+Ours runs twice: as served (requests in fd-backed memory run inline, in the notify write) and
+with ``inline`` off (every request handed to the worker thread). Output: one JSON line per
+figure and repetition, then a markdown table of the medians. The
 C column (QEMU's x-vfio-user-server exporting virtio-blk-pci) needs the C peer of
 bench/run_all.py and is not measured by this script.
 """
@@ -28,6 +30,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from vfio_user_devices.virtio_blk import VirtioBlk
 from vfio_user_server.testing.guest import QemuMachine
@@ -61,8 +64,9 @@ def measure(run: Runner, ops: int) -> dict[str, float]:
 
 
 @contextmanager
-def ours(workdir: Path, image: Path) -> Iterator[Runner]:
+def ours(workdir: Path, image: Path, *, inline: bool = True) -> Iterator[Runner]:
     dev = VirtioBlk(image, queues=1)
+    dev.inline = inline
     try:
         with DeviceGuest([dev], workdir=workdir, modules=MODULES, name="bench-ours") as h:
             h.run("for i in $(seq 100); do [ -b /dev/vda ] && break; sleep 0.1; done",
@@ -88,11 +92,17 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ops", type=int, default=2000, help="4 KiB requests per QD1 figure")
     args = p.parse_args()
-    results: dict[str, dict[str, list[float]]] = {"ours": {}, "qemu": {}}
+    results: dict[str, dict[str, list[float]]] = {"ours": {}, "ours-worker": {}, "qemu": {}}
+
+    def ours_worker(workdir: Path, image: Path) -> Any:
+        return ours(workdir, image, inline=False)
+
     tmp = Path(tempfile.mkdtemp(prefix="bench-virtio-blk-"))
     try:
         for rep in range(args.reps):
-            for name, make in (("ours", ours), ("qemu", in_process)):
+            makers: tuple[tuple[str, Callable[[Path, Path], Any]], ...] = (
+                ("ours", ours), ("ours-worker", ours_worker), ("qemu", in_process))
+            for name, make in makers:
                 image = tmp / f"{name}.img"
                 with open(image, "wb") as f:
                     f.truncate(SIZE)
@@ -104,12 +114,14 @@ def main() -> int:
                           flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("\n| figure | ours (Python, vfio-user) | QEMU in-process virtio-blk-pci | ratio |")
-    print("|---|---|---|---|")
+    print("\n| figure | ours (inline) | ours (worker only) | QEMU in-process virtio-blk-pci "
+          "| ratio (inline) |")
+    print("|---|---|---|---|---|")
     for key in results["ours"]:
         a = statistics.median(results["ours"][key])
+        w = statistics.median(results["ours-worker"][key])
         b = statistics.median(results["qemu"][key])
-        print(f"| {key} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
+        print(f"| {key} | {a:,.0f} | {w:,.0f} | {b:,.0f} | {a / b:.2f}x |")
     return 0
 
 
