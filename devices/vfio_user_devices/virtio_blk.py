@@ -107,7 +107,6 @@ class VirtioBlk(VirtioPciDevice):
     queue_size = QUEUE_SIZE
     msix_vectors = MAX_QUEUES + 1
     config_size = CONFIG.size
-    inline = True  # requests in fd-backed memory run in the notify write itself
     guest_modules = ("virtio_pci", "virtio_blk")
     options = (
         Option("--image", "raw image file (created with --size if missing)"),

@@ -28,7 +28,6 @@ class VirtioRng(VirtioPciDevice):
     num_queues = 1
     queue_size = 256
     msix_vectors = 2
-    inline = True  # requests in fd-backed memory run in the notify write itself
     guest_modules = ("virtio_pci", "virtio-rng")
     options = (
         Option("--packed", "offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)",

@@ -234,7 +234,8 @@ class VirtioPciDevice(PciDevice):
     #: May :meth:`process_queue` run on the loop thread, right in the notify write, when the
     #: worker is idle? Only for handlers that touch guest memory through the chain and the
     #: DMA layer (no threads of their own) and whose work is short (a file read or write is
-    #: fine). Requests in memory without fds are still handed to the worker.
+    #: fine). Requests in memory without fds are still handed to the worker. Off by default:
+    #: in a TCG guest, virtio-blk measured slower with it (BENCHMARKS.md).
     inline: bool = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
