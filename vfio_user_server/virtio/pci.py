@@ -33,7 +33,8 @@ The transport does the rest, as Linux's ``virtio_pci`` expects it:
   reads back as NO_VECTOR), else INTx, level-triggered, with the ISR register;
 * notifications: a trapped write to the notify area marks the queue; the connection's worker
   thread runs :meth:`VirtioPciDevice.process_queue` (so message DMA works), then publishes
-  used entries and interrupts as the driver's suppression asks;
+  used entries and interrupts as the driver's suppression asks (a device with ``inline`` set
+  has requests in fd-backed memory run right in the notify write, on the loop thread);
 * a malformed ring or an unmapped address (:class:`~.virtqueue.VirtqueueError`) sets
   DEVICE_NEEDS_RESET and raises the configuration interrupt; the queues then stand still
   until the driver resets the device.
