@@ -108,3 +108,23 @@ def test_prune_keeps_recent_and_the_newest(tmp_path: Path) -> None:
     assert sorted(removed) == ["t01", "t02", "t03"]
     left = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert len(left) == snapshot.MAX_TEMPLATES and "t00" in left
+
+
+def test_restore_is_the_default_with_opt_outs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vfio_user_server.errors import GuestError
+    from vfio_user_server.testing.guest import QemuMachine
+
+    monkeypatch.delenv("PYVFIO_COLD_BOOT", raising=False)
+    assert QemuMachine()._wants_restore()
+    assert not QemuMachine(cold_boot=True)._wants_restore()
+    # what cannot be restored boots cold, or is an error when a restore was asked for
+    assert not QemuMachine(test_script="true")._wants_restore()
+    assert not QemuMachine(agent=False)._wants_restore()
+    assert not QemuMachine(sockets=[f"/s{i}" for i in range(16)])._wants_restore()
+    with pytest.raises(GuestError, match="agent=False"):
+        QemuMachine(agent=False, cold_boot=False)._wants_restore()
+    monkeypatch.setenv("PYVFIO_COLD_BOOT", "1")
+    assert not QemuMachine()._wants_restore()
+    assert QemuMachine(cold_boot=False)._wants_restore()  # explicit beats the environment
+    monkeypatch.setenv("PYVFIO_COLD_BOOT", "0")
+    assert QemuMachine()._wants_restore()

@@ -405,8 +405,9 @@ class QemuMachine:
         self._device_counter = 0
         #: True once started from a template snapshot (False: booted cold).
         self.restored = False
-        #: The template snapshot this guest was restored from.
+        #: The template snapshot this guest was restored from, and whether this start made it.
         self.template: Template | None = None
+        self.template_made = False
         #: Root ports (QOM ids) this machine has for hot-plug, and the devices placed in them.
         self.ports: list[str] = []
         self._port_users: dict[str, str] = {}
@@ -655,7 +656,7 @@ class QemuMachine:
                 data, mode = src, 0o644
             else:
                 data, mode = Path(src).read_bytes(), Path(src).stat().st_mode & 0o7777
-            files[path] = [hashlib.sha256(data).hexdigest(), mode]
+            files[path.lstrip("/")] = [hashlib.sha256(data).hexdigest(), mode]
         return {
             "argv": argv,
             "qemu": [prov.qemu.version, *snapshot.file_identity(prov.qemu.binary)],
@@ -746,6 +747,7 @@ class QemuMachine:
             timeout=3 * self.boot_timeout,
         )
         self.template = template
+        self.template_made = made
         self.ports = [f"{PORT_PREFIX}{i}" for i in range(self._port_count())]
         # The template's boot console first, so the console log tells the whole story.
         with open(self.console_log, "wb") as out:
