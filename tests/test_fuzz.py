@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from conftest import negotiated, wait_until
+from helpers import negotiated, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
