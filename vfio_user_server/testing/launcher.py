@@ -1,7 +1,9 @@
 """``vfio-user-launch``: a Python device and a Linux guest attached to it, in one command.
 
 The successor of multi-process QEMU's ``mpqemu-launcher``: it provisions QEMU and a guest on
-first use (a progress line per download), serves the device, boots the guest, and then either
+first use (a progress line per download), serves the device, starts the guest (restored from a
+template snapshot with the device hot-plugged; ``--cold-boot`` boots it with the device
+present at power-on), and then either
 runs ``--run CMD`` in the guest and exits with its status, or gives a shell prompt whose
 commands run in the guest (through the guest's command agent; ``exit`` or Ctrl-D leaves)::
 
