@@ -312,10 +312,13 @@ class NvmeController(PciDevice):
                                  f"controller's {getattr(self, name)}")
         for name, limit in (("cc", CC_WRITABLE), ("csts", 0xFFFFFFFF), ("aqa", AQA_WRITABLE),
                             ("asq", (1 << 64) - PAGE_SIZE), ("acq", (1 << 64) - PAGE_SIZE),
-                            ("intms", 0xFFFFFFFF), ("io_sq_limit", self.max_queues),
-                            ("io_cq_limit", self.max_queues), ("power_cycles", (1 << 64) - 1)):
+                            ("intms", 0xFFFFFFFF), ("power_cycles", (1 << 64) - 1)):
             value = fields[name]
             if not isinstance(value, int) or value < 0 or value & ~limit:
+                raise StateError(f"nvme: {name} {value!r} out of range")
+        for name in ("io_sq_limit", "io_cq_limit"):
+            value = fields[name]
+            if not isinstance(value, int) or not 1 <= value <= self.max_queues:
                 raise StateError(f"nvme: {name} {value!r} out of range")
         for name in ("features", "vector_config", "stats"):
             table = fields[name]

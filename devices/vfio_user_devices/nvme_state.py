@@ -68,7 +68,7 @@ def check_queue_state(ctrl: NvmeController, value: Any) -> None:
             raise StateError("nvme: a CQ is not [qid, base, size, iv, ien, head, tail, phase, "
                              "sqids]")
         sqids = item[8]
-        qid, base, size, iv, _, head, tail, phase = _ints(item[:8], 8, "a CQ")
+        qid, base, size, iv, head, tail, phase = _ints(item[:4] + item[5:8], 7, "a CQ")
         if not isinstance(item[4], bool):
             raise StateError("nvme: a CQ's ien is not a bool")
         _check_queue("CQ", ctrl, qid, base, size, head, tail, cq_ids)
