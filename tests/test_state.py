@@ -154,6 +154,24 @@ def test_config_msix_and_irq_state_survive(tmp_path: Path) -> None:
             os.close(fd)
 
 
+def test_bar_sizing_and_power_state_survive() -> None:
+    """A BAR in the middle of sizing and the PM state are in the config bytes."""
+    with serve(Leds()) as s:
+        c = s.client
+        c.config_write(0x10, 4, 0xFFFFFFFF)
+        sizing = c.config_read(0x10, 4)
+        pm = find_capability(c, 0x01)
+        c.config_write(pm + 4, 2, 3)  # D3hot
+        data = s.device.save_state()
+    b = Leds()
+    with serve(b) as s2:
+        b.load_state(data)
+        assert s2.client.config_read(0x10, 4) == sizing == 0xFFFFF000
+        assert s2.client.config_read(pm + 4, 2) & 3 == 3
+        s2.client.config_write(0x10, 4, 0xFEB00000)
+        assert b.config.bar_address(0) == 0xFEB00000
+
+
 def test_edu_registers_and_msi_after_load() -> None:
     a = Edu()
     with serve(a, memory=1 << 20, enable=True) as s:
@@ -510,6 +528,25 @@ def test_fuzzed_bodies_never_half_load(key: str, value: Any) -> None:
         assert b.save_state() == before
     else:  # only what the good state holds there (or DMA maps, which are not loaded)
         assert b.save_state() == _GOOD_STATE
+
+
+_NVME = NvmeController(size=1 << 20, serial="F")
+_NVME_STATE = _NVME.save_state()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["queue_state", "features", "temperature_thresholds", "cc", "stats"]),
+       _json)
+def test_fuzzed_nvme_fields_never_half_load(key: str, value: Any) -> None:
+    body = _body(_NVME_STATE)
+    body["fields"][key] = state_mod.encode_value(value)
+    before = _NVME.save_state()
+    try:
+        _NVME.load_state(_rebuild(body))
+    except StateError:
+        assert _NVME.save_state() == before
+    else:
+        _NVME.load_state(before)
 
 
 @settings(max_examples=200, deadline=None)

@@ -236,8 +236,9 @@ class PciDevice(VfioDevice):
 
     def quiesce(self) -> None:
         """Finish in-flight work and start no more until :meth:`resume` (state saving and
-        loading). Called without :attr:`lock`, from the thread that serves the device's
-        messages, so no BAR access arrives meanwhile. Default: nothing to drain."""
+        loading). Called without :attr:`lock`; the caller sees to it that no BAR access
+        arrives meanwhile, while DMA replies still do (in-flight work may be waiting for one:
+        message DMA). Default: nothing to drain."""
 
     def resume(self) -> None:
         """Undo :meth:`quiesce`: pick up work again (the state may be a new one)."""
