@@ -20,6 +20,7 @@ from supervised import ServerProcess, run_cli
 
 from vfio_user_devices.edu import Edu
 from vfio_user_devices.idio16 import PciIdio16
+from vfio_user_server import systemd
 from vfio_user_server.cli import EXIT_DEVICE, EXIT_OK, EXIT_SOCKET, EXIT_USAGE
 from vfio_user_server.client import Client
 from vfio_user_server.sample import ID_VALUE, REG_ID, SampleDevice
@@ -325,3 +326,35 @@ def test_exit_status_signal_stop(sock_path: Path, procs: list[ServerProcess],
     p.ready()
     assert p.stop(sig) == EXIT_OK, p.stderr()
     assert f"signal {int(sig)}: shutting down" in p.stderr()
+
+
+# --- the environment variables, parsed ------------------------------------------------------
+
+
+def test_listen_fds_parsing() -> None:
+    env = {"LISTEN_FDS": "2", "LISTEN_PID": "42", "LISTEN_FDNAMES": "a:b", "OTHER": "x"}
+    got = systemd.listen_fds(env, pid=42)
+    assert (got.fds, got.names) == ((3, 4), ("a", "b"))
+    assert env == {"OTHER": "x"}  # removed: no child takes them for its own
+    assert systemd.listen_fds({"LISTEN_FDS": "1", "LISTEN_PID": "41"}, pid=42).fds == ()
+    assert systemd.listen_fds({}, pid=42).fds == ()
+    assert systemd.listen_fds({"LISTEN_FDS": "1"}, pid=42).names == ("unknown",)
+    for bad, message in (({"LISTEN_FDS": "x"}, "not a number"),
+                         ({"LISTEN_FDS": "-1"}, "negative"),
+                         ({"LISTEN_FDS": "1", "LISTEN_PID": "me"}, "not a process id"),
+                         ({"LISTEN_FDS": "2", "LISTEN_FDNAMES": "a"}, "names 1 fds")):
+        with pytest.raises(ValueError, match=message):
+            systemd.listen_fds(dict(bad), pid=42)
+
+
+def test_malformed_listen_fds_is_a_usage_error() -> None:
+    proc = run_cli(["sample"], env={"LISTEN_FDS": "two"})
+    assert proc.returncode == EXIT_USAGE
+    assert "LISTEN_FDS='two' is not a number" in proc.stderr
+
+
+def test_notify_without_a_socket_sends_nothing(sock_dir: Path) -> None:
+    assert systemd.notify("READY=1", {}) is False
+    assert systemd.notify("READY=1", {"NOTIFY_SOCKET": "relative"}) is False
+    # a supervisor that went away costs a warning, not the service
+    assert systemd.notify("READY=1", {"NOTIFY_SOCKET": str(sock_dir / "gone")}) is False
