@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .connection import Connection
+from .dmacopy import default_copy
 from .endpoint import VfioDevice
 from .errors import ConnectionClosed, FramingError, VfioUserError
 from .protocol.constants import DmaLayout
@@ -135,6 +136,8 @@ class Server:
         trace_file: TextIO | None = None,
     ) -> None:
         self.device = device
+        # chosen (and said) before the socket listens: a signal right after finds it done
+        log.info("DMA guarded copies: %s", default_copy().name)
         self._listener: socket.socket | None = None
         #: whether close() removes the socket file (not for a socket handed over)
         self.owns_path = not isinstance(path, socket.socket)
