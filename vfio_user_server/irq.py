@@ -455,6 +455,33 @@ class IrqController:
         self.stop_watcher()
         self.reset()
 
+    # ------------------------------------------------------------------------ live upgrade
+
+    def eventfds(self) -> tuple[list[tuple[int, int, int]], int | None]:
+        """The fds held now: ``([(index, vector, fd), ...], resample_fd)``; still owned here."""
+        with self._lock:
+            fds = [(int(idx), v, vec.fd) for idx, vecs in self._vecs.items()
+                   for v, vec in enumerate(vecs) if vec.fd is not None]
+            return fds, self._resample_fd
+
+    def adopt_eventfds(self, fds: Sequence[tuple[int, int, int]], resample_fd: int | None
+                       ) -> None:
+        """Take over the fds another process held (a live upgrade), silently: nothing fires.
+        The controller owns them from here on (also when this raises: they are closed)."""
+        with self._lock:
+            try:
+                targets = [self._vector(index, vector) for index, vector, _fd in fds]
+            except BaseException:
+                for _i, _v, fd in fds:
+                    close_fd(fd, "IRQ fd")
+                close_fd(resample_fd, "IRQ fd")
+                raise
+            for (_idx, vec), (_i, _v, fd) in zip(targets, fds, strict=True):
+                old, vec.fd = vec.fd, fd
+                if old is not None and old != fd:
+                    close_fd(old, "IRQ fd")
+            self._set_resample_fd(resample_fd)
+
     # ------------------------------------------------------------------------ device state
 
     def restore(self, *, level: bool, intx_disabled: bool,
