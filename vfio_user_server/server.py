@@ -427,6 +427,16 @@ class Server:
         self._thread.start()
         return self
 
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` runs the loop in a background thread."""
+        return self._thread is not None
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the loop started by :meth:`start` to end."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def wait_for_client(self, timeout: float | None = None) -> Connection:
         with self._connected:
             if not self._connected.wait_for(lambda: self.connection is not None, timeout):
