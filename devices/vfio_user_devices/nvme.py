@@ -14,7 +14,7 @@ host has not consumed, masked by INTMS).
 The namespace (NSID 1, 512-byte blocks) is a host file (``--image``, read and written with
 ``os.preadv``/``os.pwritev``) or a memfd (``--size``).
 
-Durability (docs/reliability.md): a write's completion is posted after its ``pwritev``
+Durability (docs/data-integrity.md): a write's completion is posted after its ``pwritev``
 returned, so completed data is in the host's page cache and survives QEMU's or the server's
 death. It is made durable (``fdatasync``, :meth:`FileBackend.sync`) by Flush, by a write with
 Force Unit Access before its completion is posted, by every write while the host has turned

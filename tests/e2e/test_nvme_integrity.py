@@ -9,12 +9,13 @@ messages, on the worker thread). In the guest, the static program ``blkverify``
 (vfio_user_server/testing/guest/blkverify.c) writes generations of tagged 4 KiB blocks at
 random (several processes, O_DIRECT) and, after each, fsyncs the device (Linux sends an NVMe
 Flush) and prints ``FLUSHED gen N`` on the console. The fault comes after a few generations,
-while the program keeps writing. Then (tests/blkverify.py): every block written by a
-generation up to the last one printed holds that write or a later one, and every sector holds
-zeros or exactly a sector the guest wrote there.
+once a write of the next one has reached the image, while the program keeps writing. Then
+(tests/blkverify.py): every block written by a generation up to the last one printed holds
+that write or a later one, and every sector holds zeros or exactly a sector the guest wrote
+there.
 
 ``PYVFIO_INTEGRITY_GENS`` (default 6) sets how many flushed generations to wait for before the
-fault (the long mode: docs/reliability.md).
+fault (the long mode: docs/data-integrity.md).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blkverify import BLOCK, check_image, flushed_generation
+from blkverify import BLOCK, check_image, flushed_generation, picks
 
 from vfio_user_server.testing.guest import QemuMachine
 from vfio_user_server.testing.guestprog import guest_program
@@ -95,6 +96,14 @@ class Rig:
         g.run(f"setsid /bin/blkverify {DISK} {self.seed} {NBLOCKS} {BATCH} {PROCS} 0 "
               "</dev/null >/dev/ttyS0 2>&1 &", check=True)
         g.wait_for_console(rf"FLUSHED gen {GENS}\s", timeout=60.0 * GENS)
+        # mid-stream: the fault comes once a write of the next generation reached the image
+        blocks = sorted(picks(self.seed, GENS + 1, BATCH, NBLOCKS))
+        deadline = time.monotonic() + WAIT
+        with open(self.image, "rb") as f:
+            while not any(os.pread(f.fileno(), 32, b * BLOCK)[16:24]
+                          == (GENS + 1).to_bytes(8, "little") for b in blocks):
+                assert time.monotonic() < deadline, "no write of the next generation arrived"
+                time.sleep(0.01)
 
     def stop_server(self) -> int:
         self.server.send_signal(signal.SIGTERM)
