@@ -75,6 +75,8 @@ static int writer(const char *dev, uint64_t seed, uint64_t nblocks, uint64_t bat
 	unsigned char *buf;
 	int fd = open(dev, O_RDWR | O_DIRECT);
 
+	if (fd < 0 && errno == EINVAL) /* a host file system without O_DIRECT (tests) */
+		fd = open(dev, O_RDWR);
 	if (fd < 0 || posix_memalign((void **)&buf, BLOCK, BLOCK)) {
 		printf("ERROR open %s: %s\n", dev, strerror(errno));
 		return 1;
