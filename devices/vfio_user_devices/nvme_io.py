@@ -47,7 +47,6 @@ from .nvme_spec import (
     dsm_deallocate,
     dsm_ranges,
     prp_ranges,
-    rw_fua,
 )
 
 if TYPE_CHECKING:
@@ -292,7 +291,7 @@ class IoCommands:
     def durable_now(self, cmd: SqeTuple) -> bool:
         """A write that must be durable before it completes: Force Unit Access, or the
         volatile write cache is off."""
-        return rw_fua(cmd) or not self._ctrl.features[Feature.VOLATILE_WRITE_CACHE]
+        return bool(cmd[CDW12] & RW_FUA) or not self._ctrl.features[Feature.VOLATILE_WRITE_CACHE]
 
     def _flush(self, cmd: SqeTuple, inline: bool) -> int:
         # Every write whose completion the host has seen returned from pwritev before its
