@@ -118,6 +118,7 @@ def boot_sample_guest(
     no_reboot: bool = True,
     name: str = "e2e-sample",
     extra_args: Sequence[str] = (),
+    cold_boot: bool | None = None,
 ) -> Iterator[SampleGuest]:
     """Serve a RecordingSample on a fresh socket and boot a guest with it attached."""
     folder = Path(tempfile.mkdtemp(prefix="pyvfio-e2e-", dir="/tmp"))
@@ -141,6 +142,7 @@ def boot_sample_guest(
             extra_args=[*IOMMU_ARGS, *extra_args],
             no_reboot=no_reboot,
             name=name,
+            cold_boot=cold_boot,
         ) as machine:
             yield SampleGuest(machine, device, server, trace, lock)
     finally:

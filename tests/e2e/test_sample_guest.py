@@ -1,6 +1,6 @@
 """End to end: a Linux guest under QEMU's vfio-user-pci drives the sample device served here.
 
-The guest uses ``vfiotest`` (vfio_user_server/testing/guest/vfiotest.c) through VFIO with a
+The guest uses ``vfiotest`` (vfio_user_server/testing/guest_programs/vfiotest.c) through VFIO with a
 virtual IOMMU (see conftest). These tests never skip: a provisioning, build or boot failure
 fails them. Note that every ``vfiotest`` run opens the device through vfio-pci, which resets
 it (PCIe FLR): device state does not survive from one run to the next, so each check is done
@@ -320,8 +320,9 @@ def test_dma_both_ways_with_plain_ram_uses_messages(plain_ram_guest: SampleGuest
 
 
 def test_guest_reboot_reattaches_the_device(prov: Provisioned, vfiotest_binary: Path) -> None:
+    # Booted cold: the device is there at power-on, before and after the reboot.
     for g in boot_sample_guest(prov, vfiotest_binary, no_reboot=False,
-                               name="e2e-reboot"):
+                               name="e2e-reboot", cold_boot=True):
         assert int(g.vfiotest("read", "0", "0", "4")["value"], 16) == ID_VALUE
         resets = g.device.resets
         seconds = g.machine.reboot()
