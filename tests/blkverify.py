@@ -1,4 +1,5 @@
-"""The host's side of the guest program ``blkverify`` (vfio_user_server/testing/guest/blkverify.c).
+"""The host's side of the guest program ``blkverify``
+(vfio_user_server/testing/guest_programs/blkverify.c).
 
 :func:`check_image` replays the program's picks and sector contents for a seed and judges a
 backing image after a fault: every block written by a generation up to the last one the guest

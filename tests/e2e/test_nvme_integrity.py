@@ -6,7 +6,7 @@ The NVMe controller is served by the installed ``vfio-user-server`` command in i
 (data moves straight between the image and guest memory, writes mostly inline on the
 doorbell); the SIGTERM test also runs with plain RAM (every byte by DMA_READ/DMA_WRITE
 messages, on the worker thread). In the guest, the static program ``blkverify``
-(vfio_user_server/testing/guest/blkverify.c) writes generations of tagged 4 KiB blocks at
+(vfio_user_server/testing/guest_programs/blkverify.c) writes generations of tagged 4 KiB blocks at
 random (several processes, O_DIRECT) and, after each, fsyncs the device (Linux sends an NVMe
 Flush) and prints ``FLUSHED gen N`` on the console. The fault comes after a few generations,
 once a write of the next one has reached the image, while the program keeps writing. Then
@@ -88,8 +88,8 @@ class Rig:
 
     def start_writing(self) -> None:
         g = self.guest.start()
-        g.run(f"for i in $(seq 100); do [ -b {DISK} ] && break; sleep 0.1; done; [ -b {DISK} ]",
-              timeout=60, check=True)
+        g.run(f"for i in $(seq 900); do [ -b {DISK} ] && break; sleep 0.1; done; [ -b {DISK} ]",
+              timeout=120, check=True)
         # a volatile write cache: Linux sends Flush on fsync
         assert g.run("cat /sys/block/nvme0n1/queue/write_cache",
                      check=True).output.strip() == "write back"
