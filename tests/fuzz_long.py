@@ -82,7 +82,7 @@ def child(target: str, runs: int, stats_path: str, fuzzer_args: list[str]) -> No
     atheris.Fuzz()
 
 
-_DONE = re.compile(r"Done (\d+) runs in (\d+) second")
+_DONE = re.compile(r"Done (\d+) runs in (\d+) second|stat::number_of_executed_units: (\d+)")
 
 
 def run_target(target: str, runs: int, timeout: int, workdir: Path) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def run_target(target: str, runs: int, timeout: int, workdir: Path) -> dict[str,
     crashed = proc.returncode != 0 and not hangs
     seen: dict[str, Any] = json.loads(stats.read_text()) if stats.exists() else {}
     m = _DONE.search(out)
-    inputs = int(m.group(1)) if m else int(seen.get("inputs", 0))
+    inputs = int(m.group(1) or m.group(3)) if m else int(seen.get("inputs", 0))
     result = {
         "target": target, "inputs": inputs, "crashes": int(crashed), "hangs": hangs,
         "seconds": round(elapsed, 1), "rate_per_s": round(inputs / elapsed) if elapsed else 0,

@@ -474,7 +474,7 @@ def check_reader(messages: list[FuzzMessage], cuts: list[int], noise: bytes, noi
         off = 0
         for fm in messages:
             size = HEADER_SIZE + len(fm.payload)
-            if off + size > len(clean):
+            if off + size > len(clean) or size > max_size:
                 break
             off += size
             whole += 1
