@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = make_device(args.device, args.device_args)
         server = Server(device, args.socket, mode=int(args.mode, 8), trace=args.trace,
-                        dma_layout=DmaLayout(args.dma_layout))
+                        dma_layout=DmaLayout(args.dma_layout), release_memory=True)
     except (VfioUserError, OSError) as exc:
         print(f"vfio-user-server: {exc}", file=sys.stderr)
         return 1

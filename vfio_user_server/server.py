@@ -35,6 +35,7 @@ from .dma import DmaAccessor, DmaMapTable
 from .endpoint import DeviceContext, Endpoint, VfioDevice
 from .errors import ConnectionClosed, DmaError, DmaTimeoutError, ProtocolError, VfioUserError
 from .fds import close_fds
+from .memory import release_free_memory
 from .protocol import codec
 from .protocol.constants import HEADER_SIZE, Command, DmaLayout
 from .protocol.session import ServerCapabilities, Session
@@ -366,8 +367,11 @@ class Server:
         dma_timeout: float = 5.0,
         trace: bool | TraceSink = False,
         trace_file: TextIO | None = None,
+        release_memory: bool = False,
     ) -> None:
         self.device = device
+        #: after each client, give its memory back to the system (the CLI's long-lived server)
+        self.release_memory = release_memory
         self.path = Path(path)
         self.mode = mode
         self.caps = caps or ServerCapabilities()
@@ -525,6 +529,11 @@ class Server:
             try:
                 conn.close()
             finally:
+                if self.release_memory:
+                    with self._connected:
+                        self.connection = None
+                    del conn
+                    release_free_memory()  # the connection's memory, now that nothing holds it
                 # only now: wait_for_disconnect() promises maps, fds and the device are done
                 with self._connected:
                     self.connection = None
