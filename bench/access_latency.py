@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+from vfio_user_server.pci import COMMAND, COMMAND_MEMORY
 from vfio_user_server.protocol import codec
 from vfio_user_server.protocol.constants import Command
 from vfio_user_server.protocol.structs import RegionAccess
@@ -93,10 +94,10 @@ def program_bar0(sock: socket.socket) -> None:
     """
     bar = RegionAccess(0x10, CONFIG_REGION, 4).pack() + struct.pack("<I", BAR0_ADDRESS)
     call(sock, 2, Command.REGION_WRITE, bar)
-    head = call(sock, 3, Command.REGION_READ, RegionAccess(0x04, CONFIG_REGION, 2).pack())
-    command = struct.unpack_from("<H", head, 16)[0] | 0x2  # COMMAND.MEMORY
+    head = call(sock, 3, Command.REGION_READ, RegionAccess(COMMAND, CONFIG_REGION, 2).pack())
+    command = struct.unpack_from("<H", head, 16)[0] | COMMAND_MEMORY
     call(sock, 4, Command.REGION_WRITE,
-         RegionAccess(0x04, CONFIG_REGION, 2).pack() + struct.pack("<H", command))
+         RegionAccess(COMMAND, CONFIG_REGION, 2).pack() + struct.pack("<H", command))
 
 
 def cpu_seconds(pid: int | None) -> float:

@@ -11,7 +11,7 @@ import select
 import struct
 
 import pytest
-from conftest import (
+from helpers import (
     CONFIG,
     WAIT,
     ClientFactory,

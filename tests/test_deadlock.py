@@ -7,7 +7,7 @@ import errno
 import threading
 
 import pytest
-from conftest import WAIT, ClientFactory, RecordingSample, ServerFactory, negotiated, wait_until
+from helpers import WAIT, ClientFactory, RecordingSample, ServerFactory, negotiated, wait_until
 
 from vfio_user_server.client import Client
 from vfio_user_server.errors import DmaError, DmaTimeoutError

@@ -7,7 +7,7 @@ import os
 import struct
 
 import pytest
-from conftest import (
+from helpers import (
     CONFIG,
     MSI_CAP_ID,
     MSIX_CAP_ID,
@@ -24,6 +24,9 @@ from conftest import (
 )
 
 from vfio_user_server.client import Client, ClientError
+from vfio_user_server.errors import DeviceDefinitionError
+from vfio_user_server.pci import COMMAND, COMMAND_INTX_DISABLE, COMMAND_MASTER, COMMAND_MEMORY
+from vfio_user_server.pci.config import STATUS, STATUS_CAP_LIST, STATUS_INTERRUPT
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag, RegionInfoFlag
 from vfio_user_server.sample import (
     BUFFER_OFFSET,
@@ -39,13 +42,11 @@ from vfio_user_server.sample import (
     REG_WRITES,
     STAT_DONE,
     STAT_ERROR,
+    SampleDevice,
 )
 from vfio_user_server.server import Server
 
 F = IrqSetFlag
-COMMAND, STATUS = 0x04, 0x06
-COMMAND_MEM, COMMAND_MASTER, COMMAND_INTX_DISABLE = 0x2, 0x4, 0x400
-STATUS_INTERRUPT, STATUS_CAP_LIST = 0x8, 0x10
 PCIE_CAP_ID = 0x10
 
 
@@ -332,13 +333,26 @@ def test_device_dma_across_maps(client: Client, device: RecordingSample) -> None
 
 def test_device_reset(client: Client, device: RecordingSample) -> None:
     client.bar_write(0, REG_SCRATCH, 4, 0x1234)
-    client.config_write(COMMAND, 2, COMMAND_MEM | COMMAND_MASTER)
+    client.config_write(COMMAND, 2, COMMAND_MEMORY | COMMAND_MASTER)
     resets = device.resets
     client.reset()
     assert device.resets == resets + 1
     assert client.bar_read(0, REG_SCRATCH, 4) == 0
     assert client.config_read(COMMAND, 2) == 0
     assert client.config_read(0, 4) == 0x7000 << 16 | 0x1B36
+
+
+@pytest.mark.parametrize(
+    ("name", "hook"),
+    [("vfio_reset", "reset"), ("vfio_attach", "on_connect"), ("vfio_detach", "on_disconnect"),
+     ("device_reset", "reset"), ("client_connected", "on_connect"),
+     ("client_disconnected", "on_disconnect")],
+)
+def test_server_side_names_are_not_hooks(name: str, hook: str) -> None:
+    """A device that defines the server's side of an event (or its old name) is told which
+    hook to write instead, when its class is defined: the server would never call it."""
+    with pytest.raises(DeviceDefinitionError, match=rf"Bad\.{name}: .* override {hook}\(\)"):
+        type("Bad", (SampleDevice,), {name: lambda self, *a: None})
 
 
 def test_function_level_reset(client: Client, device: RecordingSample) -> None:

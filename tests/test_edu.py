@@ -2,36 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from conftest import fired
+from helpers import WAIT, fired, wait_until
 
 from vfio_user_devices.edu import DMA_START, Edu, factorial32
 from vfio_user_server.cli import make_device
-from vfio_user_server.client import Client
+from vfio_user_server.pci import COMMAND, COMMAND_MASTER
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag
-from vfio_user_server.server import Server
+from vfio_user_server.testing import Served, serve
 
 UNMASK = IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_UNMASK
-COMMAND_MASTER = 0x4
 
 
 
 
 class Rig:
-    def __init__(self, path: Path, *, fd_backed: bool = True, dma_delay: float = 0.0) -> None:
-        self.dev = Edu(dma_delay=dma_delay)
-        self.server = Server(self.dev, path).start()
-        self.c = Client.connect(path)
-        self.c.negotiate()
-        self.c.add_memory(0, 1 << 20, fd_backed=fd_backed)
-        self.c.config_write(0x04, 2, self.c.config_read(0x04, 2) | COMMAND_MASTER | 0x2)
+    """Edu's registers over a device served by :func:`serve`."""
+
+    def __init__(self, served: Served[Edu]) -> None:
+        self.dev = served.device
+        self.c = served.client
 
     def r32(self, off: int) -> int:
         return self.c.bar_read(0, off, 4)
@@ -44,13 +40,6 @@ class Rig:
 
     def r64(self, off: int) -> int:
         return self.c.bar_read(0, off, 8)
-
-    def wait(self, cond: object, timeout: float = 5.0) -> None:
-        assert callable(cond)
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.002)
 
     def block_worker(self) -> threading.Event:
         """Occupy the connection's worker so that queued work waits for the event."""
@@ -82,18 +71,18 @@ class Rig:
         (efd,) = self.c.enable_irq(IrqIndex.MSI, 1)
         return efd
 
-    def close(self) -> None:
-        self.c.close()
-        self.server.close()
+
+@contextlib.contextmanager
+def served_edu(dev: Edu | None = None, *, fd_backed: bool = True) -> Iterator[Rig]:
+    """An Edu with 1 MiB of guest RAM, enabled as its driver does."""
+    with serve(dev or Edu(), memory=1 << 20, fd_backed=fd_backed, enable=True) as s:
+        yield Rig(s)
 
 
 @pytest.fixture
-def rig(sock_path: Path) -> Iterator[Rig]:
-    r = Rig(sock_path)
-    yield r
-    r.close()
-
-
+def rig() -> Iterator[Rig]:
+    with served_edu() as r:
+        yield r
 
 
 def test_factorial32_matches_the_32_bit_loop() -> None:
@@ -128,10 +117,10 @@ def test_liveness_and_access_rules(rig: Rig) -> None:
 
 def test_factorial(rig: Rig) -> None:
     rig.w32(0x08, 5)
-    rig.wait(lambda: rig.r32(0x20) & 1 == 0)
+    wait_until(lambda: rig.r32(0x20) & 1 == 0, what="the factorial")
     assert rig.r32(0x08) == 120
     rig.w32(0x08, 13)
-    rig.wait(lambda: rig.r32(0x20) & 1 == 0)
+    wait_until(lambda: rig.r32(0x20) & 1 == 0, what="the factorial")
     assert rig.r32(0x08) == math.factorial(13) % 2**32
 
 
@@ -142,7 +131,7 @@ def test_factorial_is_asynchronous_and_busy_writes_are_ignored(rig: Rig) -> None
     assert rig.r32(0x08) == 10  # the operand until done
     rig.w32(0x08, 3)  # ignored while computing
     gate.set()
-    rig.wait(lambda: rig.r32(0x20) & 1 == 0)
+    wait_until(lambda: rig.r32(0x20) & 1 == 0, what="the factorial")
     assert rig.r32(0x08) == 3628800
     assert rig.dev.completed == [("fact", 10)]
 
@@ -166,7 +155,7 @@ def test_factorial_interrupt_intx(rig: Rig) -> None:
     # without bit 7, no interrupt
     rig.w32(0x20, 0)
     rig.w32(0x08, 4)
-    rig.wait(lambda: rig.r32(0x20) & 1 == 0)
+    wait_until(lambda: rig.r32(0x20) & 1 == 0, what="the factorial")
     assert fired(efd, 0.05) == 0 and rig.r32(0x24) == 0
 
 
@@ -215,9 +204,8 @@ def start_dma(rig: Rig, src: int, dst: int, count: int, cmd: int) -> None:
 
 
 @pytest.mark.parametrize("fd_backed", [True, False], ids=["mapped", "message-dma"])
-def test_dma_round_trip_with_interrupt(sock_path: Path, fd_backed: bool) -> None:
-    rig = Rig(sock_path, fd_backed=fd_backed)
-    try:
+def test_dma_round_trip_with_interrupt(fd_backed: bool) -> None:
+    with served_edu(fd_backed=fd_backed) as rig:
         c = rig.c
         (efd,) = c.enable_irq(IrqIndex.INTX, 1)
         data = os.urandom(4096)
@@ -234,8 +222,6 @@ def test_dma_round_trip_with_interrupt(sock_path: Path, fd_backed: bool) -> None
         assert c.read_memory(0x8000, 100) == data[16:116]
         kinds = {kind for kind, _addr, _n in c.dma_requests}
         assert kinds == (set() if fd_backed else {"read", "write"})
-    finally:
-        rig.close()
 
 
 def test_dma_registers_frozen_while_running(rig: Rig) -> None:
@@ -286,22 +272,46 @@ def test_dma_address_mask(rig: Rig) -> None:
 
 def test_dma_needs_bus_master(rig: Rig) -> None:
     rig.c.write_memory(0x1000, b"\x77" * 8)
-    rig.c.config_write(0x04, 2, rig.c.config_read(0x04, 2) & ~COMMAND_MASTER)
+    rig.c.config_write(COMMAND, 2, rig.c.config_read(COMMAND, 2) & ~COMMAND_MASTER)
     start_dma(rig, 0x1000, DMA_START, 8, 0x1)
     rig.dev.wait_idle()
     assert bytes(rig.dev.dma_buffer[:8]) == bytes(8)
 
 
-def test_dma_delay(sock_path: Path) -> None:
-    rig = Rig(sock_path, dma_delay=0.2)
-    try:
+def test_dma_waits_its_delay_before_the_transfer() -> None:
+    """The transfer runs after the delay: held in the delay, nothing has moved yet."""
+    dev = Edu(dma_delay=0.1)
+    asked: list[float] = []
+    delaying = threading.Event()
+    release = threading.Event()
+
+    def sleep(seconds: float) -> None:
+        asked.append(seconds)
+        delaying.set()
+        assert release.wait(WAIT)
+
+    dev.sleep = sleep
+    with served_edu(dev) as rig:
+        rig.c.write_memory(0x1000, b"\x11" * 8)
         start_dma(rig, 0x1000, DMA_START, 8, 0x1)
-        t0 = time.monotonic()
-        assert rig.r64(0x98) & 1
-        rig.dev.wait_idle()
-        assert time.monotonic() - t0 > 0.1
-    finally:
-        rig.close()
+        assert delaying.wait(WAIT)
+        assert asked == [0.1]
+        assert rig.r64(0x98) & 1 and dev.busy
+        assert bytes(dev.dma_buffer[:8]) == bytes(8)
+        release.set()
+        dev.wait_idle()
+        assert rig.r64(0x98) == 0
+        assert bytes(dev.dma_buffer[:8]) == b"\x11" * 8
+
+
+def test_no_delay_by_default(rig: Rig) -> None:
+    def sleep(seconds: float) -> None:
+        raise AssertionError(f"slept {seconds} s")
+
+    rig.dev.sleep = sleep
+    start_dma(rig, 0x1000, DMA_START, 8, 0x1)
+    rig.dev.wait_idle()
+    assert rig.dev.completed == [("dma", 0x1)]
 
 
 def test_reset(rig: Rig) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
-from conftest import (
+from helpers import (
     MMAP_BAR,
     WAIT,
     MmapSample,

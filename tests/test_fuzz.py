@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WAIT, negotiated, wait_until
+from helpers import WAIT, negotiated, wait_until
 from fuzzing import (
     FuzzMessage,
     HandlerCounter,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import fired
+from helpers import WAIT, fired
 
 from vfio_user_devices.idio16 import (
     INTCSR_LINT1_ENABLE,
@@ -17,9 +16,9 @@ from vfio_user_devices.idio16 import (
     PciIdio16,
 )
 from vfio_user_server.cli import make_device
-from vfio_user_server.client import Client
+from vfio_user_server.pci import COMMAND, COMMAND_INTX_DISABLE
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag
-from vfio_user_server.server import Server
+from vfio_user_server.testing import Served, serve
 
 IDIO = 2  # the BAR Linux uses
 OUT0, IN0, IRQ_CTL, FILTER, OUT8, IN8, STATUS = range(7)
@@ -29,13 +28,12 @@ UNMASK = IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_UNMASK
 
 
 class Rig:
-    def __init__(self, path: Path) -> None:
-        self.outputs_seen: list[tuple[int, int]] = []
-        self.dev = PciIdio16(on_output=lambda old, new: self.outputs_seen.append((old, new)))
-        self.server = Server(self.dev, path).start()
-        self.c = Client.connect(path)
-        self.c.negotiate()
-        self.c.add_memory(0, 1 << 20)
+    """The IDIO-16 registers over a device served by :func:`serve`."""
+
+    def __init__(self, served: Served[PciIdio16], outputs_seen: list[tuple[int, int]]) -> None:
+        self.dev = served.device
+        self.c = served.client
+        self.outputs_seen = outputs_seen
 
     def reg(self, reg: int) -> int:
         return self.c.bar_read(IDIO, reg, 1)
@@ -43,18 +41,13 @@ class Rig:
     def set_reg(self, reg: int, value: int) -> None:
         self.c.bar_write(IDIO, reg, 1, value)
 
-    def close(self) -> None:
-        self.c.close()
-        self.server.close()
-
 
 @pytest.fixture
-def rig(sock_path: Path) -> Iterator[Rig]:
-    r = Rig(sock_path)
-    yield r
-    r.close()
-
-
+def rig() -> Iterator[Rig]:
+    seen: list[tuple[int, int]] = []
+    dev = PciIdio16(on_output=lambda old, new: seen.append((old, new)))
+    with serve(dev, memory=1 << 20) as s:
+        yield Rig(s, seen)
 
 
 def test_identity_and_bars(rig: Rig) -> None:
@@ -86,13 +79,66 @@ def test_outputs_reach_python_and_read_back(rig: Rig) -> None:
     assert rig.dev.outputs == 0x5A0F
 
 
-def test_wait_outputs_from_another_thread(rig: Rig) -> None:
-    t = threading.Timer(0.05, lambda: rig.set_reg(OUT8, 0x80))
+def wakes_waiter(rig: Rig, predicate: Callable[[], bool], act: Callable[[], object]) -> None:
+    """``act`` makes ``predicate`` true and wakes a thread blocked in ``wait_for`` on it.
+
+    The waiter evaluates the predicate with the device lock held and keeps it until it
+    waits, and ``act`` needs that lock (it goes through the server, or is a device method):
+    so ``act`` runs only once the waiter waits, and only a wake-up can make it succeed.
+    """
+    evaluated = threading.Event()
+    errors: list[BaseException] = []
+
+    def watched() -> bool:
+        evaluated.set()
+        return predicate()
+
+    def waiter() -> None:
+        try:
+            rig.dev.wait_for(watched, timeout=WAIT)
+        except BaseException as exc:
+            errors.append(exc)
+
+    assert not predicate()
+    t = threading.Thread(target=waiter)
     t.start()
-    assert rig.dev.wait_outputs(0x8000, timeout=5) == 0x8000
-    t.join()
+    assert evaluated.wait(WAIT)
+    act()
+    t.join(2 * WAIT)
+    assert not t.is_alive() and errors == []
+
+
+def test_every_change_wakes_waiters(rig: Rig) -> None:
+    dev, c = rig.dev, rig.c
+    wakes_waiter(rig, lambda: dev.irq_enabled, lambda: rig.reg(IRQ_CTL))
+    dev.set_input(0, True)
+    wakes_waiter(rig, lambda: not dev.irq_pending, lambda: rig.set_reg(IN0, 0))
+    wakes_waiter(rig, lambda: not dev.irq_enabled, lambda: rig.set_reg(IRQ_CTL, 0))
+    wakes_waiter(rig, lambda: not dev.filters_active, lambda: rig.set_reg(FILTER, 0))
+    wakes_waiter(rig, lambda: dev.filters_active, lambda: rig.reg(FILTER))
+    wakes_waiter(rig, lambda: dev.outputs == 0x8000, lambda: rig.set_reg(OUT8, 0x80))
+    wakes_waiter(rig, lambda: dev.inputs == 0x0003, lambda: dev.set_inputs(0x0003))
+    intcsr = dev.intcsr
+    wakes_waiter(rig, lambda: not dev.intcsr & INTCSR_PCI_INT_ENABLE,
+                 lambda: c.bar_write(0, PLX_INTCSR, 2, intcsr & ~INTCSR_PCI_INT_ENABLE))
+    wakes_waiter(rig, lambda: dev.outputs == 0, c.reset)
+
+
+def test_wait_for_fails_at_its_deadline(rig: Rig) -> None:
+    """A condition that turned true without waking anyone is a timeout, not a success."""
+    calls = 0
+
+    def true_from_the_second_call() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 1
+
     with pytest.raises(TimeoutError):
-        rig.dev.wait_outputs(lambda v: v == 1, timeout=0.05)
+        rig.dev.wait_for(true_from_the_second_call, timeout=0.01)
+    assert calls == 1
+    with pytest.raises(TimeoutError, match="outputs are 0x0000"):
+        rig.dev.wait_outputs(lambda v: v == 1, timeout=0.01)
+    assert rig.dev.wait_outputs(0, timeout=0) == 0  # true at once: no wait
 
 
 def test_inputs_set_from_python_read_in_guest(rig: Rig) -> None:
@@ -203,12 +249,12 @@ def test_plx_intcsr_gates_the_line(rig: Rig) -> None:
 def test_intx_disable_in_command_masks(rig: Rig) -> None:
     c = rig.c
     (efd,) = c.enable_irq(IrqIndex.INTX, 1)
-    cmd = c.config_read(0x04, 2)
-    c.config_write(0x04, 2, cmd | 1 << 10)
+    cmd = c.config_read(COMMAND, 2)
+    c.config_write(COMMAND, 2, cmd | COMMAND_INTX_DISABLE)
     rig.reg(IRQ_CTL)
     rig.dev.set_input(1, True)
     assert fired(efd, 0.05) == 0
-    c.config_write(0x04, 2, cmd)
+    c.config_write(COMMAND, 2, cmd)
     assert fired(efd, 2) == 1
 
 

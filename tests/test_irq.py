@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import select
+import socket
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from vfio_user_server.client import Client, ClientError
 from vfio_user_server.errors import DeviceDefinitionError, IrqError
-from vfio_user_server.irq import IrqController, IrqIndex, IrqInfoFlag, IrqSetFlag
+from vfio_user_server.irq import IrqController, IrqIndex, IrqInfoFlag, IrqSetFlag, IrqState
+from vfio_user_server.sample import SampleDevice
+from vfio_user_server.server import Server
 
 F = IrqSetFlag
 NONE, BOOL, EVENTFD = F.DATA_NONE, F.DATA_BOOL, F.DATA_EVENTFD
@@ -59,12 +65,26 @@ def count(fd: int) -> int:
         return 0
 
 
+def wait_count(fd: int, timeout: float = 60.0) -> int:
+    """Wait (generously) until an eventfd is signalled, then read and reset it."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    assert p.poll(int(timeout * 1000)), f"eventfd {fd} not signalled in {timeout} s"
+    return count(fd)
+
+
 def is_open(fd: int) -> bool:
     try:
         os.fstat(fd)
     except OSError:
         return False
     return True
+
+
+def expect_einval(fn: Callable[..., object], *args: object) -> None:
+    with pytest.raises(IrqError) as e:
+        fn(*args)
+    assert e.value.errno == errno.EINVAL, e.value
 
 
 @pytest.fixture
@@ -177,17 +197,25 @@ def test_count0_disables_intx_including_resample(ctl: IrqController, peer: Peer)
     res, _ = peer.make()
     ctl.set_irqs(INTX, EVENTFD | TRIGGER, 0, 1, trig, b"")
     ctl.set_irqs(INTX, EVENTFD | UNMASK, 0, 1, res, b"")
-    assert ctl.watched_fds() == res
+    assert ctl.state(INTX).resample_fd == res[0]
     ctl.set_irqs(INTX, NONE | UNMASK, 0, 1, [], b"")
     ctl.set_irqs(INTX, NONE | TRIGGER, 0, 0, [], b"")
-    assert ctl.watched_fds() == []
+    assert ctl.state(INTX).resample_fd is None
+    assert ctl.state(INTX).fds == (None,)
     assert not is_open(trig[0]) and not is_open(res[0])
 
 
 def test_count0_disable_on_absent_index() -> None:
+    # QEMU may disable an index the device does not have: accepted, and nothing changes
     c = IrqController(intx=False, msi_vectors=0, msix_vectors=0)
     c.set_irqs(INTX, NONE | TRIGGER, 0, 0, [], b"")
     c.set_irqs(MSI, NONE | TRIGGER, 0, 0, [], b"")
+    assert c.state(INTX) == IrqState(INTX, count=0, fds=(), masked=(), pending=())
+    assert c.state(MSI) == IrqState(MSI, count=0, fds=(), masked=(), pending=())
+    # but no vector of it can be addressed
+    with pytest.raises(IrqError) as e:
+        c.set_irqs(MSI, NONE | TRIGGER, 0, 1, [], b"")
+    assert e.value.errno == errno.EINVAL
 
 
 def test_count0_other_is_noop(ctl: IrqController) -> None:
@@ -302,17 +330,12 @@ def test_pending_without_fd_dropped_on_unmask(ctl: IrqController) -> None:
 
 
 def test_trigger_errors(ctl: IrqController) -> None:
-    with pytest.raises(IrqError):
-        ctl.trigger(MSIX, 16)
-    with pytest.raises(IrqError):
-        ctl.trigger(7, 0)
-    with pytest.raises(IrqError):
-        ctl.trigger(INTX, 0)
+    expect_einval(ctl.trigger, MSIX, 16)
+    expect_einval(ctl.trigger, 7, 0)
+    expect_einval(ctl.trigger, INTX, 0)
     c = IrqController(intx=False, msi_vectors=1, msix_vectors=0, err=False)
-    with pytest.raises(IrqError):
-        c.trigger(ERR)
-    with pytest.raises(IrqError):
-        c.intx_assert()
+    expect_einval(c.trigger, ERR)
+    expect_einval(c.intx_assert)
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -335,6 +358,10 @@ BAD = [
     pytest.param(MSIX, EVENTFD | UNMASK, 0, 1, b"", id="eventfd-unmask-msix"),
     pytest.param(MSI, EVENTFD | TRIGGER, 0, 0, b"", id="fds-with-count-0"),
     pytest.param(MSI, EVENTFD | TRIGGER, -1, 1, b"", id="negative-start"),
+    pytest.param(MSI, EVENTFD | TRIGGER, 0, 1, b"\x01", id="data-with-eventfd"),
+    pytest.param(MSI, EVENTFD | MASK, 0, 0, b"", id="eventfd-mask-count-0"),
+    pytest.param(MSI, EVENTFD | TRIGGER, 5, 0, b"", id="count-0-start-beyond-end"),
+    pytest.param(ERR, EVENTFD | TRIGGER, 1, 1, b"", id="err-vector-1"),
 ]
 
 
@@ -355,31 +382,79 @@ def test_bad_input_closes_fds(
         assert not any(st.masked)
 
 
-def test_bad_bool_data(ctl: IrqController) -> None:
-    with pytest.raises(IrqError):
-        ctl.set_irqs(MSI, BOOL | MASK, 0, 3, [], b"\x01\x01")
-    with pytest.raises(IrqError):
-        ctl.set_irqs(MSI, BOOL | MASK, 0, 5, [], b"\x01" * 5)
+def test_bad_data(ctl: IrqController) -> None:
+    expect_einval(ctl.set_irqs, MSI, BOOL | MASK, 0, 3, [], b"\x01\x01")  # short
+    expect_einval(ctl.set_irqs, MSI, BOOL | MASK, 0, 2, [], b"\x01\x01\x01")  # long
+    expect_einval(ctl.set_irqs, MSI, BOOL | MASK, 0, 5, [], b"\x01" * 5)  # beyond 4 vectors
+    expect_einval(ctl.set_irqs, MSI, NONE | MASK, 0, 1, [], b"\x01")  # NONE takes no data
+    assert ctl.state(MSI).masked == (False,) * 4
 
 
 def test_duplicate_and_owned_fds_rejected(ctl: IrqController, peer: Peer) -> None:
     fd = efd()
-    with pytest.raises(IrqError):
-        ctl.set_irqs(MSI, EVENTFD | TRIGGER, 0, 2, [fd, fd], b"")
+    expect_einval(ctl.set_irqs, MSI, EVENTFD | TRIGGER, 0, 2, [fd, fd], b"")
     assert not is_open(fd)
     give, _ = peer.make()
     ctl.set_irqs(MSI, EVENTFD | TRIGGER, 0, 1, give, b"")
-    with pytest.raises(IrqError):
-        ctl.set_irqs(MSI, EVENTFD | TRIGGER, 1, 1, give, b"")
+    expect_einval(ctl.set_irqs, MSI, EVENTFD | TRIGGER, 1, 1, give, b"")
     assert is_open(give[0]), "an fd the controller owns is never closed by a bad request"
     assert ctl.state(MSI).fds[0] == give[0]
+
+
+def not_an_eventfd(kind: str, tmp: str) -> tuple[int, list[int]]:
+    """An fd of ``kind`` to hand over, and the fds the test keeps (closed by the test)."""
+    if kind == "socket":
+        a, b = socket.socketpair()
+        return a.detach(), [b.detach()]
+    if kind == "pipe":
+        r, w = os.pipe2(os.O_CLOEXEC)
+        return w, [r]
+    if kind == "directory":
+        return os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), []
+    if kind == "file":
+        return os.open(os.path.join(tmp, "f"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC), []
+    if kind == "epoll":  # an anonymous inode too, but not an eventfd
+        ep = select.epoll()
+        try:
+            return os.dup(ep.fileno()), []
+        finally:
+            ep.close()
+    raise AssertionError(kind)
+
+
+FD_KINDS = ["socket", "pipe", "directory", "file", "epoll"]
+
+
+@pytest.mark.parametrize("kind", FD_KINDS)
+@pytest.mark.parametrize(("index", "flags"), [(MSI, EVENTFD | TRIGGER), (INTX, EVENTFD | UNMASK)],
+                         ids=["trigger", "resample"])
+def test_wrong_kind_of_fd_refused_and_closed(
+    ctl: IrqController, peer: Peer, tmp_path: Path, kind: str, index: int, flags: int
+) -> None:
+    before = fd_count()
+    fd, kept = not_an_eventfd(kind, str(tmp_path))
+    try:
+        expect_einval(ctl.set_irqs, index, flags, 0, 1, [fd], b"")
+        assert not is_open(fd), "the refused fd is closed"
+        assert ctl.state(index).fds == (None,) * ctl.info(index)[0]
+        assert ctl.state(INTX).resample_fd is None
+        # one bad fd among good ones: the whole request is refused, every fd closed
+        good, _ = peer.make(2)
+        fd2, kept2 = not_an_eventfd(kind, str(tmp_path))
+        kept += kept2
+        expect_einval(ctl.set_irqs, MSI, EVENTFD | TRIGGER, 0, 3, [good[0], fd2, good[1]], b"")
+        assert not any(is_open(f) for f in [*good, fd2])
+        assert ctl.state(MSI).fds == (None,) * 4
+    finally:
+        for f in kept:
+            os.close(f)
+    assert fd_count() == before + len(peer.dups)
 
 
 def test_many_fds_partly_bad_all_closed(ctl: IrqController) -> None:
     before = fd_count()
     fds = [efd() for _ in range(5)]
-    with pytest.raises(IrqError):
-        ctl.set_irqs(MSI, EVENTFD | TRIGGER, 0, 5, fds, b"")
+    expect_einval(ctl.set_irqs, MSI, EVENTFD | TRIGGER, 0, 5, fds, b"")
     assert not any(is_open(fd) for fd in fds)
     assert fd_count() == before
 
@@ -459,65 +534,62 @@ def test_intx_no_fd_does_not_mask(ctl: IrqController, peer: Peer) -> None:
 
 
 def test_intx_resample_fd(ctl: IrqController, peer: Peer) -> None:
+    ctl.start_watcher()
     trig, res = setup_intx(ctl, peer, resample=True)
     assert res is not None
-    (watched,) = ctl.watched_fds()
     ctl.intx_assert()
     assert count(trig) == 1
-    assert not ctl.on_fd_readable(watched), "not readable yet: no-op, never blocks"
+    assert ctl.state(INTX).masked == (True,)
     os.eventfd_write(res, 1)  # KVM signals the resample (guest EOI)
-    assert ctl.on_fd_readable(watched)
-    assert count(trig) == 1, "still asserted: fires again"
+    assert wait_count(trig) == 1, "still asserted: the watcher unmasked, it fired again"
+    assert count(res) == 0, "the watcher consumed the resample"
+    # line low: the resample unmasks without firing, so asserting again fires exactly once,
+    # whether the watcher sees the resample before or after the assert
     ctl.intx_deassert()
     os.eventfd_write(res, 1)
-    assert ctl.on_fd_readable(watched)
-    assert count(trig) == 0
-    assert ctl.state(INTX).masked == (False,)
-    assert not ctl.on_fd_readable(12345), "unknown fd ignored"
+    ctl.intx_assert()
+    assert wait_count(trig) == 1
+    assert count(res) == 0
+    assert ctl.state(INTX).masked == (True,)
 
 
 def test_resample_fd_replacement_and_deassign(ctl: IrqController, peer: Peer) -> None:
-    changes: list[int] = []
-    ctl.on_watch_change = lambda: changes.append(1)
-    _, _ = setup_intx(ctl, peer, resample=True)
-    (first,) = ctl.watched_fds()
+    setup_intx(ctl, peer, resample=True)
+    first = ctl.state(INTX).resample_fd
+    assert first is not None
     r, _ = peer.make()
     ctl.set_irqs(INTX, EVENTFD | UNMASK, 0, 1, r, b"")
     assert not is_open(first)
-    assert ctl.watched_fds() == r
+    assert ctl.state(INTX).resample_fd == r[0]
     ctl.set_irqs(INTX, EVENTFD | UNMASK, 0, 1, [], b"")
-    assert ctl.watched_fds() == []
+    assert ctl.state(INTX).resample_fd is None
     assert not is_open(r[0])
-    assert len(changes) == 3
+
+
+def watcher_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "irq-resample-watcher"}
 
 
 def test_resample_watcher_thread(ctl: IrqController, peer: Peer) -> None:
-    before_threads = threading.active_count()
+    before = watcher_threads()
     ctl.start_watcher()
     ctl.start_watcher()  # idempotent
+    started = watcher_threads() - before
+    assert len(started) == 1
     trig, res = setup_intx(ctl, peer, resample=True)
     assert res is not None
     ctl.intx_assert()
     assert count(trig) == 1
     os.eventfd_write(res, 1)
-    deadline = time.monotonic() + 5
-    got = 0
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.01)
-        got = count(trig)
-    assert got == 1, "the watcher saw the resample and re-fired the asserted line"
+    assert wait_count(trig) == 1, "the watcher saw the resample and re-fired the asserted line"
     # a new resample fd assigned after start is watched too
     r2, r2mine = peer.make()
     ctl.set_irqs(INTX, EVENTFD | UNMASK, 0, 1, r2, b"")
-    ctl.intx_deassert()
     os.eventfd_write(r2mine[0], 1)
-    deadline = time.monotonic() + 5
-    while ctl.state(INTX).masked[0] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert ctl.state(INTX).masked == (False,)
+    assert wait_count(trig) == 1
     ctl.stop_watcher()
     ctl.stop_watcher()
-    assert threading.active_count() == before_threads
+    assert not any(t.is_alive() for t in started), "stop_watcher() joined the thread"
 
 
 def test_concurrent_triggers(ctl: IrqController, peer: Peer) -> None:
@@ -557,7 +629,7 @@ def test_reset(ctl: IrqController, peer: Peer) -> None:
         st = ctl.state(i)
         assert all(f is None for f in st.fds)
         assert not any(st.masked) and not any(st.pending)
-    assert ctl.watched_fds() == []
+    assert ctl.state(INTX).resample_fd is None
     assert not any(is_open(fd) for fd in [*give, *e])
     assert ctl.intx_status(), "the line level belongs to the device model"
     # usable again afterwards
@@ -595,8 +667,7 @@ def test_no_fd_leak_after_many_cycles() -> None:
             c.set_irqs(MSIX, EVENTFD | TRIGGER, v, 1, [efd()], b"")
         c.intx_assert()
         c.intx_deassert()
-        with pytest.raises(IrqError):
-            c.set_irqs(MSI, EVENTFD | TRIGGER, 0, 4, [efd(), efd()], b"")
+        expect_einval(c.set_irqs, MSI, EVENTFD | TRIGGER, 0, 4, [efd(), efd()], b"")
         if i % 3 == 0:
             c.reset()
         elif i % 3 == 1:
@@ -629,3 +700,98 @@ def test_err_index_is_wired() -> None:
         assert device.report_error() is True
         assert Client.eventfd_count(efd) == 1
         os.close(efd)
+
+
+def fds_on(target: str) -> int:
+    """How many fds of this process refer to ``target`` (a readlink of /proc/self/fd/N)."""
+    n = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{name}") == target
+    return n
+
+
+@pytest.fixture
+def sample_client(tmp_path: Path) -> Iterator[tuple[SampleDevice, Client]]:
+    device = SampleDevice()
+    path = str(tmp_path / "irq.sock")
+    with Server(device, path), Client.connect(path) as client:
+        client.negotiate()
+        client.get_device_info()
+        yield device, client
+
+
+@pytest.mark.parametrize("kind", FD_KINDS)
+def test_wire_wrong_kind_of_fd_gets_einval_and_is_closed(
+    sample_client: tuple[SampleDevice, Client], tmp_path: Path, kind: str
+) -> None:
+    device, client = sample_client
+    fd, kept = not_an_eventfd(kind, str(tmp_path))
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    ours = fds_on(target)
+    try:
+        for index, flags in [(MSIX, EVENTFD | TRIGGER), (INTX, EVENTFD | UNMASK),
+                             (ERR, EVENTFD | TRIGGER)]:
+            with pytest.raises(ClientError) as e:
+                client.set_irqs(index, flags, 0, 1, [fd])
+            assert e.value.errno == errno.EINVAL
+            assert fds_on(target) == ours, "the server closed its copy before it replied"
+        assert device.irqs.state(MSIX).fds == (None,) * device.irqs.info(MSIX)[0]
+        assert device.irqs.state(INTX).resample_fd is None
+        (good,) = client.enable_irq(ERR, 1)  # the connection still serves
+        assert device.report_error() is True
+        assert Client.eventfd_count(good) == 1
+        os.close(good)
+    finally:
+        for f in [fd, *kept]:
+            os.close(f)
+
+
+def test_wire_vectors_are_those_irq_info_advertises(
+    sample_client: tuple[SampleDevice, Client],
+) -> None:
+    device, client = sample_client
+    for index in IrqIndex:
+        n = client.get_irq_info(index).count
+        assert n == device.irqs.info(index)[0] == device.irqs.state(index).count
+        if n:
+            fds = client.enable_irq(index, n)  # all n vectors: accepted
+            assert all(f is not None for f in device.irqs.state(index).fds)
+            client.set_irqs(index, NONE | TRIGGER, n - 1, 1)  # the last vector: accepted
+            for f in fds:
+                os.close(f)
+        for start, count in [(n, 1), (0, n + 1), (n + 1, 0)]:
+            with pytest.raises(ClientError) as e:
+                client.set_irqs(index, NONE | MASK, start, count)
+            assert e.value.errno == errno.EINVAL, (index, start, count)
+        assert not any(device.irqs.state(index).masked)
+        client.disable_irq(index)
+
+
+@pytest.mark.parametrize(("index", "flags"), [(MSIX, EVENTFD | TRIGGER), (INTX, EVENTFD | UNMASK)],
+                         ids=["trigger", "resample"])
+def test_blocking_eventfd_made_non_blocking(
+    ctl: IrqController, peer: Peer, index: int, flags: int
+) -> None:
+    # A blocking eventfd would let the client hang the server: a write at a full counter or a
+    # read at zero blocks, with the controller's lock held.
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    mine = os.dup(fd)
+    peer.dups.append(mine)
+    ctl.set_irqs(index, flags, 0, 1, [fd], b"")
+    assert not os.get_blocking(mine), "the controller made the shared description non-blocking"
+
+
+def test_saturated_blocking_eventfd_does_not_hang_trigger(peer: Peer) -> None:
+    ctl = IrqController(intx=False, msi_vectors=0, msix_vectors=1)  # not closed if it hangs
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    mine = os.dup(fd)
+    peer.dups.append(mine)
+    os.eventfd_write(mine, 0xFFFF_FFFF_FFFF_FFFE)  # one short of the maximum: a write blocks
+    ctl.set_irqs(MSIX, EVENTFD | TRIGGER, 0, 1, [fd], b"")
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(ctl.trigger(MSIX, 0)), daemon=True)
+    t.start()
+    t.join(60)  # a hang detector only: it returns at once unless the write blocks
+    assert result == [True], "a saturated counter counts as signalled, and nothing blocks"
+    ctl.close()

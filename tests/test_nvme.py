@@ -17,26 +17,56 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MSI_CAP_ID, MSIX_CAP_ID, find_capability
+from helpers import MSI_CAP_ID, MSIX_CAP_ID, WAIT, find_capability
 
 from vfio_user_devices.nvme import BLOCK_SIZE, NvmeController, parse_size
+from vfio_user_devices.nvme_admin import AdminCommands
+from vfio_user_devices.nvme_io import IoCommands
 from vfio_user_devices.nvme_spec import (
     CQE,
     SQE,
+    SQE_CID,
+    SQE_NSID,
+    SQE_OPCODE,
+    SQE_PRP1,
+    SQE_PRP2,
     STATUS_DNR,
     AdminOpcode,
     Feature,
     IoOpcode,
     NvmeError,
     Status,
+    cq_interrupts,
+    cq_vector,
+    dsm_deallocate,
+    dsm_ranges,
+    feature_id,
+    feature_save,
+    feature_select,
+    feature_value,
+    fused,
+    identify_cns,
+    log_page_dwords,
+    log_page_id,
+    log_page_offset,
+    make_queue_counts,
     prp_ranges,
+    queue_contiguous,
+    queue_counts,
+    queue_id,
+    queue_size,
+    rw_fua,
+    rw_nlb,
+    rw_slba,
+    sq_cqid,
+    uses_sgl,
 )
 from vfio_user_server.cli import make_device
 from vfio_user_server.client import Client
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag
 from vfio_user_server.server import Server
+from vfio_user_server.testing import Served, serve
 
-WAIT = 10.0
 PAGE = 4096
 RAM = 64 << 20
 ASQ, ACQ = 0x10000, 0x14000
@@ -212,13 +242,12 @@ class Driver:
 
 
 class Rig:
-    def __init__(self, path: Path, dev: NvmeController, *, fd_backed: bool = True) -> None:
-        self.dev = dev
-        self.server = Server(dev, path).start()
-        self.c = Client.connect(path)
-        self.c.negotiate()
-        self.c.add_memory(0, RAM, fd_backed=fd_backed)
-        self.d = Driver(self.c, dev)
+    """A Python NVMe driver over a controller served by :func:`serve`."""
+
+    def __init__(self, served: Served[NvmeController]) -> None:
+        self.dev = served.device
+        self.c = served.client
+        self.d = Driver(self.c, self.dev)
 
     def msix(self, vectors: int = 17) -> list[int]:
         cap = find_capability(self.c, MSIX_CAP_ID)
@@ -230,11 +259,6 @@ class Rig:
             self.c.set_irqs(IrqIndex.MSIX, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER,
                             start, len(chunk), chunk)
         return fds
-
-    def close(self) -> None:
-        self.c.close()
-        self.server.close()
-        self.dev.close()
 
 
 @pytest.fixture
@@ -253,12 +277,13 @@ def image(tmp: Path) -> Path:
 
 
 @pytest.fixture(params=["memfd", "message"])
-def rig(request: pytest.FixtureRequest, tmp: Path, image: Path) -> Iterator[Rig]:
-    r = Rig(tmp / "s", NvmeController(image), fd_backed=request.param == "memfd")
+def rig(request: pytest.FixtureRequest, image: Path) -> Iterator[Rig]:
+    dev = NvmeController(image)
     try:
-        yield r
+        with serve(dev, memory=RAM, fd_backed=request.param == "memfd") as s:
+            yield Rig(s)
     finally:
-        r.close()
+        dev.close()
 
 
 @pytest.fixture
@@ -313,6 +338,43 @@ def test_prp_ranges_single_double_and_chained_lists() -> None:
     lists[0xB000] = [0x3000, 0x4010]
     with pytest.raises(NvmeError):
         prp_ranges(0x1000, 0xB000, 3 * 4096, read)
+
+
+def test_command_fields_and_dispatch_tables() -> None:
+    """The named SQE fields decode what a driver packs; each opcode has one handler."""
+    cmd = SQE.unpack(SQE.pack(IoOpcode.WRITE, 0x40, 0x1234, 1, 0, 0, 0x5000, 0x6000,
+                              0x89ABCDEF, 0x12, 1 << 30 | 7, 0, 0, 0))
+    assert (cmd[SQE_OPCODE], cmd[SQE_CID], cmd[SQE_NSID]) == (IoOpcode.WRITE, 0x1234, 1)
+    assert (cmd[SQE_PRP1], cmd[SQE_PRP2]) == (0x5000, 0x6000)
+    assert (rw_slba(cmd), rw_nlb(cmd), rw_fua(cmd)) == (0x12_89ABCDEF, 8, True)
+    assert uses_sgl(cmd) and not fused(cmd)
+    assert dsm_ranges(cmd) == 0xEF + 1 and not dsm_deallocate(cmd)
+    plain = SQE.unpack(SQE.pack(IoOpcode.READ, 0x01, 1, 1, 0, 0, 0, 0, 0, 4, 0xFFFF, 0, 0, 0))
+    assert (rw_nlb(plain), rw_fua(plain), fused(plain), uses_sgl(plain)) == \
+        (0x10000, False, True, False)
+    assert dsm_deallocate(plain)
+    cq = SQE.unpack(SQE.pack(AdminOpcode.CREATE_CQ, 0, 1, 0, 0, 0, 0x10000, 0,
+                             63 << 16 | 3, 5 << 16 | 3, 0, 0, 0, 0))
+    assert (queue_id(cq), queue_size(cq), cq_vector(cq)) == (3, 64, 5)
+    assert queue_contiguous(cq) and cq_interrupts(cq)
+    sq = SQE.unpack(SQE.pack(AdminOpcode.CREATE_SQ, 0, 1, 0, 0, 0, 0x10000, 0,
+                             1 << 16 | 4, 3 << 16, 0, 0, 0, 0))
+    assert (queue_id(sq), queue_size(sq), sq_cqid(sq), queue_contiguous(sq)) == (4, 2, 3, False)
+    log = SQE.unpack(SQE.pack(AdminOpcode.GET_LOG_PAGE, 0, 1, 0, 0, 0, 0, 0,
+                              0x7F << 16 | 2, 1, 0x200, 1, 0, 0))
+    assert (log_page_id(log), log_page_dwords(log), log_page_offset(log)) == \
+        (2, (1 << 16 | 0x7F) + 1, 1 << 32 | 0x200)
+    feat = SQE.unpack(SQE.pack(AdminOpcode.SET_FEATURES, 0, 1, 0, 0, 0, 0, 0,
+                               1 << 31 | 3 << 8 | Feature.NUMBER_OF_QUEUES, 2 << 16 | 5,
+                               0, 0, 0, 0))
+    assert (feature_id(feat), feature_select(feat), feature_save(feat)) == \
+        (Feature.NUMBER_OF_QUEUES, 3, True)
+    assert queue_counts(feature_value(feat)) == (5, 2)
+    assert make_queue_counts(5, 2) == feature_value(feat)
+    assert identify_cns(SQE.unpack(SQE.pack(AdminOpcode.IDENTIFY, 0, 1, 0, 0, 0, 0, 0,
+                                            0x1234_0001, 0, 0, 0, 0, 0))) == 1
+    assert set(AdminCommands.HANDLERS) == set(AdminOpcode)
+    assert set(IoCommands.HANDLERS) == set(IoOpcode)
 
 
 def test_cli_options(tmp: Path) -> None:
@@ -706,18 +768,16 @@ def test_inline_commands_and_hand_off_to_the_worker(ready: Rig, image: Path) -> 
     d, c, dev = ready.d, ready.c, ready.dev
     d.create_queues(2, depth=16)
     batches: list[int] = []
-    process = dev._process
+    process = dev.datapath.process
 
     def counting(gen: int, qid: int, base: int, head: int, size: int, n: int) -> None:
         batches.append(n)
         process(gen, qid, base, head, size, n)
 
-    def idle() -> None:  # the worker clears its busy flag just after posting a completion
-        deadline = time.monotonic() + WAIT
-        while dev._busy and time.monotonic() < deadline:
-            time.sleep(0.001)
+    def idle() -> None:  # the worker finishes its batch just after posting a completion
+        assert dev.wait_idle(WAIT)
 
-    dev._process = counting  # type: ignore[method-assign]
+    dev.datapath.process = counting  # type: ignore[method-assign]
     data = os.urandom(3 * 512)
     for i in range(3):
         c.write_memory(DATA + i * PAGE, data[i * 512:(i + 1) * 512])
@@ -749,16 +809,19 @@ def test_msix_vector_per_queue(ready: Rig) -> None:
     d.create_queues(2)
     d.create_queues(3, iv=5)
     d.create_queues(4, ien=False)
-    time.sleep(0.05)  # the last completion's interrupt follows its entry
+    # the last completion's interrupt follows its entry, within the worker's batch
+    assert ready.dev.wait_idle(WAIT)
     for fd in fds:
         Client.eventfd_count(fd)
     d.ok(0, AdminOpcode.KEEP_ALIVE)
-    assert wait_fd(fds[0]) >= 1
+    assert ready.dev.wait_idle(WAIT)
+    assert [Client.eventfd_count(fd) for fd in fds] == [1] + [0] * (len(fds) - 1)
     for qid, vector in ((1, 1), (2, 2), (3, 5)):
-        d.ok(qid, IoOpcode.FLUSH, nsid=1)
-        assert wait_fd(fds[vector]) >= 1, f"queue {qid}"
+        d.ok(qid, IoOpcode.FLUSH, nsid=1)  # a flush always runs on the worker
+        assert ready.dev.wait_idle(WAIT)
+        assert Client.eventfd_count(fds[vector]) == 1, f"queue {qid}"
     d.ok(4, IoOpcode.FLUSH, nsid=1)
-    time.sleep(0.05)
+    assert ready.dev.wait_idle(WAIT)
     assert [Client.eventfd_count(fd) for fd in fds] == [0] * len(fds)
 
 
@@ -788,7 +851,7 @@ def test_msi_single_vector(ready: Rig) -> None:
     assert wait_fd(fd) >= 1
     d.w32(0x0C, 1)  # masked: pending until INTMC
     d.ok(1, IoOpcode.FLUSH, nsid=1)
-    time.sleep(0.05)
+    assert ready.dev.wait_idle(WAIT)  # the flush's batch, signal included, is over
     assert Client.eventfd_count(fd) == 0
     d.w32(0x10, 1)
     assert wait_fd(fd) >= 1

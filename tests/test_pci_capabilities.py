@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 
 from vfio_user_server.errors import DeviceDefinitionError, RegionAccessError
 from vfio_user_server.pci import (
+    COMMAND,
+    COMMAND_MASTER,
+    COMMAND_MEMORY,
     Bar,
     Capability,
     CapabilityList,
@@ -565,7 +568,7 @@ def test_pcie_flr_resets_config() -> None:
     msi = Msi(1)
     config = PciConfig(HEADER, capabilities=[msi, pcie])
     pcie.on_flr = config.reset
-    config.write(0x04, _u16(0x0006))
+    config.write(COMMAND, _u16(COMMAND_MEMORY | COMMAND_MASTER))
     config.write(msi.offset + 2, _u16(1))
     config.write(pcie.offset + 8, _u16(0x8000))
     assert config.command == 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import WAIT, RawPeer, RecordingSample, negotiated
+from helpers import WAIT, RawPeer, RecordingSample, negotiated
 
 from vfio_user_server.client import Client
 from vfio_user_server.protocol import codec

@@ -8,7 +8,7 @@ import os
 import struct
 
 import pytest
-from conftest import (
+from helpers import (
     CONFIG,
     MMAP_BAR,
     MMAP_BAR_SIZE,
@@ -31,6 +31,7 @@ from conftest import (
 )
 
 from vfio_user_server.client import QEMU_CAPABILITIES, Client, ClientError
+from vfio_user_server.pci import COMMAND, COMMAND_MASTER, COMMAND_MEMORY
 from vfio_user_server.protocol import codec
 from vfio_user_server.protocol.constants import (
     HEADER_SIZE,
@@ -485,6 +486,12 @@ def test_set_irqs_bool_trigger(client: Client) -> None:
         # data shorter than count
         expect_error(errno.EINVAL, client.set_irqs, IrqIndex.MSIX, BOOL | TRIGGER, 0, 4,
                      data=b"\1\1")
+        # data longer than count, and data with DATA_NONE: the length is the data type's
+        expect_error(errno.EINVAL, client.set_irqs, IrqIndex.MSIX, BOOL | TRIGGER, 0, 2,
+                     data=b"\1\1\1")
+        expect_error(errno.EINVAL, client.set_irqs, IrqIndex.MSIX, NONE | TRIGGER, 0, 1,
+                     data=b"\1")
+        assert all(eventfd_quiet(fd) for fd in fds), "a refused request fires nothing"
     finally:
         close_all(fds)
 
@@ -778,14 +785,14 @@ def test_device_reset_header_only(client: Client, device: RecordingSample) -> No
     fds = client.enable_irq(IrqIndex.MSIX, 4)
     try:
         client.bar_write(0, REG_SCRATCH, 4, 0x1234)
-        client.config_write(0x04, 2, 0x0006)
+        client.config_write(COMMAND, 2, COMMAND_MEMORY | COMMAND_MASTER)
         resets = device.resets
         reply = call(client, Command.DEVICE_RESET)
         assert not reply.is_error
         assert reply.payload == b"" and not reply.fds
         assert device.resets == resets + 1
         assert client.bar_read(0, REG_SCRATCH, 4) == 0
-        assert client.config_read(0x04, 2) == 0
+        assert client.config_read(COMMAND, 2) == 0
         assert device.irqs.state(IrqIndex.MSIX).fds == (None,) * 4
         reply = call(client, Command.DEVICE_RESET, b"\0\0\0\0")
         assert reply.is_error and reply.error == errno.EINVAL

@@ -1,8 +1,10 @@
 """``vfio-user-server --socket PATH DEVICE [device options]``.
 
 DEVICE is a built-in device name (``vfio-user-server --list``) or ``module:Class`` naming a
-:class:`~vfio_user_server.device.PciDevice` subclass. Options after DEVICE go to the device:
-a device class may define ``add_arguments(parser)`` and ``from_arguments(namespace)``.
+:class:`~vfio_user_server.device.PciDevice` subclass; the module may sit in the current folder
+(or the one ``--app-dir DIR`` names), which goes first on the import path. Options after
+DEVICE go to the device: the ones its class declares in ``options``
+(``vfio-user-server --socket S DEVICE --help`` lists them).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,6 +23,7 @@ from typing import Any
 from . import __version__
 from .endpoint import VfioDevice
 from .errors import VfioUserError
+from .options import build_device
 from .protocol.constants import DmaLayout
 from .server import Server
 
@@ -32,8 +36,13 @@ BUILTIN_DEVICES: dict[str, str] = {
 }
 
 
-def load_device_class(spec: str) -> type[Any]:
-    """Resolve a built-in name or ``module:Class`` to the device class."""
+def load_device_class(spec: str, app_dir: str | os.PathLike[str] | None = None) -> type[Any]:
+    """Resolve a built-in name or ``module:Class`` to the device class.
+
+    ``app_dir``, when given with a ``module:Class``, goes first on ``sys.path`` (as uvicorn's
+    ``--app-dir`` does), so that a module in that folder imports: the CLI passes the current
+    folder by default. Built-in names never look there.
+    """
     target = BUILTIN_DEVICES.get(spec, spec)
     if ":" not in target:
         raise VfioUserError(
@@ -41,10 +50,19 @@ def load_device_class(spec: str) -> type[Any]:
             "module:Class"
         )
     module_name, _, attr = target.partition(":")
+    where = ""
+    if app_dir is not None and spec not in BUILTIN_DEVICES:
+        folder = os.path.abspath(app_dir)
+        if not os.path.isdir(folder):
+            raise VfioUserError(f"--app-dir {os.fspath(app_dir)!r} is not a folder")
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+            importlib.invalidate_caches()
+        where = f" (looked in {folder} and the installed packages; --app-dir names another folder)"
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise VfioUserError(f"cannot import {module_name!r}: {exc}") from exc
+        raise VfioUserError(f"cannot import {module_name!r}: {exc}{where}") from exc
     try:
         cls = getattr(module, attr)
     except AttributeError:
@@ -54,16 +72,20 @@ def load_device_class(spec: str) -> type[Any]:
     return cls
 
 
-def make_device(spec: str, argv: Sequence[str] = ()) -> VfioDevice:
-    """Instantiate a device from its name and its own command-line options."""
-    cls = load_device_class(spec)
-    parser = argparse.ArgumentParser(prog=f"vfio-user-server ... {spec}")
-    add = getattr(cls, "add_arguments", None)
-    if add is not None:
-        add(parser)
-    ns = parser.parse_args(list(argv))
-    build = getattr(cls, "from_arguments", None)
-    device = build(ns) if build is not None else cls()
+def make_device(spec: str, argv: Sequence[str] = (),
+                app_dir: str | os.PathLike[str] | None = None) -> VfioDevice:
+    """Instantiate a device from its name and its own command-line options.
+
+    The options are the class's ``options`` (see :mod:`vfio_user_server.options`); their
+    values go to the constructor as keywords. ``app_dir``: see :func:`load_device_class`.
+    """
+    cls = load_device_class(spec, app_dir)
+    for old in ("add_arguments", "from_arguments"):
+        if hasattr(cls, old):
+            raise VfioUserError(f"{cls.__name__}.{old}: declare the device's options in its "
+                                "'options' class attribute instead (vfio_user_server.options)")
+    device = build_device(cls, getattr(cls, "options", ()), argv,
+                          prog=f"vfio-user-server ... {spec}")
     assert isinstance(device, VfioDevice)
     return device
 
@@ -83,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DmaLayout.AUTO.value,
         help="DMA_READ/WRITE layout: spec (QEMU 11.1), legacy (QEMU 10.1/10.2), auto (probe)",
     )
+    p.add_argument("--app-dir", default=".", metavar="DIR",
+                   help="folder searched first for a module:Class device (default: the "
+                   "current folder)")
     p.add_argument("--once", action="store_true", help="exit after the first client leaves")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.add_argument("--list", action="store_true", help="list built-in devices and exit")
@@ -104,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        device = make_device(args.device, args.device_args)
+        device = make_device(args.device, args.device_args, args.app_dir)
         server = Server(device, args.socket, mode=int(args.mode, 8), trace=args.trace,
                         dma_layout=DmaLayout(args.dma_layout), release_memory=True)
     except (VfioUserError, OSError) as exc:

@@ -29,6 +29,13 @@ What the framework does for it:
 * DMA (:attr:`dma`) and a worker thread (:meth:`defer`) for work that needs message DMA;
 * DEVICE_RESET and FLR: config space back to power-on values, then :meth:`reset`.
 
+The hooks a device writes are :meth:`~PciDevice.reset`, :meth:`~PciDevice.on_connect` and
+:meth:`~PciDevice.on_disconnect`. The server's side of the same events is
+:class:`~vfio_user_server.endpoint.VfioDevice`'s ``vfio_reset``, ``vfio_attach`` and
+``vfio_detach``, final here: defining one of those (or their old names ``device_reset``,
+``client_connected``, ``client_disconnected``) in a subclass is a
+:class:`~vfio_user_server.errors.DeviceDefinitionError`.
+
 Handlers run on the server's loop thread with :attr:`lock` held; device threads that touch the
 same state take the same lock.
 """
@@ -37,15 +44,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any, ClassVar
+from typing import Any, ClassVar, final
 
 from .dma import DmaAccessor
 from .endpoint import DeviceContext, Region, VfioDevice
 from .errors import DeviceDefinitionError, DmaError
 from .irq import IrqController, IrqIndex
+from .options import Option
 from .pci import (
+    COMMAND,
+    COMMAND_INTX_DISABLE,
+    COMMAND_MASTER,
+    NUM_BARS,
     Bar,
     Capability,
     ExtendedCapability,
@@ -56,12 +68,24 @@ from .pci import (
     PciExpress,
     PowerManagement,
 )
-from .pci.config import COMMAND
 from .protocol.constants import RegionIndex
+
+__all__ = ["Option", "PciDevice"]
 
 log = logging.getLogger(__name__)
 
-COMMAND_INTX_DISABLE = 1 << 10
+
+#: Server-side names a PciDevice subclass must not define -> the hook to write instead. The
+#: ``vfio_*`` methods are final; the others are their earlier names, which the server no
+#: longer calls (a device that still defines one would lose its resets or connections).
+_SERVER_SIDE = {
+    "vfio_reset": "reset",
+    "vfio_attach": "on_connect",
+    "vfio_detach": "on_disconnect",
+    "device_reset": "reset",
+    "client_connected": "on_connect",
+    "client_disconnected": "on_disconnect",
+}
 
 
 class PciDevice(VfioDevice):
@@ -94,6 +118,10 @@ class PciDevice(VfioDevice):
     msix_bar: ClassVar[int] = 0
     msix_table_offset: ClassVar[int] = 0
     msix_pba_offset: ClassVar[int | None] = None
+
+    #: Command-line options (``vfio-user-server ... DEVICE --option value``); each value goes
+    #: to the constructor as a keyword (see :mod:`vfio_user_server.options`).
+    options: ClassVar[Sequence[Option]] = ()
 
     #: Guest kernel modules that drive this device (the guest-test kit and the launcher load
     #: them, with their dependencies).
@@ -177,10 +205,13 @@ class PciDevice(VfioDevice):
         del bar, offset, size, value
 
     def reset(self) -> None:
-        """Bring device state to power-on (DEVICE_RESET, FLR). Config space is done already."""
+        """Bring device state to power-on (DEVICE_RESET, FLR). Config space is done already.
+
+        Called with :attr:`lock` held.
+        """
 
     def on_connect(self) -> None:
-        """A client connected (after VERSION)."""
+        """A client connected (after VERSION): :attr:`dma` and :meth:`defer` work from now."""
 
     def on_disconnect(self) -> None:
         """The client left; DMA maps and interrupt fds are gone. Device state is kept."""
@@ -238,23 +269,35 @@ class PciDevice(VfioDevice):
 
     @property
     def bus_master(self) -> bool:
-        return bool(self.config.command & 0x4)
+        return bool(self.config.command & COMMAND_MASTER)
 
-    # --- VfioDevice -------------------------------------------------------------------------
+    # --- VfioDevice: what the server calls (final: authors override the hooks above) ---------
     def regions(self) -> Mapping[int, Region]:
         return self._regions
 
-    def device_reset(self) -> None:
+    @final
+    def vfio_reset(self) -> None:
         with self.lock:
             self._reset_all()
 
-    def client_connected(self, ctx: DeviceContext) -> None:
+    @final
+    def vfio_attach(self, ctx: DeviceContext) -> None:
         self._ctx = ctx
         self.on_connect()
 
-    def client_disconnected(self) -> None:
+    @final
+    def vfio_detach(self) -> None:
         self._ctx = None
         self.on_disconnect()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, hook in _SERVER_SIDE.items():
+            if name in vars(cls):
+                raise DeviceDefinitionError(
+                    f"{cls.__name__}.{name}: the server calls it, a device does not define "
+                    f"it; override {hook}() instead"
+                )
 
     # --- internals --------------------------------------------------------------------------
     def _reset_all(self) -> None:
@@ -302,7 +345,7 @@ class PciDevice(VfioDevice):
 
     def _build_regions(self) -> dict[int, Region]:
         regions: dict[int, Region] = {}
-        for index in range(6):
+        for index in range(NUM_BARS):
             bar = self.config.bars[index]
             if bar is None:
                 continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -30,7 +31,6 @@ from .protocol.constants import (
     DeviceInfoFlag,
     DmaMapFlag,
     DmaUnmapFlag,
-    IrqSetFlag,
     RegionIndex,
     RegionInfoFlag,
 )
@@ -122,7 +122,13 @@ class DeviceContext:
 
 
 class VfioDevice(ABC):
-    """The interface between a device model and the protocol endpoint."""
+    """The interface between a device model and the protocol endpoint.
+
+    The server and the endpoint call the ``vfio_*`` methods, and only they do: each is the
+    server's side of one event (a client attached, detached, or asked for DEVICE_RESET).
+    :class:`~vfio_user_server.device.PciDevice` implements them once (they are final there)
+    and calls its author's hooks from them: ``on_connect``, ``on_disconnect`` and ``reset``.
+    """
 
     irqs: IrqController
 
@@ -134,13 +140,13 @@ class VfioDevice(ABC):
         return True
 
     @abstractmethod
-    def device_reset(self) -> None:
-        """DEVICE_RESET from the client (a whole-device reset)."""
+    def vfio_reset(self) -> None:
+        """DEVICE_RESET from the client (a whole-device reset); interrupts are reset already."""
 
-    def client_connected(self, ctx: DeviceContext) -> None:  # noqa: B027 (optional hook)
+    def vfio_attach(self, ctx: DeviceContext) -> None:  # noqa: B027 (optional)
         """A client finished VERSION; ``ctx`` gives DMA and the worker."""
 
-    def client_disconnected(self) -> None:  # noqa: B027 (optional hook)
+    def vfio_detach(self) -> None:  # noqa: B027 (optional)
         """The client went away; its DMA maps and interrupt fds are already gone."""
 
 
@@ -171,6 +177,8 @@ class Endpoint:
             size = len(msg.payload)
             if size < _MIN_PAYLOAD[cmd] or (size != _MIN_PAYLOAD[cmd] and cmd in _EXACT):
                 codec.check_request_size(Command(cmd), msg.payload)
+            if cmd in _MIN_ARGSZ:
+                _check_argsz(msg, _MIN_ARGSZ[cmd])
             if msg.fds and len(msg.fds) > _MAX_FDS[cmd]:
                 raise ProtocolError(
                     f"{msg.command_name()} takes at most {_MAX_FDS[cmd]} fds, got "
@@ -231,6 +239,14 @@ class Endpoint:
         region.write(offset, data)
 
 
+def _check_argsz(msg: codec.Message, min_argsz: int) -> None:
+    """The argsz column of the command table: argsz must cover the request's structure."""
+    (argsz,) = _ARGSZ.unpack_from(msg.payload)
+    if argsz < min_argsz:
+        raise ProtocolError(f"{msg.command_name()} argsz {argsz} < {min_argsz}",
+                            errno=errno.EINVAL)
+
+
 def _errno_of(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
@@ -246,8 +262,6 @@ def _version(ep: Endpoint, msg: codec.Message) -> bytes:
 
 def _dma_map(ep: Endpoint, msg: codec.Message) -> None:
     req = DmaMap.unpack(msg.payload)
-    if req.argsz < DmaMap.SIZE:
-        raise ProtocolError(f"DMA_MAP argsz {req.argsz} < {DmaMap.SIZE}", errno=errno.EINVAL)
     if req.flags & ~int(DmaMapFlag.READ | DmaMapFlag.WRITE):
         raise ProtocolError(f"DMA_MAP flags {req.flags:#x} unsupported", errno=errno.EINVAL)
     fd = msg.fds.pop() if msg.fds else None
@@ -257,9 +271,6 @@ def _dma_map(ep: Endpoint, msg: codec.Message) -> None:
 
 def _dma_unmap(ep: Endpoint, msg: codec.Message) -> bytes:
     req = DmaUnmap.unpack(msg.payload)
-    if req.argsz < DmaUnmap.SIZE:
-        raise ProtocolError(f"DMA_UNMAP argsz {req.argsz} < {DmaUnmap.SIZE}",
-                            errno=errno.EINVAL)
     if req.flags & DmaUnmapFlag.GET_DIRTY_BITMAP:
         raise ProtocolError("dirty page bitmaps are not supported", errno=errno.ENOTSUP)
     if req.flags & ~int(DmaUnmapFlag.ALL):
@@ -274,9 +285,7 @@ def _dma_unmap(ep: Endpoint, msg: codec.Message) -> bytes:
 
 
 def _get_info(ep: Endpoint, msg: codec.Message) -> bytes:
-    req = DeviceInfo.unpack(msg.payload)
-    if req.argsz < DeviceInfo.SIZE:
-        raise ProtocolError(f"GET_INFO argsz {req.argsz} too small", errno=errno.EINVAL)
+    del msg  # the argsz column of the command table is checked before dispatch
     flags = DeviceInfoFlag.PCI
     if ep.device.supports_reset():
         flags |= DeviceInfoFlag.RESET
@@ -285,8 +294,6 @@ def _get_info(ep: Endpoint, msg: codec.Message) -> bytes:
 
 def _region_info(ep: Endpoint, msg: codec.Message) -> tuple[bytes, list[int]]:
     req = RegionInfo.unpack(msg.payload)
-    if req.argsz < RegionInfo.SIZE:
-        raise ProtocolError(f"REGION_INFO argsz {req.argsz} too small", errno=errno.EINVAL)
     if req.index >= PCI_NUM_REGIONS:
         raise ProtocolError(f"no region {req.index}", errno=errno.EINVAL)
     region = ep.region(req.index)
@@ -308,8 +315,6 @@ def _region_info(ep: Endpoint, msg: codec.Message) -> tuple[bytes, list[int]]:
 
 def _io_fds(ep: Endpoint, msg: codec.Message) -> bytes:
     req = RegionIoFds.unpack(msg.payload)
-    if req.argsz < RegionIoFds.SIZE:
-        raise ProtocolError(f"REGION_IO_FDS argsz {req.argsz} too small", errno=errno.EINVAL)
     region = ep.region(req.index)
     if region is None or region.size == 0 or req.index == RegionIndex.CONFIG:
         raise ProtocolError(f"region {req.index} has no io fds", errno=errno.EINVAL)
@@ -318,8 +323,6 @@ def _io_fds(ep: Endpoint, msg: codec.Message) -> bytes:
 
 def _irq_info(ep: Endpoint, msg: codec.Message) -> bytes:
     req = IrqInfo.unpack(msg.payload)
-    if req.argsz < IrqInfo.SIZE:
-        raise ProtocolError(f"IRQ_INFO argsz {req.argsz} too small", errno=errno.EINVAL)
     if req.index >= PCI_NUM_IRQS:
         raise ProtocolError(f"no IRQ index {req.index}", errno=errno.EINVAL)
     count, flags = ep.device.irqs.info(req.index)
@@ -329,15 +332,10 @@ def _irq_info(ep: Endpoint, msg: codec.Message) -> bytes:
 def _set_irqs(ep: Endpoint, msg: codec.Message) -> None:
     req = IrqSet.unpack(msg.payload)
     data = msg.payload[IrqSet.SIZE:]
-    if req.argsz < IrqSet.SIZE:
-        raise ProtocolError(f"SET_IRQS argsz {req.argsz} too small", errno=errno.EINVAL)
-    if req.flags & IrqSetFlag.DATA_BOOL and len(data) < req.count:
-        raise ProtocolError("SET_IRQS DATA_BOOL shorter than count", errno=errno.EINVAL)
-    if msg.fds and not req.flags & IrqSetFlag.DATA_EVENTFD:
-        raise ProtocolError("SET_IRQS: fds without DATA_EVENTFD", errno=errno.EINVAL)
     if len(msg.fds) > ep.session.caps.max_msg_fds:
         raise ProtocolError(f"SET_IRQS with {len(msg.fds)} fds", errno=errno.EINVAL)
-    fds, msg.fds = msg.fds, []  # the controller owns them now, and closes them on error
+    # the controller validates the whole request, owns the fds now and closes them on error
+    fds, msg.fds = msg.fds, []
     ep.device.irqs.set_irqs(req.index, req.flags, req.start, req.count, fds, bytes(data))
 
 
@@ -395,7 +393,7 @@ def _write_multi(ep: Endpoint, msg: codec.Message) -> bytes:
 def _reset(ep: Endpoint, msg: codec.Message) -> None:
     del msg  # header only: the command table's size check has seen to that
     ep.device.irqs.reset()
-    ep.device.device_reset()
+    ep.device.vfio_reset()
 
 
 def _unsupported(ep: Endpoint, msg: codec.Message) -> None:
@@ -427,6 +425,12 @@ _MAX_FDS: dict[int, int] = {int(cmd): spec.max_request_fds for cmd, spec in COMM
 
 #: Commands whose payload is exactly their fixed structure (nothing may follow it).
 _EXACT = frozenset(int(cmd) for cmd, spec in COMMANDS.items() if spec.request_tail is Tail.NONE)
+
+#: Smallest argsz per command that has one to check (the table's argsz column).
+_MIN_ARGSZ: dict[int, int] = {
+    int(cmd): spec.min_argsz for cmd, spec in COMMANDS.items() if spec.min_argsz is not None
+}
+_ARGSZ = struct.Struct("<I")  # every argsz is the request's first u32
 
 #: Smallest payload per command (its fixed structure), as plain ints for the hot path.
 _MIN_PAYLOAD: dict[int, int] = {

@@ -5,6 +5,13 @@
 raise interrupts from any thread (:meth:`~IrqController.trigger`,
 :meth:`~IrqController.intx_assert`, :meth:`~IrqController.intx_deassert`).
 
+A SET_IRQS request is checked once, whole, by
+:func:`~vfio_user_server.irq_request.validate_set_irqs` (index, flags, the vector range against
+the count IRQ_INFO advertises, the data for its type, the fds: how many, no duplicates, none
+the controller holds already, each an eventfd). Only a request that passed is applied, by one
+small applier per data type (NONE, BOOL, EVENTFD), as libvfio-user's ``lib/irq.c`` does: an
+applier never has to undo anything.
+
 It owns every eventfd it is given: fds are closed when replaced, de-assigned, when their index
 is disabled, on :meth:`~IrqController.reset` and :meth:`~IrqController.close`, and every fd of
 a rejected request is closed too.
@@ -12,7 +19,8 @@ a rejected request is closed too.
 INTx follows VFIO's level-triggered, automasked semantics: when the line is high, INTx is not
 masked and COMMAND.INTX_DISABLE is clear, the trigger eventfd is written and INTx becomes
 masked. An UNMASK (``SET_IRQS`` message, or a readable KVM resample fd) clears the mask and,
-if the line is still high, fires and masks again.
+if the line is still high, fires and masks again. The resample fd is watched by the
+controller's own thread (:meth:`~IrqController.start_watcher`).
 
 MSI / MSI-X vectors can be masked by ``SET_IRQS`` MASK (recorded here) or by the device's own
 capability (the ``is_masked`` callback). A masked vector that fires becomes pending
@@ -21,8 +29,7 @@ capability (the ``is_masked`` callback). A masked vector that fires becomes pend
 
 Callbacks (``is_masked``, ``set_pending``) run with the controller's lock held: they must be
 quick and must not wait for a lock that another thread may hold while calling into the
-controller (reading config space bytes without a lock is fine). ``on_watch_change`` runs
-without the lock.
+controller (reading config space bytes without a lock is fine).
 
 The IRQ constants are those of :mod:`vfio_user_server.protocol.constants`, re-exported here.
 """
@@ -30,7 +37,6 @@ The IRQ constants are those of :mod:`vfio_user_server.protocol.constants`, re-ex
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
@@ -40,13 +46,8 @@ from dataclasses import dataclass
 
 from .errors import DeviceDefinitionError, IrqError
 from .fds import close_fd
-from .protocol.constants import (
-    IRQ_SET_ACTION_MASK,
-    IRQ_SET_DATA_MASK,
-    IrqIndex,
-    IrqInfoFlag,
-    IrqSetFlag,
-)
+from .irq_request import SetIrqs, einval, validate_set_irqs
+from .protocol.constants import IrqIndex, IrqInfoFlag, IrqSetFlag
 
 __all__ = [
     "IrqController",
@@ -58,9 +59,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-
-DATA_TYPE_MASK = IRQ_SET_DATA_MASK
-ACTION_TYPE_MASK = IRQ_SET_ACTION_MASK
 
 #: Most MSI vectors a function can have, and most MSI-X vectors.
 MAX_MSI_VECTORS = 32
@@ -91,10 +89,6 @@ class _Vector:
         self.pending = False
 
 
-def _einval(message: str) -> IrqError:
-    return IrqError(message, errno=errno.EINVAL)
-
-
 def _signal(fd: int) -> bool:
     """Add 1 to an eventfd. A saturated counter (EAGAIN) is already signalled."""
     try:
@@ -120,13 +114,13 @@ class IrqController:
         req: bool = True,
         is_masked: Callable[[int, int], bool] | None = None,
         set_pending: Callable[[int, int, bool], None] | None = None,
-        on_watch_change: Callable[[], None] | None = None,
     ) -> None:
         if not 0 <= msi_vectors <= MAX_MSI_VECTORS:
             raise DeviceDefinitionError(f"MSI vector count {msi_vectors} not in 0..32")
         if not 0 <= msix_vectors <= MAX_MSIX_VECTORS:
             raise DeviceDefinitionError(f"MSI-X vector count {msix_vectors} not in 0..2048")
-        counts = {
+        #: Vectors per index: what IRQ_INFO advertises and all that SET_IRQS may address.
+        self._counts: dict[IrqIndex, int] = {
             IrqIndex.INTX: int(intx),
             IrqIndex.MSI: msi_vectors,
             IrqIndex.MSIX: msix_vectors,
@@ -134,7 +128,7 @@ class IrqController:
             IrqIndex.REQ: int(req),
         }
         self._vecs: dict[IrqIndex, list[_Vector]] = {
-            i: [_Vector() for _ in range(n)] for i, n in counts.items()
+            i: [_Vector() for _ in range(n)] for i, n in self._counts.items()
         }
         self._lock = threading.RLock()
         self._level = False
@@ -144,11 +138,7 @@ class IrqController:
         self.is_masked = is_masked
         #: ``set_pending(index, vector, pending)``: reflect pending bits in the capability.
         self.set_pending = set_pending
-        #: Called (without the lock) when :meth:`watched_fds` changes.
-        self.on_watch_change = on_watch_change
-        self._watcher: threading.Thread | None = None
-        self._wake_fd: int | None = None
-        self._stopping = False
+        self._watcher = _ResampleWatcher(self)
 
     # --------------------------------------------------------------------------- GET_IRQ_INFO
 
@@ -161,12 +151,12 @@ class IrqController:
         try:
             return IrqIndex(index)
         except ValueError:
-            raise _einval(f"no IRQ index {index}") from None
+            raise einval(f"no IRQ index {index}") from None
 
     def info(self, index: int) -> tuple[int, IrqInfoFlag]:
         """``(count, flags)`` for DEVICE_GET_IRQ_INFO; IrqError EINVAL for unknown indices."""
         idx = self._index(index)
-        count = len(self._vecs[idx])
+        count = self._counts[idx]
         if idx is IrqIndex.INTX:
             flags = IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE | IrqInfoFlag.AUTOMASKED
         elif idx is IrqIndex.MSI:
@@ -189,109 +179,70 @@ class IrqController:
     ) -> None:
         """Apply DEVICE_SET_IRQS with VFIO semantics; takes ownership of ``fds``.
 
-        Every fd that is not kept (also on error) is closed. A negative fd in ``fds``
-        de-assigns its sub-index, as ``-1`` does in VFIO. Raises IrqError EINVAL for any bad
-        request.
+        The request is validated whole (:func:`validate_set_irqs`, IrqError EINVAL), then
+        applied by the applier of its data type. Every fd of ``fds`` the controller does not
+        hold afterwards (all of them on error, except those it held before) is closed.
         """
-        keep: set[int] = set()
-        watch_changed = False
-        try:
-            with self._lock:
-                old_watch = self._resample_fd
-                self._set_irqs(index, flags, start, count, list(fds), data, keep)
-                watch_changed = old_watch != self._resample_fd
-        finally:
-            for fd in set(fds):
-                if fd >= 0 and fd not in keep:
-                    close_fd(fd, "IRQ fd")
-            if watch_changed:
-                self._watch_changed()
+        with self._lock:
+            owned = self._owned_fds() if fds else set()
+            try:
+                req = validate_set_irqs(index, flags, start, count, fds, data,
+                                        vector_counts=self._counts, owned=owned)
+                self._APPLIERS[req.data_type](self, req)
+            finally:
+                if fds:
+                    owned = self._owned_fds()
+                    for fd in set(fds):
+                        if fd >= 0 and fd not in owned:
+                            close_fd(fd, "IRQ fd")
 
-    def _set_irqs(
-        self,
-        index: int,
-        flags: int,
-        start: int,
-        count: int,
-        fds: list[int],
-        data: bytes,
-        keep: set[int],
-    ) -> None:
-        valid = [fd for fd in fds if fd >= 0]
-        owned = self._owned_fds()
-        # Never close an fd we already own because a caller handed it to us again.
-        keep.update(fd for fd in valid if fd in owned)
-        idx = self._index(index)
-        flags = int(flags)
-        if flags & ~int(DATA_TYPE_MASK | ACTION_TYPE_MASK):
-            raise _einval(f"SET_IRQS: unknown flag bits {flags:#x}")
-        dtype = IrqSetFlag(flags & DATA_TYPE_MASK)
-        action = IrqSetFlag(flags & ACTION_TYPE_MASK)
-        if dtype.bit_count() != 1 or action.bit_count() != 1:
-            raise _einval(f"SET_IRQS: need exactly one DATA and one ACTION flag ({flags:#x})")
-        if fds and dtype is not IrqSetFlag.DATA_EVENTFD:
-            raise _einval("SET_IRQS: fds sent without DATA_EVENTFD")
-        if len(set(valid)) != len(valid):
-            raise _einval("SET_IRQS: the same fd is given twice")
-        if any(fd in owned for fd in valid):
-            raise _einval("SET_IRQS: an fd is already in use by this controller")
-        if start < 0 or count < 0:
-            raise _einval(f"SET_IRQS: negative start/count ({start}, {count})")
+    # One applier per data type; each gets a request that passed validation.
+
+    def _apply_none(self, req: SetIrqs) -> None:
+        if req.count == 0:
+            if req.action is IrqSetFlag.ACTION_TRIGGER:  # count 0, NONE|TRIGGER: disable
+                self._disable_index(req.index)
+            return
+        self._act(req.index, req.action, req.vectors)
+
+    def _apply_bool(self, req: SetIrqs) -> None:
+        self._act(req.index, req.action,
+                  [v for v, b in zip(req.vectors, req.bools, strict=True) if b])
+
+    def _apply_eventfd(self, req: SetIrqs) -> None:
+        for fd in req.fds:
+            # A blocking eventfd would let the client hang us (a write at a full counter, a
+            # read at zero, with the lock held). QEMU's are non-blocking already.
+            if fd is not None and os.get_blocking(fd):
+                os.set_blocking(fd, False)
+        if req.action is IrqSetFlag.ACTION_TRIGGER:
+            for v, fd in zip(req.vectors, req.fds, strict=True):
+                self._assign(req.index, v, fd)
+            if req.index is IrqIndex.INTX:
+                self._intx_update()
+        elif req.count:  # INTx UNMASK: the resample fd (validation allows nothing else)
+            self._set_resample_fd(req.fds[0])
+
+    _APPLIERS: dict[IrqSetFlag, Callable[[IrqController, SetIrqs], None]] = {
+        IrqSetFlag.DATA_NONE: _apply_none,
+        IrqSetFlag.DATA_BOOL: _apply_bool,
+        IrqSetFlag.DATA_EVENTFD: _apply_eventfd,
+    }
+
+    def _act(self, idx: IrqIndex, action: IrqSetFlag, vectors: Sequence[int]) -> None:
+        """NONE / BOOL actions on the selected vectors."""
         vecs = self._vecs[idx]
-        n = len(vecs)
-        if count == 0:
-            if dtype is IrqSetFlag.DATA_NONE and action is IrqSetFlag.ACTION_TRIGGER:
-                self._disable_index(idx)
-                return
-            if fds:
-                raise _einval(f"SET_IRQS: {len(fds)} fds for count 0")
-            if start > n:
-                raise _einval(f"SET_IRQS {idx.name}: start {start} beyond {n} vectors")
-            return
-        if start + count > n:
-            raise _einval(
-                f"SET_IRQS {idx.name}: vectors {start}..{start + count - 1} beyond {n} vectors"
-            )
-        selected: list[int] = list(range(start, start + count))
-        if dtype is IrqSetFlag.DATA_BOOL:
-            if len(data) < count:
-                raise _einval(f"SET_IRQS: {len(data)} bool bytes for count {count}")
-            selected = [v for v, b in zip(selected, data[:count], strict=True) if b]
-        elif dtype is IrqSetFlag.DATA_EVENTFD and len(fds) not in (0, count):
-            raise _einval(f"SET_IRQS: {len(fds)} fds for count {count}")
-
-        if dtype is IrqSetFlag.DATA_EVENTFD:
-            new_fds: list[int | None] = (
-                [fd if fd >= 0 else None for fd in fds] if fds else [None] * count
-            )
-            if action is IrqSetFlag.ACTION_TRIGGER:
-                for v, fd in zip(selected, new_fds, strict=True):
-                    self._assign(idx, v, fd, keep)
-                if idx is IrqIndex.INTX:
-                    self._intx_update()
-            elif action is IrqSetFlag.ACTION_UNMASK and idx is IrqIndex.INTX:
-                fd = new_fds[0]
-                old, self._resample_fd = self._resample_fd, fd
-                if fd is not None:
-                    keep.add(fd)
-                if old is not None and old != fd:
-                    close_fd(old, "IRQ fd")
-                self._wake_watcher()
-            else:
-                raise _einval(f"SET_IRQS {idx.name}: eventfd not supported for {action.name}")
-            return
-
         if action is IrqSetFlag.ACTION_TRIGGER:
             # Loopback: fire the vectors in software, as VFIO does, whatever the masks.
-            for v in selected:
+            for v in vectors:
                 fd = vecs[v].fd
                 if fd is not None:
                     _signal(fd)
         elif action is IrqSetFlag.ACTION_MASK:
-            for v in selected:
+            for v in vectors:
                 vecs[v].masked = True
         else:
-            for v in selected:
+            for v in vectors:
                 self._unmask(idx, v)
 
     def _owned_fds(self) -> set[int]:
@@ -300,13 +251,17 @@ class IrqController:
             owned.add(self._resample_fd)
         return owned
 
-    def _assign(self, idx: IrqIndex, vector: int, fd: int | None, keep: set[int]) -> None:
+    def _assign(self, idx: IrqIndex, vector: int, fd: int | None) -> None:
         vec = self._vecs[idx][vector]
         old, vec.fd = vec.fd, fd
-        if fd is not None:
-            keep.add(fd)
         if old is not None and old != fd:
             close_fd(old, "IRQ fd")
+
+    def _set_resample_fd(self, fd: int | None) -> None:
+        old, self._resample_fd = self._resample_fd, fd
+        if old is not None and old != fd:
+            close_fd(old, "IRQ fd")
+        self._watcher.wake()
 
     def _disable_index(self, idx: IrqIndex) -> None:
         for v, vec in enumerate(self._vecs[idx]):
@@ -315,9 +270,7 @@ class IrqController:
             vec.masked = False
             self._set_pending(idx, v, vec, False)
         if idx is IrqIndex.INTX:
-            close_fd(self._resample_fd, "IRQ fd")
-            self._resample_fd = None
-            self._wake_watcher()
+            self._set_resample_fd(None)
 
     # ---------------------------------------------------------------------------- masking
 
@@ -339,7 +292,7 @@ class IrqController:
         idx = self._index(index)
         vecs = self._vecs[idx]
         if not 0 <= vector < len(vecs):
-            raise _einval(f"{idx.name} has no vector {vector}")
+            raise einval(f"{idx.name} has no vector {vector}")
         return idx, vecs[vector]
 
     def _unmask(self, idx: IrqIndex, vector: int) -> None:
@@ -457,95 +410,34 @@ class IrqController:
 
     # ------------------------------------------------------------------- resample fd watching
 
-    def watched_fds(self) -> list[int]:
-        """fds to watch for readability (the INTx resample fd); see :meth:`on_fd_readable`."""
+    def _resample_fd_now(self) -> int | None:
         with self._lock:
-            return [] if self._resample_fd is None else [self._resample_fd]
+            return self._resample_fd
 
-    def on_fd_readable(self, fd: int) -> bool:
-        """A watched fd became readable: consume it and unmask INTx. True if it acted.
+    def _resampled(self, fd: int) -> None:
+        """The watcher saw ``fd`` readable: if it is still the resample fd, consume and unmask.
 
-        Safe to call spuriously or with a stale fd (it checks and never blocks).
+        Never blocks: the fd may have been replaced, or read already.
         """
         with self._lock:
-            if fd != self._resample_fd or fd is None:
-                return False
-            p = select.poll()
-            p.register(fd, select.POLLIN)
-            if not any(ev & select.POLLIN for _, ev in p.poll(0)):
-                return False
+            if fd != self._resample_fd:
+                return
             try:
-                os.read(fd, 8)
+                os.eventfd_read(fd)
             except BlockingIOError:
-                return False
+                return
             except OSError as e:
                 log.warning("reading INTx resample fd %d: %s", fd, e)
-                return False
+                return
             self._unmask(IrqIndex.INTX, 0)
-            return True
-
-    def _watch_changed(self) -> None:
-        cb = self.on_watch_change
-        if cb is not None:
-            try:
-                cb()
-            except Exception:
-                log.exception("IRQ on_watch_change callback failed")
-
-    def _wake_watcher(self) -> None:
-        if self._wake_fd is not None:
-            _signal(self._wake_fd)
 
     def start_watcher(self) -> None:
-        """Start a daemon thread that watches :meth:`watched_fds` (for users without a loop)."""
-        with self._lock:
-            if self._watcher is not None:
-                return
-            self._stopping = False
-            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._watcher = threading.Thread(
-                target=self._watch, name="irq-resample-watcher", daemon=True
-            )
-            self._watcher.start()
+        """Start the thread that watches the INTx resample fd (idempotent)."""
+        self._watcher.start()
 
     def stop_watcher(self) -> None:
         """Stop the thread started by :meth:`start_watcher` (no-op if not running)."""
-        with self._lock:
-            thread = self._watcher
-            if thread is None:
-                return
-            self._stopping = True
-            self._wake_watcher()
-        thread.join()
-        with self._lock:
-            close_fd(self._wake_fd, "IRQ fd")
-            self._wake_fd = None
-            self._watcher = None
-
-    def _watch(self) -> None:
-        while True:
-            with self._lock:
-                if self._stopping or self._wake_fd is None:
-                    return
-                wake = self._wake_fd
-                fds = [] if self._resample_fd is None else [self._resample_fd]
-            p = select.poll()
-            p.register(wake, select.POLLIN)
-            for fd in fds:
-                p.register(fd, select.POLLIN)
-            bad = False
-            for fd, ev in p.poll():
-                if fd == wake:
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(wake)
-                elif ev & select.POLLIN:
-                    self.on_fd_readable(fd)
-                else:
-                    bad = True  # closed under us (POLLNVAL) or error: wait for a wake-up
-            if bad:
-                p = select.poll()
-                p.register(wake, select.POLLIN)
-                p.poll(50)
+        self._watcher.stop()
 
     # ------------------------------------------------------------------------ reset, close
 
@@ -555,11 +447,8 @@ class IrqController:
         The INTx line level and INTX_DISABLE stay as the device model sets them.
         """
         with self._lock:
-            had_watch = self._resample_fd is not None
             for idx in IrqIndex:
                 self._disable_index(idx)
-        if had_watch:
-            self._watch_changed()
 
     def close(self) -> None:
         """Client disconnect: stop the watcher and close every fd (as :meth:`reset`)."""
@@ -584,3 +473,70 @@ class IrqController:
                 level=self._level if intx else False,
                 intx_disabled=self._intx_disabled if intx else False,
             )
+
+
+class _ResampleWatcher:
+    """A thread that waits for the INTx resample eventfd and hands it to the controller.
+
+    The controller wakes it (an eventfd of its own) whenever the resample fd changes; the
+    thread then polls the new one. It never holds its own lock while calling the controller.
+    """
+
+    def __init__(self, controller: IrqController) -> None:
+        self._controller = controller
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._wake_fd: int | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._stopping = False
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._thread = threading.Thread(
+                target=self._run, args=(self._wake_fd,), name="irq-resample-watcher",
+                daemon=True,
+            )
+            self._thread.start()
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._wake_fd is not None:
+                _signal(self._wake_fd)
+
+    def stop(self) -> None:
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                return
+            self._stopping = True
+            if self._wake_fd is not None:
+                _signal(self._wake_fd)
+        thread.join()
+        with self._lock:
+            close_fd(self._wake_fd, "IRQ watcher fd")
+            self._wake_fd = None
+            self._thread = None
+
+    def _run(self, wake: int) -> None:
+        while not self._stopping:
+            fd = self._controller._resample_fd_now()
+            p = select.poll()
+            p.register(wake, select.POLLIN)
+            if fd is not None:
+                p.register(fd, select.POLLIN)
+            bad = False
+            for polled, ev in p.poll():
+                if polled == wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(wake)
+                elif ev & select.POLLIN:
+                    self._controller._resampled(polled)
+                else:
+                    bad = True  # closed under us (POLLNVAL) or error: wait for a wake-up
+            if bad:
+                p = select.poll()
+                p.register(wake, select.POLLIN)
+                p.poll(50)

@@ -121,7 +121,7 @@ class Connection:
         self._rx_view = memoryview(self._rx_chunk)
         self.loop_thread: threading.Thread | None = None
         self.closed = False
-        #: the device was told about this client (client_connected), so it hears it leave
+        #: the device was told about this client (vfio_attach), so it hears it leave
         self.device_connected = False
         self.ctx = DeviceContext(self.dma, self.table, self._worker.submit, None)
 
@@ -227,9 +227,9 @@ class Connection:
             # before the reply: once the client has it, the device must know its client
             self.device_connected = True
             try:
-                self.device.client_connected(self.ctx)
+                self.device.vfio_attach(self.ctx)
             except Exception:
-                log.exception("device client_connected hook failed")
+                log.exception("device vfio_attach failed")
         if reply is not None:
             self.send(reply)
         if self.device_connected and not self._negotiated.is_set():
@@ -344,9 +344,9 @@ class Connection:
                     self.sock.close()
                 try:
                     if self.device_connected:  # a client that never negotiated is no news
-                        self.device.client_disconnected()
+                        self.device.vfio_detach()
                 except Exception:
-                    log.exception("device client_disconnected hook failed")
+                    log.exception("device vfio_detach failed")
 
 
 class Server:

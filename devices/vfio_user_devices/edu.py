@@ -36,7 +36,6 @@ need DMA_READ/DMA_WRITE messages and so never runs on the server's loop thread),
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 import time
@@ -45,6 +44,7 @@ from typing import ClassVar
 
 from vfio_user_server.device import PciDevice
 from vfio_user_server.errors import DmaError
+from vfio_user_server.options import Option, integer, milliseconds
 from vfio_user_server.pci import Bar
 
 log = logging.getLogger(__name__)
@@ -105,27 +105,24 @@ class Edu(PciDevice):
     bars: ClassVar = {0: Bar(BAR_SIZE, kind="mem32")}
     msi_vectors = 1
     power_management = False
+    options = (
+        Option("--dma-mask", "mask applied to DMA addresses (default 0x0fffffff, 28 bits)",
+               type=integer, default=DEFAULT_DMA_MASK),
+        Option("--dma-delay-ms", "delay before a DMA transfer runs (QEMU's edu: 100)",
+               type=milliseconds, default=0.0, param="dma_delay"),
+    )
 
     def __init__(self, *, dma_mask: int = DEFAULT_DMA_MASK, dma_delay: float = 0.0) -> None:
         super().__init__()
         self.dma_mask = dma_mask
         self.dma_delay = dma_delay
+        #: How a transfer waits its ``dma_delay`` (a test may replace it to hold a transfer).
+        self.sleep: Callable[[float], None] = time.sleep
         self._idle = threading.Condition(self.lock)
         #: (kind, detail) of each finished job: ("fact", n) or ("dma", cmd); for tests
         self.completed: list[tuple[str, int]] = []
         self._generation = 0
         self.reset()
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--dma-mask", type=lambda s: int(s, 0), default=DEFAULT_DMA_MASK,
-                            help="mask applied to DMA addresses (default 0x0fffffff, 28 bits)")
-        parser.add_argument("--dma-delay-ms", type=float, default=0.0,
-                            help="delay before a DMA transfer runs (QEMU's edu: 100)")
-
-    @classmethod
-    def from_arguments(cls, ns: argparse.Namespace) -> Edu:
-        return cls(dma_mask=ns.dma_mask, dma_delay=ns.dma_delay_ms / 1000)
 
     # --- state ------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -273,7 +270,7 @@ class Edu(PciDevice):
 
     def _run_dma(self, cmd: int, src: int, dst: int, count: int, generation: int) -> None:
         if self.dma_delay:
-            time.sleep(self.dma_delay)
+            self.sleep(self.dma_delay)
         try:
             self._transfer(cmd, src, dst, count, generation)
         except DmaError as exc:

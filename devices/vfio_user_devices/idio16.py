@@ -35,7 +35,6 @@ and :meth:`~PciIdio16.set_inputs` change what it reads (and raise the interrupt 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 import time
@@ -43,6 +42,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from vfio_user_server.device import PciDevice
+from vfio_user_server.options import Option, integer
 from vfio_user_server.pci import Bar
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,10 @@ INTCSR_WMASK = 0xFFFF & ~(INTCSR_LINT1_STATUS | 1 << 5)
 OutputCallback = Callable[[int, int], None]
 
 
+def _log_outputs(old: int, new: int) -> None:
+    log.info("outputs %#06x -> %#06x", old, new)
+
+
 class PciIdio16(PciDevice):
     """ACCES PCI-IDIO-16 as Linux's gpio-pci-idio-16 driver expects it (see module docs)."""
 
@@ -94,9 +98,17 @@ class PciIdio16(PciDevice):
     msix_vectors = 0
     power_management = False
     guest_modules = ("gpio-pci-idio-16",)
+    options = (
+        Option("--inputs", "initial input lines as a 16-bit mask (default 0)", type=integer,
+               default=0),
+        Option("--log-outputs", "log every output change", switch=True),
+    )
 
-    def __init__(self, *, on_output: OutputCallback | None = None) -> None:
+    def __init__(self, *, on_output: OutputCallback | None = None, inputs: int = 0,
+                 log_outputs: bool = False) -> None:
         super().__init__()
+        if log_outputs and on_output is None:
+            on_output = _log_outputs
         #: Called as ``on_output(old, new)`` (16-bit masks) when the guest changes an output,
         #: on the server's loop thread with :attr:`lock` held: keep it short.
         self.on_output = on_output
@@ -105,23 +117,7 @@ class PciIdio16(PciDevice):
         #: change-of-state interrupts latched since creation
         self.interrupts_raised = 0
         self.reset()
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--inputs", type=lambda s: int(s, 0), default=0,
-                            help="initial input lines as a 16-bit mask (default 0)")
-        parser.add_argument("--log-outputs", action="store_true",
-                            help="log every output change")
-
-    @classmethod
-    def from_arguments(cls, ns: argparse.Namespace) -> PciIdio16:
-        callback: OutputCallback | None = None
-        if ns.log_outputs:
-            def callback(old: int, new: int) -> None:
-                log.info("outputs %#06x -> %#06x", old, new)
-        dev = cls(on_output=callback)
-        dev.set_inputs(ns.inputs)
-        return dev
+        self.set_inputs(inputs)  # interrupts are disabled at power-on: none is raised
 
     # --- state ------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -137,7 +133,7 @@ class PciIdio16(PciDevice):
             self.plx = bytearray(PLX_SIZE)
             self.plx[PLX_INTCSR:PLX_INTCSR + 2] = INTCSR_RESET.to_bytes(2, "little")
             self._drive_intx()
-            self._changed.notify_all()
+            self._state_changed()
 
     @property
     def outputs(self) -> int:
@@ -179,7 +175,7 @@ class PciIdio16(PciDevice):
                 if changed & 0xFF00:
                     self._status |= STATUS_GROUP1
                 self._drive_intx()
-            self._changed.notify_all()
+            self._state_changed()
 
     @property
     def irq_pending(self) -> bool:
@@ -193,20 +189,35 @@ class PciIdio16(PciDevice):
         Raises TimeoutError with the last value when they don't in time.
         """
         check = predicate if callable(predicate) else (lambda v: v == predicate)
-        deadline = time.monotonic() + timeout
         with self._changed:
-            while not check(self._outputs):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"outputs are {self._outputs:#06x}")
-                self._changed.wait(left)
+            if not self._wait(lambda: check(self._outputs), timeout):
+                raise TimeoutError(f"outputs are {self._outputs:#06x}")
             return self._outputs
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until ``predicate()`` (evaluated with :attr:`lock` held) is true."""
+        """Wait until ``predicate()`` over the device's state is true.
+
+        It is evaluated with :attr:`lock` held, now and after each change of the device's
+        state (every change wakes the waiters). Raises TimeoutError when ``timeout`` passes
+        without a change that makes it true, even if it would be true by then: a state change
+        that woke nobody is a bug to see, not to hide.
+        """
         with self._changed:
-            if not self._changed.wait_for(predicate, timeout):
+            if not self._wait(predicate, timeout):
                 raise TimeoutError("condition not met in time")
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """With :attr:`lock` held: True once ``predicate()`` holds, False at the deadline."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._changed.wait(left):
+                return False
+        return True
+
+    def _state_changed(self) -> None:
+        """Wake the waiters (lock held): called by every change of the device's state."""
+        self._changed.notify_all()
 
     # --- BAR accesses -----------------------------------------------------------------------
     def bar_read(self, bar: int, offset: int, size: int) -> int:
@@ -232,10 +243,13 @@ class PciIdio16(PciDevice):
         if reg == REG_IRQ_CTL:
             if not self.irq_enabled:
                 log.debug("interrupt enabled")
-            self.irq_enabled = True
+                self.irq_enabled = True
+                self._state_changed()
             return 0
         if reg == REG_FILTER_CTL:
-            self.filters_active = True
+            if not self.filters_active:
+                self.filters_active = True
+                self._state_changed()
             return 0
         if reg == REG_OUT8_15:
             return self._outputs >> 8
@@ -253,21 +267,24 @@ class PciIdio16(PciDevice):
         elif reg == REG_IN0_7:
             self._status = 0
             self._drive_intx()
+            self._state_changed()
         elif reg == REG_IRQ_CTL:
             if self.irq_enabled:
                 log.debug("interrupt disabled")
             self.irq_enabled = False
             self._status = 0
             self._drive_intx()
+            self._state_changed()
         elif reg == REG_FILTER_CTL:
             self.filters_active = False
+            self._state_changed()
 
     def _set_outputs(self, new: int) -> None:
         old = self._outputs
         if new == old:
             return
         self._outputs = new
-        self._changed.notify_all()
+        self._state_changed()
         if self.on_output is not None:
             try:
                 self.on_output(old, new)
@@ -284,6 +301,7 @@ class PciIdio16(PciDevice):
                 byte = (self.plx[pos] & ~keep) | (byte & keep)
             self.plx[pos] = byte
         self._drive_intx()
+        self._state_changed()
 
     @property
     def intcsr(self) -> int:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import IntEnum
+from typing import TypeVar, overload
 
 # --- controller registers (BAR0) --------------------------------------------------------------
 REG_CAP = 0x00  # 64-bit
@@ -50,10 +51,32 @@ CC_IOSQES_SHIFT, CC_IOSQES_MASK = 16, 0xF
 CC_IOCQES_SHIFT, CC_IOCQES_MASK = 20, 0xF
 CC_WRITABLE = 0x00FFFFF1
 
+# AQA fields: admin SQ size (ASQS) in bits 11:0, admin CQ size (ACQS) in bits 27:16, 0-based
+AQA_WRITABLE = 0x0FFF0FFF
+
+
+def aqa_sizes(aqa: int) -> tuple[int, int]:
+    """(admin SQ entries, admin CQ entries) of an AQA value."""
+    return (aqa & 0xFFF) + 1, ((aqa >> 16) & 0xFFF) + 1
+
+
+#: INTMS/INTMC bit of the one vector used without MSI-X (pin-based or MSI)
+INTMS_VECTOR0 = 1 << 0
+
+#: Doorbell stride (CAP.DSTRD 0): 4 bytes, SQ y tail then CQ y head.
+DOORBELL_SHIFT = 2
+
+
+def doorbell_queue(offset: int) -> tuple[int, bool]:
+    """(queue id, True for a CQ head doorbell) of a doorbell register offset in BAR0."""
+    index = (offset - DOORBELL_BASE) >> DOORBELL_SHIFT
+    return index >> 1, bool(index & 1)
+
 # CSTS fields
 CSTS_RDY = 1 << 0
 CSTS_CFS = 1 << 1
 CSTS_SHST_SHIFT = 2
+CSTS_SHST_MASK = 3 << CSTS_SHST_SHIFT
 SHST_NORMAL, SHST_OCCURRING, SHST_COMPLETE = 0, 1, 2
 CSTS_NSSRO = 1 << 4
 
@@ -184,15 +207,191 @@ assert SQE.size == SQE_SIZE and CQE.size == CQE_SIZE
 
 SqeTuple = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int, int]
 
+# --- command fields -----------------------------------------------------------------------------
+# Indices into an ``SQE.unpack`` tuple (:data:`SqeTuple`) and the bits of the fields; the
+# decoders below take such a tuple (the per-command path uses the constants, a call less).
+SQE_OPCODE, SQE_FLAGS, SQE_CID, SQE_NSID = 0, 1, 2, 3
+SQE_PRP1, SQE_PRP2 = 6, 7
+CDW10, CDW11, CDW12, CDW13, CDW14, CDW15 = 8, 9, 10, 11, 12, 13
+
+#: CDW0 FLAGS: FUSE (bits 1:0, fused operation) and PSDT (bits 7:6, PRPs or SGLs)
+FLAGS_FUSE = 0x03
+FLAGS_PSDT = 0xC0
+#: NSID meaning every namespace (Flush, Get/Set Features)
+NSID_ALL = 0xFFFFFFFF
+
+
+H = TypeVar("H")
+
+
+def command_handler(handlers: Mapping[int, H], cmd: SqeTuple, command_set: str) -> H:
+    """The handler of the command's opcode; :class:`NvmeError` for fused or unknown commands."""
+    if cmd[SQE_FLAGS] & FLAGS_FUSE:
+        raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
+    handler = handlers.get(cmd[SQE_OPCODE])
+    if handler is None:
+        raise NvmeError(Status.INVALID_OPCODE, f"{command_set} opcode {cmd[SQE_OPCODE]:#x}")
+    return handler
+
+
+def fused(cmd: SqeTuple) -> bool:
+    return bool(cmd[SQE_FLAGS] & FLAGS_FUSE)
+
+
+def uses_sgl(cmd: SqeTuple) -> bool:
+    return bool(cmd[SQE_FLAGS] & FLAGS_PSDT)
+
+
+# NVM Read, Write, Write Zeroes: SLBA in CDW10-11, NLB (0-based) and FUA in CDW12
+RW_NLB_MASK = 0xFFFF
+RW_FUA = 1 << 30
+
+
+def rw_slba(cmd: SqeTuple) -> int:
+    """Starting LBA."""
+    return cmd[CDW10] | cmd[CDW11] << 32
+
+
+def rw_nlb(cmd: SqeTuple) -> int:
+    """Number of logical blocks (1-based)."""
+    return (cmd[CDW12] & RW_NLB_MASK) + 1
+
+
+def rw_fua(cmd: SqeTuple) -> bool:
+    """Force Unit Access."""
+    return bool(cmd[CDW12] & RW_FUA)
+
+
+# Dataset Management: NR (0-based) in CDW10, attributes in CDW11; ranges of 16 bytes
+DSM_AD = 1 << 2  # Attribute - Deallocate
+#: context attributes, NLB (1-based), SLBA
+DSM_RANGE = struct.Struct("<IIQ")
+
+
+def dsm_ranges(cmd: SqeTuple) -> int:
+    """Number of ranges (1-based)."""
+    return (cmd[CDW10] & 0xFF) + 1
+
+
+def dsm_deallocate(cmd: SqeTuple) -> bool:
+    return bool(cmd[CDW11] & DSM_AD)
+
+
+# Create/Delete I/O SQ/CQ: QID and QSIZE (0-based) in CDW10; PC, IEN, IV / CQID in CDW11
+QUEUE_PC = 1 << 0  # physically contiguous
+CQ_IEN = 1 << 1  # interrupts enabled
+
+
+def queue_id(cmd: SqeTuple) -> int:
+    return cmd[CDW10] & 0xFFFF
+
+
+def queue_size(cmd: SqeTuple) -> int:
+    """Queue entries (1-based)."""
+    return (cmd[CDW10] >> 16) + 1
+
+
+def queue_contiguous(cmd: SqeTuple) -> bool:
+    return bool(cmd[CDW11] & QUEUE_PC)
+
+
+def cq_interrupts(cmd: SqeTuple) -> bool:
+    return bool(cmd[CDW11] & CQ_IEN)
+
+
+def cq_vector(cmd: SqeTuple) -> int:
+    """Create I/O CQ: the interrupt vector."""
+    return cmd[CDW11] >> 16
+
+
+def sq_cqid(cmd: SqeTuple) -> int:
+    """Create I/O SQ: the completion queue it posts to."""
+    return cmd[CDW11] >> 16
+
+
+# Identify: CNS in CDW10
+def identify_cns(cmd: SqeTuple) -> int:
+    return cmd[CDW10] & 0xFF
+
+
+# Get Log Page: LID and NUMDL in CDW10, NUMDU in CDW11, offset in CDW12-13
+def log_page_id(cmd: SqeTuple) -> int:
+    return cmd[CDW10] & 0xFF
+
+
+def log_page_dwords(cmd: SqeTuple) -> int:
+    """Number of dwords (1-based)."""
+    return ((cmd[CDW10] >> 16) | (cmd[CDW11] & 0xFFFF) << 16) + 1
+
+
+def log_page_offset(cmd: SqeTuple) -> int:
+    return cmd[CDW12] | cmd[CDW13] << 32
+
+
+# Get/Set Features: FID, SEL (Get) and SV (Set) in CDW10, the value in CDW11
+SEL_CURRENT, SEL_DEFAULT, SEL_SAVED, SEL_CAPABILITIES = 0, 1, 2, 3
+#: Get Features SEL 3 result: changeable (not saveable, not namespace specific)
+FEATURE_CHANGEABLE = 1 << 2
+
+
+def feature_id(cmd: SqeTuple) -> int:
+    return cmd[CDW10] & 0xFF
+
+
+def feature_select(cmd: SqeTuple) -> int:
+    return (cmd[CDW10] >> 8) & 7
+
+
+def feature_save(cmd: SqeTuple) -> bool:
+    return bool(cmd[CDW10] >> 31)
+
+
+def feature_value(cmd: SqeTuple) -> int:
+    return cmd[CDW11]
+
+
+# Feature values
+TMPTH_MASK = 0xFFFF  # Temperature Threshold: TMPTH in bits 15:0
+
+
+def temperature_selector(value: int) -> tuple[int, int]:
+    """Temperature Threshold: (TMPSEL, THSEL)."""
+    return (value >> 16) & 0xF, (value >> 20) & 3
+
+
+def queue_counts(value: int) -> tuple[int, int]:
+    """Number of Queues: (NSQR, NCQR), both 0-based."""
+    return value & 0xFFFF, value >> 16
+
+
+def make_queue_counts(nsqr: int, ncqr: int) -> int:
+    """Number of Queues value from 0-based counts."""
+    return nsqr | ncqr << 16
+
+
+PM_PS_MASK = 0x1F  # Power Management: power state
+VWC_WCE = 1 << 0  # Volatile Write Cache: enable
+IVC_IV_MASK = 0xFFFF  # Interrupt Vector Configuration: IV in bits 15:0, CD in bit 16
+IVC_WRITABLE = 0x1FFFF
+
 
 # --- PRPs ---------------------------------------------------------------------------------------
+@overload
 def prp_ranges(
     prp1: int, prp2: int, length: int, read_list: Callable[[int, int], bytes]
-) -> list[tuple[int, int]]:
+) -> list[tuple[int, int]]: ...
+@overload
+def prp_ranges(
+    prp1: int, prp2: int, length: int, read_list: Callable[[int, int], bytes | None]
+) -> list[tuple[int, int]] | None: ...
+def prp_ranges(
+    prp1: int, prp2: int, length: int, read_list: Callable[[int, int], bytes | None]
+) -> list[tuple[int, int]] | None:
     """Guest ranges ``(iova, length)`` described by PRP1/PRP2 for a ``length``-byte transfer.
 
-    ``read_list(iova, nbytes)`` reads PRP list memory (it raises on bad addresses). Adjacent
-    pages are merged. Raises :class:`NvmeError` INVALID_PRP_OFFSET for misaligned entries.
+    ``read_list(iova, nbytes)`` reads PRP list memory (it raises on bad addresses), or returns
+    None when it cannot read it now: then so does this function. Adjacent pages are merged.
+    Raises :class:`NvmeError` INVALID_PRP_OFFSET for misaligned entries.
     """
     if length <= 0:
         return []
@@ -216,8 +415,11 @@ def prp_ranges(
         room = (PAGE_SIZE - (list_addr & (PAGE_SIZE - 1))) >> 3
         chained = pages > room
         count = room if chained else pages
+        raw = read_list(list_addr, count * 8)
+        if raw is None:
+            return None
         entries = array("Q")
-        entries.frombytes(read_list(list_addr, count * 8))
+        entries.frombytes(raw)
         data = entries[:-1] if chained else entries
         for entry in data:
             if entry & (PAGE_SIZE - 1):

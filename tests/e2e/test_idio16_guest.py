@@ -49,6 +49,14 @@ class IdioGuest:
         assert result.ok, f"{command!r} failed ({result.status}):\n{result.output}"
         return result.output
 
+    def wait_output(self, path: str, pattern: str, timeout: float = 60.0) -> str:
+        """Poll a guest file until ``pattern`` (a regex) is in it; return its text."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, text := self.sh(f"cat {path}"), re.M):
+            assert time.monotonic() < deadline, f"no {pattern!r} in {path}:\n{text}"
+            time.sleep(0.05)
+        return text
+
     def irq_count(self) -> int:
         """The guest's interrupt count for the device's line (its name is the BDF)."""
         for line in self.sh("cat /proc/interrupts").splitlines():
@@ -135,21 +143,19 @@ def test_input_change_interrupts_the_guest(idio: IdioGuest) -> None:
     before = idio.irq_count()
     raised = dev.interrupts_raised
     idio.sh(f"gpio_event {idio.chip} 20000 2 16 > /tmp/ev.log 2>&1 &")
-    deadline = time.monotonic() + 30
-    while "ready" not in idio.sh("cat /tmp/ev.log"):
-        assert time.monotonic() < deadline, idio.sh("cat /tmp/ev.log")
-        time.sleep(0.1)
+    idio.wait_output("/tmp/ev.log", r"^ready")  # the line is requested, its edges watched
     # requesting the edge unmasked the line's interrupt: the driver enabled the card's
     dev.wait_for(lambda: dev.irq_enabled, timeout=10)
 
+    # Each flip waits for the guest's event of the one before: with both edges requested,
+    # the kernel reads the line's level to name an edge, after the driver cleared the
+    # interrupt, so a flip back before that would be reported as the wrong edge.
     dev.set_input(0, True)
+    idio.wait_output("/tmp/ev.log", r"^event offset=16 edge=rising")
     dev.wait_for(lambda: not dev.irq_pending, timeout=10)  # the guest handled and cleared it
     dev.set_input(0, False)
+    log = idio.wait_output("/tmp/ev.log", r"^done")
     dev.wait_for(lambda: not dev.irq_pending, timeout=10)
-    deadline = time.monotonic() + 30
-    while "done" not in (log := idio.sh("cat /tmp/ev.log")):
-        assert time.monotonic() < deadline, log
-        time.sleep(0.1)
     assert "done events=2" in log, log
     edges = re.findall(r"event offset=16 edge=(\w+)", log)
     assert edges == ["rising", "falling"], log

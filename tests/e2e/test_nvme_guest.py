@@ -163,14 +163,27 @@ def test_reboot_reattaches(nvme_guest: NvmeGuest) -> None:
 
 
 def test_qd1_latency(nvme_guest: NvmeGuest) -> None:
-    """4 KiB O_DIRECT reads and writes at queue depth 1; printed (run with -s)."""
+    """4 KiB O_DIRECT writes, then reads, at queue depth 1: each is one 4 KiB command at the
+    controller, and the bytes read back are the bytes written. The rates are printed (-s)."""
     g = nvme_guest
-    n = 1000
-    for what, cmd in (("read", f"dd if={DISK} of=/dev/null bs=4096 count={n} iflag=direct"),
-                      ("write", f"dd if=/dev/zero of={DISK} bs=4096 seek=2000 count={n} "
-                                "oflag=direct")):
-        r = g.h.run(cmd + " 2>/dev/null", 300, check=True)
+    n, bs, start = 1000, 4096, 2000
+    g.run(f"dd if=/dev/urandom of=/tmp/q bs={bs} count={n} 2>/dev/null")
+    want = g.guest_sha256("cat /tmp/q")
+    stats = g.dev.stats
+    for what, cmd in (("write", f"dd if=/tmp/q of={DISK} bs={bs} seek={start} count={n} "
+                                "oflag=direct"),
+                      ("read", f"dd if={DISK} of=/dev/null bs={bs} skip={start} count={n} "
+                               "iflag=direct")):
+        before = dict(stats)
+        r = g.h.run(cmd + " 2>&1", 300, check=True)
+        assert r.output == f"{n}+0 records in\n{n}+0 records out\n"
+        # nothing else touches the disk meanwhile: one controller command per dd block
+        assert stats[what + "s"] - before[what + "s"] == n
+        assert stats[what + "_bytes"] - before[what + "_bytes"] == n * bs
         print(f"\nnvme guest ({g.h.guest.accel}): {n / r.duration:.0f} 4 KiB {what}s/s at QD1")
+    assert hashlib.sha256(g.host_bytes(start * bs, n * bs)).hexdigest() == want
+    assert g.guest_sha256(f"dd if={DISK} bs={bs} skip={start} count={n} iflag=direct "
+                          "2>/dev/null") == want
 
 
 def test_plain_ram_uses_message_dma(vfio_user_provisioned: Provisioned) -> None:

@@ -33,8 +33,6 @@ pytestmark = pytest.mark.e2e
 MSIX_TABLE = 0x2000
 
 
-# (The fixtures live here, not in a tests/e2e/conftest.py: a second module named "conftest"
-# would shadow tests/conftest.py for the unit tests that import from it.)
 @pytest.fixture(scope="module")
 def prov() -> Provisioned:
     return provision()

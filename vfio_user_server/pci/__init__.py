@@ -40,6 +40,10 @@ from .capabilities import (
 )
 from .config import (
     COMMAND,
+    COMMAND_INTX_DISABLE,
+    COMMAND_IO,
+    COMMAND_MASTER,
+    COMMAND_MEMORY,
     CONFIG_SPACE_SIZE,
     DEVICE_ID,
     EXPRESS_CONFIG_SPACE_SIZE,
@@ -55,6 +59,11 @@ from .config import (
 )
 
 __all__ = [
+    "COMMAND",
+    "COMMAND_INTX_DISABLE",
+    "COMMAND_IO",
+    "COMMAND_MASTER",
+    "COMMAND_MEMORY",
     "CONFIG_SPACE_SIZE",
     "EXPRESS_CONFIG_SPACE_SIZE",
     "NUM_BARS",

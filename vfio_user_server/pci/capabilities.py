@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 
 from ..errors import DeviceDefinitionError, RegionAccessError
+from .bars import NUM_BARS
 from .config import (
     CAPABILITIES_POINTER,
     EXPRESS_CONFIG_SPACE_SIZE,
@@ -672,8 +673,8 @@ class MsiX(Capability):
                 table_offset + vectors * MsixTable.ENTRY_SIZE if pba_bar == table_bar else 0
             )
         for name, bar, off in (("table", table_bar, table_offset), ("PBA", pba_bar, pba_offset)):
-            if not 0 <= bar <= 5:
-                raise DeviceDefinitionError(f"MSI-X {name} BIR {bar} not in 0..5")
+            if not 0 <= bar < NUM_BARS:
+                raise DeviceDefinitionError(f"MSI-X {name} BIR {bar} not in 0..{NUM_BARS - 1}")
             if off < 0 or off % 8 or off >> 32:
                 raise DeviceDefinitionError(f"MSI-X {name} offset {off:#x} not 8-byte aligned")
         self.vectors = vectors

@@ -2,8 +2,9 @@
 
 Every fixed-size structure is a frozen dataclass declared with its ``struct`` format; packing and
 unpacking are derived from that single declaration (:class:`WireStruct`). :data:`COMMANDS` then
-says, per command, which structure starts the request and the reply, what follows it, and how
-many fds may travel with it. Handlers never shift bits by hand.
+says, per command, which structure starts the request and the reply, what follows it, how
+many fds may travel with it, and whether the request's ``argsz`` is checked. Handlers never
+shift bits by hand.
 
 All integers are little-endian ("host-endian" in the spec, and every supported host is LE).
 """
@@ -259,21 +260,35 @@ class CommandSpec:
     reply: type[WireStruct] | None
     max_request_fds: int = 0
     server_request: bool = False  # sent by the server to the client
+    #: The request starts with ``u32 argsz``, which must be at least the request structure's
+    #: size (the size of the request for DMA_MAP and SET_IRQS, the largest reply the client
+    #: takes for the others; see :attr:`min_argsz`). Unsupported commands are not checked.
+    argsz: bool = False
+
+    @property
+    def min_argsz(self) -> int | None:
+        """The smallest ``argsz`` a request may carry, or None if it has no argsz to check."""
+        if not self.argsz or self.request is None:
+            return None
+        return self.request.SIZE
 
 
-#: The one table: per command, its request structure, what may follow, its reply structure and
-#: the fds a request may carry.
+#: The one table: per command, its request structure, what may follow, its reply structure,
+#: the fds a request may carry and whether its argsz is checked.
 COMMANDS: dict[Command, CommandSpec] = {
     spec.command: spec
     for spec in (
         CommandSpec(Command.VERSION, Version, Tail.JSON, Version),
-        CommandSpec(Command.DMA_MAP, DmaMap, Tail.NONE, None, max_request_fds=1),
-        CommandSpec(Command.DMA_UNMAP, DmaUnmap, Tail.ANY, DmaUnmap),
-        CommandSpec(Command.DEVICE_GET_INFO, DeviceInfo, Tail.NONE, DeviceInfo),
-        CommandSpec(Command.DEVICE_GET_REGION_INFO, RegionInfo, Tail.NONE, RegionInfo),
-        CommandSpec(Command.DEVICE_GET_REGION_IO_FDS, RegionIoFds, Tail.NONE, RegionIoFds),
-        CommandSpec(Command.DEVICE_GET_IRQ_INFO, IrqInfo, Tail.NONE, IrqInfo),
-        CommandSpec(Command.DEVICE_SET_IRQS, IrqSet, Tail.DATA, None, max_request_fds=32),
+        CommandSpec(Command.DMA_MAP, DmaMap, Tail.NONE, None, max_request_fds=1, argsz=True),
+        CommandSpec(Command.DMA_UNMAP, DmaUnmap, Tail.ANY, DmaUnmap, argsz=True),
+        CommandSpec(Command.DEVICE_GET_INFO, DeviceInfo, Tail.NONE, DeviceInfo, argsz=True),
+        CommandSpec(Command.DEVICE_GET_REGION_INFO, RegionInfo, Tail.NONE, RegionInfo,
+                    argsz=True),
+        CommandSpec(Command.DEVICE_GET_REGION_IO_FDS, RegionIoFds, Tail.NONE, RegionIoFds,
+                    argsz=True),
+        CommandSpec(Command.DEVICE_GET_IRQ_INFO, IrqInfo, Tail.NONE, IrqInfo, argsz=True),
+        CommandSpec(Command.DEVICE_SET_IRQS, IrqSet, Tail.DATA, None, max_request_fds=32,
+                    argsz=True),
         CommandSpec(Command.REGION_READ, RegionAccess, Tail.NONE, RegionAccess),
         CommandSpec(Command.REGION_WRITE, RegionAccess, Tail.DATA, RegionAccess),
         CommandSpec(Command.DMA_READ, DmaAccess, Tail.NONE, DmaAccess, server_request=True),

@@ -1,0 +1,336 @@
+"""The NVMe controller's data movement and NVM command set (:mod:`vfio_user_devices.nvme`).
+
+:class:`GuestData` moves bytes between guest memory (described by PRPs) and the namespace or
+Python buffers: straight through the mmapped guest pages where every byte is fd-backed, else by
+DMA_READ / DMA_WRITE messages. :class:`IoCommands` runs Read, Write, Flush, Write Zeroes and
+Dataset Management on namespace 1.
+
+Both serve two callers: the controller's worker thread, and the inline path on the loop thread
+(``inline=True``), where message DMA must never run. There, a step that would need it returns
+:attr:`Worker.NEEDED` before any side effect of the command, and the command is left to the
+worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from vfio_user_server.dma import DmaMapTable, Segment
+from vfio_user_server.errors import DmaError
+
+from .nvme_backend import LBA_SHIFT
+from .nvme_spec import (
+    CDW10,
+    CDW11,
+    CDW12,
+    CQE_SIZE,
+    DSM_RANGE,
+    FLAGS_PSDT,
+    NSID_ALL,
+    PAGE_SIZE,
+    RW_FUA,
+    RW_NLB_MASK,
+    SQE_FLAGS,
+    SQE_NSID,
+    SQE_OPCODE,
+    SQE_PRP1,
+    SQE_PRP2,
+    Feature,
+    IoOpcode,
+    NvmeError,
+    SqeTuple,
+    Status,
+    command_handler,
+    dsm_deallocate,
+    dsm_ranges,
+    prp_ranges,
+    rw_fua,
+)
+
+if TYPE_CHECKING:
+    from .nvme import NvmeController
+
+__all__ = ["MAX_TRANSFER", "MDTS", "GuestData", "IoCommands", "Worker", "check_nsid", "mapped"]
+
+log = logging.getLogger("vfio_user_devices.nvme")
+
+#: Maximum Data Transfer Size: 2**MDTS pages (128 KiB).
+MDTS = 5
+MAX_TRANSFER = PAGE_SIZE << MDTS
+
+
+def check_nsid(nsid: int) -> None:
+    """The controller has one namespace, NSID 1."""
+    if nsid != 1:
+        raise NvmeError(Status.INVALID_NAMESPACE, f"namespace {nsid:#x}")
+
+
+class Worker(Enum):
+    """What the inline path returns for a command it must leave to the worker thread."""
+
+    NEEDED = "the command needs the worker (message DMA or a slow host call)"
+
+
+Ranges = list[tuple[int, int]]
+
+
+class mapped:  # a function in use (with mapped(...) as views), a class for speed
+    """Translate guest ``ranges`` and give one view per piece, or None if some piece has no fd.
+
+    ``with mapped(table, ranges, write) as views:`` releases the views (and the references on
+    their maps, which a DMA unmap waits for) when the block ends. Raises :class:`DmaError` if
+    some byte is not mapped or not accessible. (A class, not a generator: it runs per command.)
+    """
+
+    __slots__ = ("_segs", "_views")
+
+    def __init__(self, table: DmaMapTable, ranges: Iterable[tuple[int, int]], write: bool) -> None:
+        segs: list[Segment] = []
+        try:
+            for iova, n in ranges:
+                segs.extend(table.translate(iova, n, write=write))
+        except BaseException:
+            for s in segs:
+                s.release()
+            raise
+        self._segs = segs
+        views: list[memoryview] = []
+        for s in segs:
+            if s.view is None:
+                self._views = None
+                return
+            views.append(s.view)
+        self._views = views
+
+    def __enter__(self) -> list[memoryview] | None:
+        return self._views
+
+    def __exit__(self, *exc: object) -> None:
+        for s in self._segs:
+            s.release()
+
+
+class GuestData:
+    """Guest memory for one controller: PRP walking, copies, and file I/O into guest pages."""
+
+    def __init__(self, ctrl: NvmeController) -> None:
+        self._ctrl = ctrl
+
+    def direct_read(self, ranges: Iterable[tuple[int, int]]) -> bytes | None:
+        """Guest memory by mmap copies, or None if some of it is not fd-backed (or mapped)."""
+        try:
+            with mapped(self._ctrl.dma.table, ranges, write=False) as views:
+                if views is None:
+                    return None
+                return bytes(views[0]) if len(views) == 1 else b"".join(views)
+        except DmaError:
+            return None  # the worker reports it
+
+    def in_one_direct_map(self, iova: int, length: int) -> bool:
+        """True if ``iova``/``length`` lies in one fd-backed, writable map (cheap check)."""
+        m = self._ctrl.dma.table.find(iova)
+        return m is not None and m.direct and m.writable and iova + length <= m.end
+
+    def write_entries(self, base: int, size: int, start: int, entries: list[bytes]) -> None:
+        """Write completion entries into the CQ ring at ``base`` (``size`` long) from ``start``."""
+        first = min(len(entries), size - start)
+        dma = self._ctrl.dma
+        for addr, chunk in ((base + start * CQE_SIZE, entries[:first]), (base, entries[first:])):
+            if not chunk:
+                continue
+            try:
+                with mapped(dma.table, ((addr, len(chunk) * CQE_SIZE),), write=True) as views:
+                    if views is not None and len(views) == 1:
+                        view = views[0]
+                        # One store per entry, so that an entry's phase bit is never seen
+                        # before the rest of it.
+                        for i, entry in enumerate(chunk):
+                            view[i * CQE_SIZE:(i + 1) * CQE_SIZE] = entry
+                        continue
+            except DmaError:
+                pass  # dma.write below reports it
+            for i, entry in enumerate(chunk):
+                dma.write(addr + i * CQE_SIZE, entry)
+
+    def ranges(self, cmd: SqeTuple, length: int, inline: bool = False) -> Ranges | Worker:
+        """The guest ranges of the command's PRPs (reading PRP lists from guest memory)."""
+        if cmd[SQE_FLAGS] & FLAGS_PSDT:
+            raise NvmeError(Status.INVALID_FIELD, "SGLs are not supported")
+        read_list = self._read_list_inline if inline else self._read_list
+        out = prp_ranges(cmd[SQE_PRP1], cmd[SQE_PRP2], length, read_list)
+        return Worker.NEEDED if out is None else out
+
+    def _read_list(self, iova: int, length: int) -> bytes:
+        try:
+            return self._ctrl.dma.read(iova, length)
+        except DmaError as exc:
+            raise NvmeError(Status.DATA_TRANSFER_ERROR, f"PRP list: {exc}") from exc
+
+    def _read_list_inline(self, iova: int, length: int) -> bytes | None:
+        if not self._ctrl.dma.table.is_direct(iova, length):
+            return None
+        return self._read_list(iova, length)
+
+    def _worker_ranges(self, cmd: SqeTuple, length: int) -> Ranges:
+        out = self.ranges(cmd, length)
+        assert not isinstance(out, Worker)  # only the inline path hands off
+        return out
+
+    def to_guest(self, cmd: SqeTuple, data: bytes, length: int | None = None) -> None:
+        """Copy ``data`` (padded or cut to ``length``) to the command's PRPs (worker only)."""
+        if length is not None:
+            data = data[:length].ljust(length, b"\0")
+        pos = 0
+        try:
+            for iova, n in self._worker_ranges(cmd, len(data)):
+                self._ctrl.dma.write(iova, data[pos:pos + n])
+                pos += n
+        except DmaError as exc:
+            raise NvmeError(Status.DATA_TRANSFER_ERROR, str(exc)) from exc
+
+    def from_guest(self, cmd: SqeTuple, length: int) -> bytes:
+        """``length`` bytes from the command's PRPs (worker only)."""
+        dma = self._ctrl.dma
+        try:
+            return b"".join(dma.read(iova, n) for iova, n in self._worker_ranges(cmd, length))
+        except DmaError as exc:
+            raise NvmeError(Status.DATA_TRANSFER_ERROR, str(exc)) from exc
+
+    def file_io(self, cmd: SqeTuple, offset: int, length: int, write: bool,
+                inline: bool) -> Worker | None:
+        """Move ``length`` bytes between the namespace at ``offset`` and the command's PRPs."""
+        ranges = self.ranges(cmd, length, inline)
+        if isinstance(ranges, Worker):
+            return ranges
+        backend, dma = self._ctrl.backend, self._ctrl.dma
+        try:
+            with mapped(dma.table, ranges, write=not write) as views:
+                if views is not None:
+                    if write:
+                        backend.writev(views, offset)
+                    else:
+                        backend.readv(views, offset)
+                    return None
+        except DmaError as exc:
+            raise NvmeError(Status.DATA_TRANSFER_ERROR, str(exc)) from exc
+        # Some memory has no fd: message DMA, which only the worker may do.
+        if inline:
+            return Worker.NEEDED
+        try:
+            if write:
+                backend.write(offset, b"".join(dma.read(i, n) for i, n in ranges))
+            else:
+                data = backend.read(offset, length)
+                pos = 0
+                for iova, n in ranges:
+                    dma.write(iova, data[pos:pos + n])
+                    pos += n
+        except DmaError as exc:
+            raise NvmeError(Status.DATA_TRANSFER_ERROR, str(exc)) from exc
+        return None
+
+
+Handler = Callable[["IoCommands", SqeTuple, bool], "int | Worker"]
+
+
+class IoCommands:
+    """The NVM command set on namespace 1 (NSID 1, 512-byte blocks)."""
+
+    def __init__(self, ctrl: NvmeController, guest: GuestData) -> None:
+        self._ctrl = ctrl
+        self._guest = guest
+
+    @staticmethod
+    def inline_ok(cmd: SqeTuple, write_cache: bool) -> bool:
+        """Plain Reads, and Writes that need no fsync, may run on the loop thread."""
+        opcode = cmd[SQE_OPCODE]
+        return opcode == IoOpcode.READ or (
+            opcode == IoOpcode.WRITE and write_cache and not cmd[CDW12] & RW_FUA)
+
+    def run(self, cmd: SqeTuple, inline: bool = False) -> int | Worker:
+        """Execute one command: its completion dword 0, or :attr:`Worker.NEEDED` (inline only).
+
+        Raises :class:`NvmeError` for the command's error status.
+        """
+        return command_handler(self.HANDLERS, cmd, "I/O")(self, cmd, inline)
+
+    def _lba_range(self, cmd: SqeTuple) -> tuple[int, int]:
+        slba = cmd[CDW10] | cmd[CDW11] << 32
+        nlb = (cmd[CDW12] & RW_NLB_MASK) + 1
+        if slba + nlb > self._ctrl.blocks:
+            raise NvmeError(Status.LBA_OUT_OF_RANGE, f"LBA {slba}+{nlb} > {self._ctrl.blocks}")
+        return slba, nlb
+
+    def _read_write(self, cmd: SqeTuple, inline: bool) -> int | Worker:
+        check_nsid(cmd[SQE_NSID])
+        slba, nlb = self._lba_range(cmd)
+        length = nlb << LBA_SHIFT
+        if length > MAX_TRANSFER:
+            raise NvmeError(Status.INVALID_FIELD, f"transfer of {length} > MDTS")
+        write = cmd[SQE_OPCODE] == IoOpcode.WRITE
+        ctrl = self._ctrl
+        try:
+            if self._guest.file_io(cmd, slba << LBA_SHIFT, length, write, inline) is not None:
+                return Worker.NEEDED
+            if write and (cmd[CDW12] & RW_FUA or not ctrl.features[Feature.VOLATILE_WRITE_CACHE]):
+                ctrl.backend.sync_data()
+        except OSError as exc:
+            log.error("nvme: backing file I/O failed: %s", exc)
+            raise NvmeError(Status.INTERNAL_ERROR, str(exc)) from exc
+        stats = ctrl.stats
+        if write:
+            stats["writes"] += 1
+            stats["write_bytes"] += length
+        else:
+            stats["reads"] += 1
+            stats["read_bytes"] += length
+        return 0
+
+    def _flush(self, cmd: SqeTuple, inline: bool) -> int:
+        if cmd[SQE_NSID] != NSID_ALL:
+            check_nsid(cmd[SQE_NSID])
+        try:
+            self._ctrl.backend.flush()
+        except OSError as exc:
+            raise NvmeError(Status.INTERNAL_ERROR, str(exc)) from exc
+        self._ctrl.stats["flushes"] += 1
+        return 0
+
+    def _write_zeroes(self, cmd: SqeTuple, inline: bool) -> int:
+        check_nsid(cmd[SQE_NSID])
+        slba, nlb = self._lba_range(cmd)
+        backend = self._ctrl.backend
+        try:
+            backend.zero(slba << LBA_SHIFT, nlb << LBA_SHIFT)
+            if rw_fua(cmd):
+                backend.sync_data()
+        except OSError as exc:
+            raise NvmeError(Status.INTERNAL_ERROR, str(exc)) from exc
+        return 0
+
+    def _dataset_management(self, cmd: SqeTuple, inline: bool) -> int:
+        check_nsid(cmd[SQE_NSID])
+        nr = dsm_ranges(cmd)
+        data = self._guest.from_guest(cmd, nr * DSM_RANGE.size)
+        ranges = []
+        for i in range(nr):
+            _attrs, nlb, slba = DSM_RANGE.unpack_from(data, i * DSM_RANGE.size)
+            if slba + nlb > self._ctrl.blocks:
+                raise NvmeError(Status.LBA_OUT_OF_RANGE, f"DSM range {slba}+{nlb}")
+            ranges.append((slba, nlb))
+        if dsm_deallocate(cmd):
+            for slba, nlb in ranges:
+                if nlb:
+                    self._ctrl.backend.deallocate(slba << LBA_SHIFT, nlb << LBA_SHIFT)
+        return 0
+
+    HANDLERS: dict[int, Handler] = {
+        IoOpcode.READ: _read_write,
+        IoOpcode.WRITE: _read_write,
+        IoOpcode.FLUSH: _flush,
+        IoOpcode.WRITE_ZEROES: _write_zeroes,
+        IoOpcode.DSM: _dataset_management,
+    }
