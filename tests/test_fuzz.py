@@ -15,6 +15,7 @@ docs/reliability.md.
 
 from __future__ import annotations
 
+import array
 import errno
 import mmap
 import os
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WAIT, negotiated, wait_until
 from fuzzing import (
     FuzzMessage,
     HandlerCounter,
@@ -33,7 +33,9 @@ from fuzzing import (
     check_endpoint,
     check_reader,
     check_session,
+    make_fd,
 )
+from helpers import WAIT, RawPeer, negotiated, run_in_thread, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -181,6 +183,60 @@ def test_server_survives_random_streams(server: Server, stream: list[bytes]) -> 
         assert c.bar_read(0, REG_ID, 4) == ID_VALUE
     finally:
         c.close()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                 HealthCheck.data_too_large])
+@given(data=st.data())
+def test_server_answers_qemu_shaped_streams_with_fds(server: Server, data: st.DataObject) -> None:
+    """Over a real socket, fds riding with their message: one reply per request that wants one,
+    in order, and never a hang-up (nothing here breaks the framing)."""
+    wait_until(lambda: server.connection is None, what="the last client to leave")
+    served = server.connections_served
+    state, messages = build_session(HypothesisSource(data), max_messages=6)
+    if state is not SessionState.AWAIT_VERSION:
+        messages[:0] = [FuzzMessage(Command.VERSION, 0, codec.encode_version(0, 0, {})),
+                        FuzzMessage(Command.DEVICE_GET_INFO, 0, bytes([16]) + bytes(15))]
+    peer = RawPeer(server.path)
+    got: list[int] = []
+    ended: list[BaseException] = []
+
+    def read_replies() -> None:  # concurrently, as QEMU does: replies must not back up
+        try:
+            while True:
+                reply = peer.recv_message()
+                if reply.is_reply:
+                    assert reply.is_error or reply.error == 0
+                    got.append(reply.msg_id)
+        except (EOFError, OSError) as exc:
+            ended.append(exc)
+
+    reader = run_in_thread(read_replies)
+    sent = [(i, m.command, hex(m.flags), len(m.payload), m.fds)
+            for i, m in enumerate(messages, 1)]
+    try:
+        wanted: list[int] = []
+        for i, fm in enumerate(messages, 1):
+            fds = [make_fd(kind) for kind in fm.fds]
+            try:
+                raw = codec.encode(codec.Message(i, fm.command, fm.flags, 0, fm.payload))
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                done = peer.sock.sendmsg([raw], anc if fds else [])  # fds with the header
+                peer.sock.sendall(raw[done:])
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if not fm.flags & 0x1F:  # a request (type 0) without NO_REPLY
+                wanted.append(i)
+        wait_until(lambda: len(got) >= len(wanted) or bool(ended),
+                   what=f"replies {got} of {wanted} to {sent}")
+        assert got == wanted, (ended, sent)
+    finally:
+        peer.sock.shutdown(socket.SHUT_RDWR)
+        reader.join(WAIT)
+        peer.close()
+    server.wait_for_disconnect(served + 1, WAIT)
 
 
 # --- stateful: a client, the server and a model of the device -----------------------------
