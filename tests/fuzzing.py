@@ -33,9 +33,10 @@ from vfio_user_server import endpoint as endpoint_module
 from vfio_user_server.client import QEMU_CAPABILITIES
 from vfio_user_server.dma import DmaMapTable
 from vfio_user_server.endpoint import Endpoint, VfioDevice
-from vfio_user_server.errors import ProtocolError
+from vfio_user_server.errors import FramingError, ProtocolError
 from vfio_user_server.protocol import codec
-from vfio_user_server.protocol.constants import HEADER_SIZE, Command, HeaderFlag, IrqSetFlag
+from vfio_user_server.protocol.constants import Command, HeaderFlag, IrqSetFlag
+from vfio_user_server.protocol.framing import MessageReader
 from vfio_user_server.protocol.session import TRANSITIONS, Session, SessionState
 from vfio_user_server.protocol.structs import (
     COMMANDS,
@@ -430,55 +431,69 @@ def check_endpoint(device: VfioDevice, state: SessionState, messages: list[FuzzM
     assert not leaked, f"fds left open: {sorted(leaked)}"
 
 
-def encode_stream(messages: list[FuzzMessage]) -> bytes:
-    return b"".join(
-        codec.encode(codec.Message(i + 1, m.command, m.flags, 0, m.payload))
-        for i, m in enumerate(messages)
-    )
-
-
 def check_reader(messages: list[FuzzMessage], cuts: list[int], noise: bytes, noise_at: int,
                  max_size: int = 1 << 16) -> None:
-    """Cut the encoded messages at ``cuts`` (and insert ``noise`` at ``noise_at`` if any).
+    """The one framing reader, fed the encoded messages in reads cut at ``cuts``.
 
-    Without noise every message must come out whole and in order; with noise the reader may
-    raise ProtocolError (never anything else) and every message before the noise must come out.
+    Each message's fds (stand-in numbers: the reader never touches an fd) come with the read
+    that holds its first byte, which ends at the latest with the message, as on a UNIX socket.
+    Without ``noise`` every message must come out whole, in order, with its own fds, up to the
+    first one over ``max_size`` (then a FramingError); with ``noise`` inserted at ``noise_at``
+    a FramingError is the only failure allowed and the messages before the noise come out as
+    sent. Whatever happens, every fd fed leaves the reader exactly once (in a message or by
+    ``take_fds``).
     """
-    stream = encode_stream(messages)
-    if noise:
-        at = min(noise_at, len(stream))
-        stream = stream[:at] + noise + stream[at:]
-    reader = codec.MessageReader(max_size=max_size)
-    got: list[codec.Message] = []
+    encoded = [codec.encode(codec.Message(i + 1, m.command, m.flags, 0, m.payload))
+               for i, m in enumerate(messages)]
+    starts: list[int] = []
     pos = 0
+    for e in encoded:
+        starts.append(pos)
+        pos += len(e)
+    stream = b"".join(encoded)
+    fds_of = {i: [1000 + 16 * i + k for k in range(min(len(m.fds), 16))]
+              for i, m in enumerate(messages) if m.fds}
+    at = min(noise_at, len(stream)) if noise else len(stream)
+    if noise:
+        stream = stream[:at] + noise + stream[at:]
+        starts = [p if p < at else p + len(noise) for p in starts]
+    # reads: the cuts, and a cut after every message that carries fds
+    bounds = {min(c, len(stream)) for c in cuts} | {len(stream)}
+    for i in fds_of:
+        bounds.add(starts[i] + len(encoded[i]))
+    reads: list[tuple[int, int]] = []
+    prev = 0
+    for b in sorted(bounds):
+        if b > prev:
+            reads.append((prev, b))
+            prev = b
+    reader = MessageReader(max_size)
+    got: list[codec.Message] = []
+    fed: list[int] = []
+    failed = False
     try:
-        for cut in sorted({min(c, len(stream)) for c in cuts} | {len(stream)}):
-            reader.feed(stream[pos:cut])
-            pos = cut
+        for first, last in reads:
+            fds = [fd for i, more in fds_of.items() if first <= starts[i] < last for fd in more]
+            fed += fds
+            reader.feed(stream[first:last], fds)
             while (msg := reader.next_message()) is not None:
                 got.append(msg)
-    except ProtocolError:
-        assert noise or any(HEADER_SIZE + len(m.payload) > max_size for m in messages)
-    finally:
-        reader.close()
-    expected = [(i + 1, m.command, m.flags & 0xFFFFFFFF, m.payload)
+    except FramingError:
+        failed = True
+    out = [fd for m in got for fd in m.fds] + reader.take_fds()
+    assert sorted(out) == sorted(fed), f"fds in {sorted(fed)}, out {sorted(out)}"
+    expected = [(i + 1, m.command, m.flags, m.payload, fds_of.get(i, []))
                 for i, m in enumerate(messages)]
-    seen = [(m.msg_id, m.command, m.flags, m.payload) for m in got]
+    seen = [(m.msg_id, m.command, m.flags, m.payload, m.fds) for m in got]
+    whole = 0  # messages that must come out: before the noise, up to the first too big
+    for i, e in enumerate(encoded):
+        if len(e) > max_size or (noise and starts[i] + len(e) > at):
+            break
+        whole += 1
+    assert seen[:whole] == expected[:whole]
     if not noise:
-        fits = [e for e in expected if HEADER_SIZE + len(e[3]) <= max_size]
-        if len(fits) == len(expected):
-            assert seen == expected
-    else:
-        clean = encode_stream(messages)[: min(noise_at, len(stream))]
-        whole = 0
-        off = 0
-        for fm in messages:
-            size = HEADER_SIZE + len(fm.payload)
-            if off + size > len(clean) or size > max_size:
-                break
-            off += size
-            whole += 1
-        assert seen[:whole] == expected[:whole]
+        assert failed == (whole < len(messages)), (failed, whole, len(messages))
+        assert len(seen) == whole
 
 
 def check_session(commands: list[int], caps: list[dict[str, Any]]) -> None:

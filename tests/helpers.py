@@ -22,7 +22,8 @@ from vfio_user_server.endpoint import MmapSpec, Region
 from vfio_user_server.pci import Bar
 from vfio_user_server.pci.capabilities import Msi, MsiX
 from vfio_user_server.protocol import codec
-from vfio_user_server.protocol.constants import HEADER_SIZE, RegionIndex
+from vfio_user_server.protocol.constants import RegionIndex
+from vfio_user_server.protocol.session import MAX_DATA_XFER_SIZE, max_message_size
 from vfio_user_server.sample import (
     REG_DMA_ADDR,
     REG_DMA_CMD,
@@ -33,6 +34,7 @@ from vfio_user_server.sample import (
     SampleDevice,
 )
 from vfio_user_server.server import Server
+from vfio_user_server.transport import SocketReader, send_bytes
 
 #: Generous timeout for anything we wait for (events, threads, disconnects).
 WAIT = 10.0
@@ -187,29 +189,16 @@ class RawPeer:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.connect(os.fspath(path))
         self.sock.settimeout(WAIT)
+        self._rx = SocketReader(self.sock, max_message_size(MAX_DATA_XFER_SIZE), peer="server")
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
-        import array
-
-        anc = []
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        self.sock.sendmsg([data], anc)
+        send_bytes(self.sock, data, fds or ())
 
     def recv_message(self) -> codec.Message:
-        head = self._exact(HEADER_SIZE)
-        hdr = codec.decode_header(head)
-        body = self._exact(hdr.size - HEADER_SIZE)
-        return codec.Message(hdr.msg_id, hdr.command, hdr.flags, hdr.error, body, [])
-
-    def _exact(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            data = self.sock.recv(n - len(buf))
-            if not data:
-                raise EOFError("server closed the connection")
-            buf += data
-        return buf
+        """The next message from the server, cut by the one reader (fds closed)."""
+        msg = self._rx.read_message()
+        msg.close_fds()
+        return msg
 
     def at_eof(self) -> bool:
         """Wait (up to WAIT) for the server to close the connection.
@@ -225,6 +214,7 @@ class RawPeer:
             return False
 
     def close(self) -> None:
+        self._rx.close()
         self.sock.close()
 
 

@@ -1,8 +1,6 @@
-"""Codec round trips and framing: the sans-IO core."""
+"""Codec round trips: the sans-IO core (framing: test_framing.py)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 from hypothesis import given
@@ -62,37 +60,6 @@ def test_short_buffer_is_protocol_error() -> None:
 def test_out_of_range_value_is_protocol_error() -> None:
     with pytest.raises(ProtocolError):
         Header(1 << 16, 0, 16, 0, 0).pack()
-
-
-@given(st.lists(st.tuples(u16, st.sampled_from(list(Command)), st.binary(max_size=200)),
-                max_size=8), st.integers(1, 50))
-def test_reader_reassembles_any_split(msgs: list[tuple[int, Command, bytes]], step: int) -> None:
-    stream = b"".join(codec.encode(codec.request(i, c, p)) for i, c, p in msgs)
-    reader = codec.MessageReader()
-    out = []
-    for pos in range(0, len(stream), step):
-        reader.feed(stream[pos:pos + step])
-        while (m := reader.next_message()) is not None:
-            out.append(m)
-    assert [(m.msg_id, m.command, m.payload) for m in out] == [(i, int(c), p) for i, c, p in msgs]
-    assert reader.pending_bytes() == 0
-
-
-def test_reader_attaches_fds_and_rejects_oversize() -> None:
-    fd = os.eventfd(0)
-    reader = codec.MessageReader(max_size=64)
-    reader.feed(codec.encode(codec.request(7, Command.DMA_MAP, bytes(32))), [fd])
-    msg = reader.next_message()
-    assert msg is not None and msg.fds == [fd]
-    msg.close_fds()
-    reader.feed(Header(1, 1, 65, 0, 0).pack())
-    with pytest.raises(ProtocolError):
-        reader.next_message()
-
-
-def test_header_size_below_16_rejected() -> None:
-    with pytest.raises(ProtocolError):
-        codec.decode_header(Header(1, 1, 15, 0, 0).pack())
 
 
 def test_version_round_trip_and_errors() -> None:

@@ -130,6 +130,7 @@ _messages = st.builds(
     command=st.integers(0, 0xFFFF),
     flags=st.sampled_from([0, 1, 0x10, 0x21]),
     payload=st.binary(max_size=64),
+    fds=st.lists(st.just("eventfd"), max_size=3),
 )
 
 

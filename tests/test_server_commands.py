@@ -748,7 +748,7 @@ def test_message_dma_layouts(make_server: ServerFactory, make_client: ClientFact
     assert c.read_memory(0x100000, 100) == bytes(b ^ 0xFF for b in pattern[:100])
     assert ("write", 0x100000, 100) in c.dma_requests
     conn = srv.wait_for_client(WAIT)
-    assert conn.dma_layout() is client_layout
+    assert conn.requester.dma_layout() is client_layout
     probes = [line for line in traced if "DMA_WRITE req" in line and " count=0x0 " in line]
     assert len(probes) == (1 if server_layout is DmaLayout.AUTO else 0)
 

@@ -17,7 +17,6 @@ or the legacy one (QEMU 10.1/10.2), as chosen.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import itertools
@@ -30,7 +29,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConnectionClosed, ProtocolError, VfioUserError
+from .errors import ClientError, ConnectionClosed, ErrorReply, FramingError, ProtocolError
 from .protocol import codec
 from .protocol.constants import (
     HEADER_SIZE,
@@ -41,6 +40,7 @@ from .protocol.constants import (
     IrqSetFlag,
     RegionIndex,
 )
+from .protocol.session import DEFAULT_MAX_DATA_XFER, max_message_size
 from .protocol.structs import (
     DeviceInfo,
     DmaAccess,
@@ -54,6 +54,10 @@ from .protocol.structs import (
     WriteMulti,
     WriteMultiEntry,
 )
+from .transport import SocketReader, send_bytes
+
+__all__ = ["QEMU_CAPABILITIES", "Client", "ClientError", "ErrorReply", "MemoryRegion",
+           "RegionDescription"]
 
 #: QEMU's VERSION capabilities, as 10.1 - 11.1 send them.
 QEMU_CAPABILITIES: dict[str, Any] = {
@@ -64,10 +68,6 @@ QEMU_CAPABILITIES: dict[str, Any] = {
     "migration": {"pgsize": 4096, "max_bitmap_size": 268435456},
     "write_multiple": True,
 }
-
-
-class ClientError(VfioUserError):
-    """The server answered a request with an error reply."""
 
 
 @dataclass
@@ -120,6 +120,9 @@ class Client:
         self.dma_requests: list[tuple[str, int, int]] = []  # (kind, addr, count) served
         #: server requests received while ``serve_dma`` is false (never answered)
         self.unanswered: list[codec.Message] = []
+        #: the one reader; its size limit follows the capabilities the client announces
+        self._rx = SocketReader(sock, max_message_size(DEFAULT_MAX_DATA_XFER), peer="server",
+                                chunk=64 * 1024)
         self._ids = itertools.count(1)
         self._pending: dict[int, Future[codec.Message]] = {}
         self._lock = threading.Lock()
@@ -141,40 +144,14 @@ class Client:
 
     # --- plumbing ---------------------------------------------------------------------------
     def send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
-        """Send bytes as they are (tests of bad input)."""
-        anc = []
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        """Send bytes as they are (tests of bad input); ``fds`` go with the first byte."""
         with self._send_lock:
-            self.sock.sendmsg([data], anc)
-
-    def _recv_exact(self, n: int) -> tuple[bytes, list[int]]:
-        buf = bytearray()
-        fds: list[int] = []
-        space = socket.CMSG_SPACE(64 * 4)
-        while len(buf) < n:
-            data, anc, _flags, _ = self.sock.recvmsg(n - len(buf), space)
-            for level, kind, raw in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(raw[: len(raw) - len(raw) % 4])
-                    fds.extend(arr)
-            if not data:
-                for fd in fds:
-                    os.close(fd)
-                raise ConnectionClosed("server closed the connection")
-            buf += data
-        return bytes(buf), fds
+            send_bytes(self.sock, data, fds or ())
 
     def _read_loop(self) -> None:
         try:
             while True:
-                head, fds = self._recv_exact(HEADER_SIZE)
-                hdr = codec.decode_header(head)
-                body, more = self._recv_exact(hdr.size - HEADER_SIZE) if hdr.size > 16 else (
-                    b"", [])
-                msg = codec.Message(hdr.msg_id, hdr.command, hdr.flags, hdr.error, body,
-                                    fds + more)
+                msg = self._rx.read_message()
                 if msg.is_reply:
                     with self._lock:
                         fut = self._pending.pop(msg.msg_id, None)
@@ -184,12 +161,14 @@ class Client:
                         fut.set_result(msg)
                 else:
                     self._serve(msg)
-        except (ConnectionClosed, OSError, ProtocolError) as exc:
+        except (ConnectionClosed, OSError, FramingError) as exc:
             with self._lock:
                 self._closed = True
                 pending, self._pending = self._pending, {}
             for fut in pending.values():
                 fut.set_exception(ConnectionClosed(f"connection lost: {exc}"))
+        finally:
+            self._rx.close()
 
     def request(
         self,
@@ -200,7 +179,7 @@ class Client:
         no_reply: bool = False,
         check: bool = True,
     ) -> codec.Message | None:
-        """Send a request; wait for and return its reply (raising ClientError on errors)."""
+        """Send a request; wait for and return its reply (raising ErrorReply on errors)."""
         msg_id = next(self._ids) & 0xFFFF
         msg = codec.request(msg_id, command, payload, fds or [], no_reply=no_reply)
         fut: Future[codec.Message] | None = None
@@ -222,7 +201,7 @@ class Client:
                                ) from None
         if check and reply.is_error:
             reply.close_fds()
-            raise ClientError(
+            raise ErrorReply(
                 f"{reply.command_name()} failed: {os.strerror(reply.error)}", errno=reply.error
             )
         return reply
@@ -295,6 +274,10 @@ class Client:
     # --- protocol commands ------------------------------------------------------------------
     def negotiate(self, capabilities: dict[str, Any] | None = None) -> dict[str, Any]:
         caps = QEMU_CAPABILITIES if capabilities is None else capabilities
+        xfer = caps.get("max_data_xfer_size", DEFAULT_MAX_DATA_XFER)
+        if isinstance(xfer, int) and xfer > DEFAULT_MAX_DATA_XFER:
+            # the reader takes what this client announces, never less than the spec's default
+            self._rx.reader.max_size = max_message_size(xfer)
         reply = self._call(Command.VERSION, codec.encode_version(0, 0, caps))
         major, minor, server_caps = codec.decode_version(reply.payload)
         if (major, minor) != (0, 0):

@@ -99,7 +99,7 @@ class DeviceContext:
 
     ``dma`` reads and writes guest memory; ``defer`` runs work on the device's worker thread,
     where message-based DMA is allowed (it is not on the server's loop thread: see
-    docs/ARCHITECTURE.md, "Threads").
+    docs/ARCHITECTURE.md, "The connection and its threads").
     """
 
     def __init__(
@@ -165,6 +165,12 @@ class Endpoint:
         self.session = session
         self.table = table
         self._regions = device.regions()
+        #: most fds a request may carry: the command table's, within what the server advertises
+        limit = session.caps.max_msg_fds
+        self._max_fds: dict[int, int] = {
+            int(cmd): limit if spec.max_request_fds is None else min(spec.max_request_fds, limit)
+            for cmd, spec in COMMANDS.items()
+        }
 
     # Returns the reply to send, or None (NO_REPLY honoured). Never raises for bad input.
     def handle(self, msg: codec.Message) -> codec.Message | None:
@@ -179,9 +185,9 @@ class Endpoint:
                 codec.check_request_size(Command(cmd), msg.payload)
             if cmd in _MIN_ARGSZ:
                 _check_argsz(msg, _MIN_ARGSZ[cmd])
-            if msg.fds and len(msg.fds) > _MAX_FDS[cmd]:
+            if msg.fds and len(msg.fds) > self._max_fds[cmd]:
                 raise ProtocolError(
-                    f"{msg.command_name()} takes at most {_MAX_FDS[cmd]} fds, got "
+                    f"{msg.command_name()} takes at most {self._max_fds[cmd]} fds, got "
                     f"{len(msg.fds)}",
                     errno=errno.EINVAL,
                 )
@@ -332,8 +338,6 @@ def _irq_info(ep: Endpoint, msg: codec.Message) -> bytes:
 def _set_irqs(ep: Endpoint, msg: codec.Message) -> None:
     req = IrqSet.unpack(msg.payload)
     data = msg.payload[IrqSet.SIZE:]
-    if len(msg.fds) > ep.session.caps.max_msg_fds:
-        raise ProtocolError(f"SET_IRQS with {len(msg.fds)} fds", errno=errno.EINVAL)
     # the controller validates the whole request, owns the fds now and closes them on error
     fds, msg.fds = msg.fds, []
     ep.device.irqs.set_irqs(req.index, req.flags, req.start, req.count, fds, bytes(data))
@@ -419,9 +423,6 @@ _HANDLERS: dict[int, Handler] = {
     Command.MIG_DATA_READ: _unsupported,
     Command.MIG_DATA_WRITE: _unsupported,
 }
-
-#: Most fds a request may carry, from the command table.
-_MAX_FDS: dict[int, int] = {int(cmd): spec.max_request_fds for cmd, spec in COMMANDS.items()}
 
 #: Commands whose payload is exactly their fixed structure (nothing may follow it).
 _EXACT = frozenset(int(cmd) for cmd, spec in COMMANDS.items() if spec.request_tail is Tail.NONE)

@@ -1,8 +1,32 @@
 """One exception hierarchy for the whole package.
 
 Everything the package raises on purpose derives from :class:`VfioUserError`, so a caller can
-catch one class. Errors that map onto a vfio-user error reply carry the positive ``errno`` the
-server sends back to the client.
+catch one class. ``errno`` is the positive errno an error reply carries when the error ends a
+client's request. As in h11, errors caused by the remote peer (:class:`ClientError`: for the
+server, its client) are told apart from local ones (this process or its device is at fault)::
+
+    VfioUserError                 base; .errno for the error reply (EINVAL unless said)
+    ├── ClientError               the remote peer broke the protocol or refused a request
+    │   ├── FramingError          the byte stream can no longer be cut into messages (bad
+    │   │                         header or size, fds in the middle of a message, ancillary
+    │   │                         data cut short): the connection is dropped, no reply
+    │   ├── ProtocolError         one message breaks the protocol (bad size, unknown command,
+    │   │                         wrong state, bad fds): an error reply, the connection goes on
+    │   └── ErrorReply            the server answered the Client's request with an error reply
+    ├── ConnectionClosed          the peer hung up, or the connection was shut down (ENOTCONN)
+    ├── DmaError                  DMA outside the maps, against their permissions, or refused
+    │   └── DmaTimeoutError       a DMA_READ / DMA_WRITE request got no answer (ETIMEDOUT)
+    ├── RegionAccessError         a region access outside a region, or of a bad size
+    ├── ConfigSpaceError          an access outside the configuration space
+    ├── IrqError                  a SET_IRQS request, or a device's trigger, that does not fit
+    ├── DeviceDefinitionError     local: a device class is not a valid PCI device
+    ├── ProvisioningError         local: QEMU, the kernel or busybox could not be provisioned
+    └── GuestError                local: the test guest did not boot or a command in it failed
+
+What the server does with an error is decided by its type, never by where it was raised: a
+:class:`FramingError` out of the reader drops the client; any other :class:`VfioUserError` out
+of a request handler becomes an error reply with its ``errno``; anything else out of a device
+handler is a bug, logged, answered with EIO.
 """
 
 from __future__ import annotations
@@ -22,8 +46,32 @@ class VfioUserError(Exception):
             self.errno = errno
 
 
-class ProtocolError(VfioUserError):
-    """A message that breaks the vfio-user protocol (bad size, unknown command, bad state)."""
+class ClientError(VfioUserError):
+    """Caused by the remote peer, not by this process (h11's "remote" errors).
+
+    The server's peer is its client, hence the name; the test :class:`~vfio_user_server.client.
+    Client` raises the same classes about the server it talks to.
+    """
+
+
+class FramingError(ClientError):
+    """The byte stream cannot be cut into messages any more: the connection is dropped.
+
+    Raised by the message reader (a header smaller than itself, a bad message type, a size
+    over the limit, fds in the middle of a message) and by the transport (ancillary data cut
+    short). Nothing after it in the stream can be trusted, so no reply is sent.
+    """
+
+
+class ProtocolError(ClientError):
+    """One message breaks the vfio-user protocol (bad size, unknown command, bad state).
+
+    The server answers it with an error reply carrying :attr:`errno`; the connection goes on.
+    """
+
+
+class ErrorReply(ClientError):
+    """The peer answered a request with an error reply (``errno`` is the one it sent)."""
 
 
 class ConnectionClosed(VfioUserError):

@@ -1,14 +1,15 @@
-"""Messages as values: encoding to bytes and decoding from a byte stream, with fds.
+"""Messages as values: encoding to bytes, decoding headers and payloads.
 
 Nothing here touches a socket. A transport reads bytes (and the fds that came with them),
-feeds them to :class:`MessageReader` and gets :class:`Message` values back; to send, it calls
-:func:`encode` and writes the bytes with the message's fds in one ``sendmsg``.
+feeds them to the one reader, :class:`~vfio_user_server.protocol.framing.MessageReader`, and
+gets :class:`Message` values back; to send, it calls :func:`encode` and writes the bytes with
+the message's fds in one ``sendmsg``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,64 +106,6 @@ def reply_to(req: Message, payload: bytes = b"") -> Message:
 def error_reply(req: Message, errno: int) -> Message:
     """A header-only error reply carrying a positive errno."""
     return Message(req.msg_id, req.command, _REPLY_ERROR, errno, b"")
-
-
-def decode_header(buf: bytes | bytearray | memoryview) -> Header:
-    """Decode and sanity-check a 16-byte header."""
-    return Header(*unpack_header(buf))
-
-
-def unpack_header(
-    buf: bytes | bytearray | memoryview, offset: int = 0
-) -> tuple[int, int, int, int, int]:
-    """Checked ``(msg_id, command, size, flags, error)`` of a header, as plain ints (hot path)."""
-    if len(buf) - offset < HEADER_SIZE:
-        raise ProtocolError(f"header of {len(buf) - offset} bytes, need {HEADER_SIZE}")
-    fields: tuple[int, int, int, int, int] = _HEADER.unpack_from(buf, offset)
-    if fields[2] < HEADER_SIZE:
-        raise ProtocolError(f"message size {fields[2]} is smaller than the header")
-    if fields[3] & _TYPE_MASK > _REPLY:
-        raise ProtocolError(f"bad message type in flags {fields[3]:#x}")
-    return fields
-
-
-class MessageReader:
-    """Reassemble messages from a byte stream (sans-IO).
-
-    ``feed(data, fds)`` appends bytes; fds are attached to the message whose bytes are being
-    assembled when they arrive (as with SCM_RIGHTS on a stream socket). Messages larger than
-    ``max_size`` raise :class:`ProtocolError` (the stream cannot be trusted after that).
-    """
-
-    def __init__(self, max_size: int = 1 << 24) -> None:
-        self.max_size = max_size
-        self._buf = bytearray()
-        self._fds: list[int] = []
-
-    def feed(self, data: bytes, fds: Iterable[int] = ()) -> None:
-        self._buf += data
-        self._fds.extend(fds)
-
-    def pending_bytes(self) -> int:
-        return len(self._buf)
-
-    def next_message(self) -> Message | None:
-        if len(self._buf) < HEADER_SIZE:
-            return None
-        hdr = decode_header(self._buf)
-        if hdr.size > self.max_size:
-            raise ProtocolError(f"message of {hdr.size} bytes exceeds limit {self.max_size}")
-        if len(self._buf) < hdr.size:
-            return None
-        payload = bytes(self._buf[HEADER_SIZE:hdr.size])
-        del self._buf[:hdr.size]
-        fds, self._fds = self._fds, []
-        return Message(hdr.msg_id, hdr.command, hdr.flags, hdr.error, payload, fds)
-
-    def close(self) -> None:
-        close_fds(self._fds, "message fd")
-        self._fds = []
-        self._buf.clear()
 
 
 # --- Payload helpers ------------------------------------------------------------------------

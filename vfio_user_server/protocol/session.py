@@ -63,6 +63,25 @@ _TRANSITION_COMMANDS = frozenset(int(c) for _, c in TRANSITIONS)
 #: States in which the server may send DMA_READ / DMA_WRITE to the client.
 MAY_REQUEST = frozenset({SessionState.NEGOTIATED, SessionState.RUNNING})
 
+# --- Limits. Each is written here once; the server advertises them in its VERSION reply
+# (ServerCapabilities) and enforces what it advertises: the reader (message size), the endpoint
+# (fds per message, data per access) and the session all read them from ServerCapabilities.
+
+#: Most fds one message may carry (QEMU's own max_msg_fds; it sends SET_IRQS in chunks of it).
+MAX_MSG_FDS = 16
+#: Most data bytes one message may carry (REGION_READ/WRITE, DMA_READ/WRITE), QEMU's value.
+MAX_DATA_XFER_SIZE = 1 << 20
+#: Room in a message for the header and the fixed structures around its data.
+MESSAGE_OVERHEAD = 4096
+#: The kernel's own limit of fds one sendmsg carries (SCM_MAX_FD): one read never has more.
+SCM_MAX_FD = 253
+
+
+def max_message_size(max_data_xfer_size: int) -> int:
+    """Largest message (header included) a peer may send when its data is limited as given."""
+    return max_data_xfer_size + MESSAGE_OVERHEAD
+
+
 # Limits a client may announce (QEMU's own bounds; the spec's defaults otherwise).
 MAX_MSG_FDS_LIMIT = 1024
 DEFAULT_CLIENT_MAX_FDS = 1
@@ -78,10 +97,23 @@ class ServerCapabilities:
     send through its IOThread).
     """
 
-    max_msg_fds: int = 16
-    max_data_xfer_size: int = 1 << 20
+    max_msg_fds: int = MAX_MSG_FDS
+    max_data_xfer_size: int = MAX_DATA_XFER_SIZE
     pgsizes: int = 4096
     max_dma_maps: int = 65535
+
+    def __post_init__(self) -> None:
+        # advertise only what the server can enforce: more fds than one read carries could
+        # never arrive, and data below the spec's 512-byte floor would break every client
+        if not 1 <= self.max_msg_fds <= SCM_MAX_FD:
+            raise ValueError(f"max_msg_fds {self.max_msg_fds} not in 1..{SCM_MAX_FD}")
+        if not 512 <= self.max_data_xfer_size <= 1 << 30:
+            raise ValueError(f"max_data_xfer_size {self.max_data_xfer_size} not in 512..2**30")
+
+    @property
+    def max_message_size(self) -> int:
+        """Largest message the server reads: a bigger header size is a framing error."""
+        return max_message_size(self.max_data_xfer_size)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -258,7 +258,8 @@ class CommandSpec:
     request: type[WireStruct] | None
     request_tail: Tail
     reply: type[WireStruct] | None
-    max_request_fds: int = 0
+    #: fds a request may carry; None: as many as the server's ``max_msg_fds`` allows
+    max_request_fds: int | None = 0
     server_request: bool = False  # sent by the server to the client
     #: The request starts with ``u32 argsz``, which must be at least the request structure's
     #: size (the size of the request for DMA_MAP and SET_IRQS, the largest reply the client
@@ -287,7 +288,7 @@ COMMANDS: dict[Command, CommandSpec] = {
         CommandSpec(Command.DEVICE_GET_REGION_IO_FDS, RegionIoFds, Tail.NONE, RegionIoFds,
                     argsz=True),
         CommandSpec(Command.DEVICE_GET_IRQ_INFO, IrqInfo, Tail.NONE, IrqInfo, argsz=True),
-        CommandSpec(Command.DEVICE_SET_IRQS, IrqSet, Tail.DATA, None, max_request_fds=32,
+        CommandSpec(Command.DEVICE_SET_IRQS, IrqSet, Tail.DATA, None, max_request_fds=None,
                     argsz=True),
         CommandSpec(Command.REGION_READ, RegionAccess, Tail.NONE, RegionAccess),
         CommandSpec(Command.REGION_WRITE, RegionAccess, Tail.DATA, RegionAccess),

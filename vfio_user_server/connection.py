@@ -1,0 +1,144 @@
+"""One client connection of the server, in three parts and two kinds of threads.
+
+* **Framing**: a :class:`~vfio_user_server.transport.SocketReader` cuts what the client sends
+  into messages (the one reader, :mod:`vfio_user_server.protocol.framing`); the size limit is
+  the one the server advertised. Its :class:`~vfio_user_server.errors.FramingError` ends the
+  connection.
+* **Requests to the client**: a :class:`~vfio_user_server.requester.ClientRequester` sends
+  DMA_READ / DMA_WRITE for device threads and gets their replies from the loop.
+* **Teardown**: :meth:`Connection.close`, each part closing what it owns, in an order that
+  leaves no thread waiting and no fd open.
+
+Every method says which thread runs it (:mod:`vfio_user_server.threads`): the loop thread reads
+and dispatches in order and never waits for the client; device threads may.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from .dma import DmaAccessor, DmaMapTable
+from .endpoint import DeviceContext, Endpoint, VfioDevice
+from .errors import ConnectionClosed
+from .protocol import codec
+from .protocol.constants import Command
+from .protocol.session import Session
+from .protocol.trace import describe
+from .requester import ClientRequester
+from .threads import any_thread, loop_thread
+from .transport import SocketReader, send_bytes
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger(__name__)
+
+_VERSION = int(Command.VERSION)
+
+
+class Connection:
+    """One client connection: framing, the endpoint, requests to the client, teardown."""
+
+    def __init__(self, server: Server, sock: socket.socket, device: VfioDevice) -> None:
+        self.server = server
+        self.sock = sock
+        self.device = device
+        self.session = Session(caps=server.caps, dma_layout=server.dma_layout)
+        self.table = DmaMapTable()
+        self.endpoint = Endpoint(device, self.session, self.table)
+        #: framing: the one reader, limited to what the server advertises
+        self.reader = SocketReader(sock, server.caps.max_message_size, peer="client")
+        #: DMA_READ / DMA_WRITE to the client, for device threads
+        self.requester = ClientRequester(self.send, self.session, server.dma_layout,
+                                         server.dma_timeout)
+        self.dma = DmaAccessor(self.table, self.requester)
+        self._send_lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="vfio-user-worker")
+        self.loop_thread: threading.Thread | None = None
+        self.closed = False
+        #: the device was told about this client (vfio_attach), so it hears it leave
+        self.device_connected = False
+        self.ctx = DeviceContext(self.dma, self.table, self._worker.submit, None)
+
+    @loop_thread
+    def bind_loop_thread(self, thread: threading.Thread) -> None:
+        """``thread`` serves this connection: message DMA is refused on it."""
+        self.loop_thread = thread
+        self.requester.loop_thread = thread
+        self.ctx.loop_thread = thread
+
+    # --- sending ----------------------------------------------------------------------------
+    @any_thread
+    def send(self, msg: codec.Message) -> None:
+        """Write one message (a reply, or a request to the client) with its fds."""
+        data = codec.encode(msg)
+        if self.server.tracing:
+            self.server._trace(describe(msg, direction="->"))
+        with self._send_lock:
+            if self.closed:
+                raise ConnectionClosed("connection is closed")
+            send_bytes(self.sock, data, msg.fds)  # the fds travel with the header
+
+    # --- receiving and dispatch -------------------------------------------------------------
+    @loop_thread
+    def handle_one(self) -> None:
+        """Read one message and act on it: a request is answered, a reply goes to its waiter.
+
+        Raises what the reader raises: FramingError (drop the client), ConnectionClosed, OSError.
+        """
+        msg = self.reader.read_message()
+        if self.server.tracing:
+            self.server._trace(describe(msg, direction="<-"))
+        if msg.is_reply:
+            self.requester.complete(msg)
+            return
+        first = self.session.state
+        reply = self.endpoint.handle(msg)
+        connected = msg.command == _VERSION and first is not self.session.state
+        if connected:
+            # before the reply: once the client has it, the device must know its client
+            self.device_connected = True
+            try:
+                self.device.vfio_attach(self.ctx)
+            except Exception:
+                log.exception("device vfio_attach failed")
+        if reply is not None:
+            self.send(reply)
+        if connected:
+            self.requester.negotiated()  # requests may follow the VERSION reply now
+
+    # --- teardown ---------------------------------------------------------------------------
+    @loop_thread
+    def close(self) -> None:
+        """Tear down: fail waiters, stop the worker, unmap DMA, close fds, tell the device.
+
+        The order matters: no more sends; waiting requesters fail (so the worker can finish);
+        the worker stops; only then are the maps, the interrupt fds and the socket closed, and
+        the device told last, when nothing of this client is left.
+        """
+        if self.closed:
+            return
+        with self._send_lock:
+            self.closed = True
+        self.session.close()
+        self.requester.close()
+        self.reader.close()  # fds of a message that never arrived whole
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.table.remove_all()
+        finally:
+            try:
+                self.device.irqs.close()
+            finally:
+                with contextlib.suppress(OSError):
+                    self.sock.close()
+                try:
+                    if self.device_connected:  # a client that never negotiated is no news
+                        self.device.vfio_detach()
+                except Exception:
+                    log.exception("device vfio_detach failed")

@@ -1,0 +1,187 @@
+"""Cutting a byte-and-fd stream into messages: the one reader, free of I/O.
+
+Every side of a connection reads with :class:`MessageReader`: the server's connection, the
+:class:`~vfio_user_server.client.Client` and the tests' raw peers. A transport gives it what
+each read returned (``feed(data, fds)``) and takes whole messages out (``next_message()``);
+nothing here touches a socket or closes an fd (the caller closes what :meth:`take_fds` hands
+back).
+
+The rules, each applied here and nowhere else:
+
+* **Size.** A header whose size is smaller than the header, larger than ``max_size`` (the
+  limit of the reading side's capabilities, see
+  :func:`~vfio_user_server.protocol.session.max_message_size`) or whose message type is
+  unknown is a :class:`~vfio_user_server.errors.FramingError`: the stream cannot be cut any
+  further. It is raised as soon as the header is there, before the body is buffered, so no
+  buffer is ever sized by an unchecked client value.
+* **fds.** On a UNIX stream socket the fds of one ``sendmsg`` arrive with the read that holds
+  its first byte, and that read ends at the latest with that ``sendmsg``'s last byte. A sender
+  (QEMU) sends a message's fds with its header, so **a read's fds belong to the last message
+  that starts in that read**. fds of a read in which no message starts (it lies inside one
+  message, after its first byte) were sent in the middle of a message: a
+  :class:`~vfio_user_server.errors.FramingError`.
+
+Whatever way the kernel splits a stream into reads, a stream whose fd-carrying sends each start
+at a message and end inside it gives the same messages with the same fds; a stream that breaks
+the size rules gives the same messages, then the same error. The hypothesis tests in
+``tests/test_framing.py`` check both.
+
+After a :class:`FramingError` the reader is broken: every later :meth:`next_message` raises
+the same error.
+"""
+
+from __future__ import annotations
+
+from ..errors import FramingError
+from .codec import Message
+from .constants import HEADER_SIZE, MSG_TYPE_MASK, MsgType
+from .structs import Header
+
+_HEADER = Header.STRUCT
+_TYPE_MASK = int(MSG_TYPE_MASK)
+_REPLY = int(MsgType.REPLY)
+
+#: Parsed bytes are dropped from the front of the buffer once there are this many.
+_COMPACT = 1 << 20
+
+#: One read's fds: (offset of its first byte, offset after its last byte, fds).
+_Mark = tuple[int, int, list[int]]
+
+
+def header_error(size: int, flags: int, max_size: int) -> FramingError | None:
+    """Why a header with this ``size`` and ``flags`` cannot start a message, or None."""
+    if size < HEADER_SIZE:
+        return FramingError(f"message size {size} is smaller than the header")
+    if size > max_size:
+        return FramingError(f"message of {size} bytes is larger than {max_size}")
+    if flags & _TYPE_MASK > _REPLY:
+        return FramingError(f"bad message type in flags {flags:#x}")
+    return None
+
+
+def decode_header(buf: bytes | bytearray | memoryview, max_size: int = 1 << 32) -> Header:
+    """Decode the header at the start of ``buf``, checked as the reader checks it."""
+    if len(buf) < HEADER_SIZE:
+        raise FramingError(f"header of {len(buf)} bytes, need {HEADER_SIZE}")
+    hdr = Header(*_HEADER.unpack_from(buf))
+    exc = header_error(hdr.size, hdr.flags, max_size)
+    if exc is not None:
+        raise exc
+    return hdr
+
+
+class MessageReader:
+    """Reassemble messages, with their fds, from the reads of a stream (sans-IO).
+
+    ``max_size`` is the largest message accepted, header included; the transport may change
+    it (the Client does once it has negotiated). Reads are appended to one buffer that
+    advances an offset, as h11's receive buffer does: taking a message costs one header unpack
+    and one copy of its payload, whatever number of messages one read brought.
+    """
+
+    __slots__ = ("_buf", "_dropped", "_error", "_marks", "_pos", "max_size")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._marks: list[_Mark] = []
+        self._dropped: list[int] = []  # fds of a refused read, until take_fds()
+        self._error: FramingError | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
+        """Append what one read returned: its bytes and the fds that came with them.
+
+        The reader owns ``fds`` from here on; they leave it in a message or by
+        :meth:`take_fds`.
+        """
+        if self._error is not None:  # a broken stream: nothing more is read from it
+            if fds:
+                self._dropped += fds
+            return
+        buf = self._buf
+        start = len(buf)
+        buf += data
+        if fds:
+            if len(buf) == start:  # fds come with at least one byte on a stream socket
+                self._dropped += fds
+                self._fail(FramingError("fds without data"))
+            self._marks.append((start, len(buf), fds))
+
+    def next_message(self) -> Message | None:
+        """The next whole message, or None until more is fed.
+
+        Raises :class:`~vfio_user_server.errors.FramingError` when the stream breaks the size
+        or fd rules (and again on every later call).
+        """
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < HEADER_SIZE:
+            if self._error is not None:
+                raise self._error
+            return None
+        msg_id, command, size, flags, error = _HEADER.unpack_from(buf, pos)
+        if size > self.max_size or size < HEADER_SIZE or flags & _TYPE_MASK > _REPLY:
+            exc = header_error(size, flags, self.max_size)
+            assert exc is not None
+            self._fail(exc)
+        end = pos + size
+        if len(buf) < end:
+            return None
+        fds = self._bind(pos, end) if self._marks else []
+        payload = bytes(buf[pos + HEADER_SIZE:end])
+        if end == len(buf):  # all taken (and every read's fds: each ended by here)
+            buf.clear()
+            self._pos = 0
+        elif end >= _COMPACT:  # keep the buffer from growing: drop what was parsed
+            del buf[:end]
+            self._pos = 0
+            if self._marks:
+                self._marks = [(a - end, b - end, f) for a, b, f in self._marks]
+        else:
+            self._pos = end
+        return Message(msg_id, command, flags, error, payload, fds)
+
+    def pending_bytes(self) -> int:
+        """Bytes fed but not yet taken as a message (a partial message at EOF)."""
+        return len(self._buf) - self._pos
+
+    def take_fds(self) -> list[int]:
+        """Every fd the reader still holds (of unfinished or refused messages); the caller
+        closes them. The buffer is emptied: the reader is done with this stream."""
+        fds, self._dropped = self._dropped, []
+        for _first, _last, more in self._marks:
+            fds += more
+        self._marks = []
+        self._buf.clear()
+        self._pos = 0
+        return fds
+
+    # --- the slow paths ---------------------------------------------------------------------
+    def _fail(self, exc: FramingError) -> None:
+        """Break the reader: keep the fds for take_fds(), forget the bytes, raise ``exc``."""
+        for _first, _last, fds in self._marks:
+            self._dropped += fds
+        self._marks = []
+        self._buf.clear()
+        self._pos = 0
+        self._error = exc
+        raise exc
+
+    def _bind(self, start: int, end: int) -> list[int]:
+        """Take the fds of the message at [start, end): those of each read it is the last
+        message to start in (see the module's docstring)."""
+        mine: list[int] = []
+        keep: list[_Mark] = []
+        for mark in self._marks:
+            first, last, fds = mark
+            if last > end:  # the read goes on past this message: a later one starts in it
+                keep.append(mark)
+            elif first <= start < last:  # it ends in this message and holds its start
+                mine += fds
+            else:  # it lies inside this message after its first byte: no message starts in it
+                self._fail(FramingError(
+                    f"fds arrived in the middle of a message (a read of bytes {first - start}"
+                    f"..{last - start} of a {end - start}-byte message)"))
+        self._marks = keep
+        return mine
