@@ -47,6 +47,7 @@ from hypothesis.stateful import (
 )
 
 from vfio_user_server.client import Client, ClientError
+from vfio_user_server.errors import ConnectionClosed
 from vfio_user_server.protocol import codec
 from vfio_user_server.protocol.constants import Command, IrqIndex, IrqSetFlag
 from vfio_user_server.protocol.session import SessionState
@@ -212,7 +213,7 @@ def test_server_answers_qemu_shaped_streams_with_fds(server: Server, data: st.Da
                 if reply.is_reply:
                     assert reply.is_error or reply.error == 0
                     got.append(reply.msg_id)
-        except (EOFError, OSError) as exc:
+        except (EOFError, OSError, ConnectionClosed) as exc:
             ended.append(exc)
 
     reader = run_in_thread(read_replies)
