@@ -33,6 +33,8 @@ BUILTIN_DEVICES: dict[str, str] = {
     "edu": "vfio_user_devices.edu:Edu",
     "nvme": "vfio_user_devices.nvme:NvmeController",
     "sample": "vfio_user_server.sample:SampleDevice",
+    "virtio-blk": "vfio_user_devices.virtio_blk:VirtioBlk",
+    "virtio-rng": "vfio_user_devices.virtio_rng:VirtioRng",
 }
 
 
