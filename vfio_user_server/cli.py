@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             where: str | socket.socket = (server_mod.listening_socket(source)
                                           if isinstance(source, int) else source)
             srv = Server(device, where, mode=spec.mode_bits, trace=spec.trace,
-                         dma_layout=DmaLayout(spec.dma_layout))
+                         dma_layout=DmaLayout(spec.dma_layout), release_memory=True)
             servers.append(srv)
             srv.listen()
     except (VfioUserError, OSError) as exc:
