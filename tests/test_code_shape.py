@@ -68,24 +68,24 @@ def test_allow_lists_are_justified_and_needed() -> None:
 
 
 #: Names in the docs that are the reader's own files, not ours.
-_EXAMPLES = {"mymodule.py"}
+_EXAMPLES = {"mymodule.py", "mailbox.py"}
 
-_DOCS = (
-    "README.md",
-    "docs/ARCHITECTURE.md",
-    "docs/BENCHMARKS.md",
-    "vfio_user_server/testing/README.md",
-)
+def _docs() -> list[Path]:
+    return sorted(p for p in ROOT.glob("*.md")) + sorted((ROOT / "docs").glob("*.md")) + [
+        ROOT / "vfio_user_server" / "testing" / "README.md"
+    ]
 
 
 def test_paths_named_in_docs_exist() -> None:
     missing = []
-    for name in _DOCS:
-        doc = ROOT / name
-        if not doc.exists():
-            continue
-        for ref in re.findall(r"`([\w./-]+\.(?:py|c|md|sh))(?::\w+)?`", doc.read_text()):
-            if ref in _EXAMPLES:
+    for doc in _docs():
+        name = doc.relative_to(ROOT).as_posix()
+        text = doc.read_text()
+        refs = re.findall(r"`([\w./-]+\.(?:py|c|md|sh))(?::\w+)?`", text)
+        commands = r"^\s*(?:python3? )?((?:bench|ci|tests)/[\w./-]+\.(?:py|sh))"
+        refs += re.findall(commands, text, re.M)
+        for ref in refs:
+            if ref in _EXAMPLES or ref.startswith("../"):  # the reader's files; outside the repo
                 continue
             candidates = [ROOT / ref, doc.parent / ref]
             candidates += [pkg / ref for pkg in PACKAGES] + [ROOT / "devices" / ref]
@@ -107,3 +107,17 @@ def test_architecture_module_map_is_complete() -> None:
         if path.name not in block:
             absent.append(path.relative_to(ROOT).as_posix())
     assert not absent, "modules missing from the ARCHITECTURE.md map: " + ", ".join(absent)
+
+
+def test_classes_named_in_architecture_exist() -> None:
+    defined: set[str] = set()
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Assign):
+                defined.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    # `ClassName`, `ClassName.method` or `ClassName(args)`: the CamelCase name must exist.
+    named = set(re.findall(r"`([A-Z][a-z]+[A-Z]\w*)[.(`]", doc))
+    assert not sorted(named - defined), sorted(named - defined)
