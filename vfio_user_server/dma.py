@@ -507,21 +507,20 @@ class DmaMapTable:
 
     def is_direct(self, iova: int, length: int) -> bool:
         """True if the whole range is mapped and fd-backed (no message DMA needed)."""
-        with self._lock:
-            try:
-                pieces = self._pieces(iova, length, False)
-            except DmaError:
-                return False
-            return all(m.direct for _, _, m in pieces)
+        return self._all_maps(iova, length, lambda m: m.direct)
 
     def is_zero_copy(self, iova: int, length: int) -> bool:
         """True if the whole range is mapped from sealed files: :meth:`translate` gives views."""
+        return self._all_maps(iova, length, lambda m: m.zero_copy)
+
+    def _all_maps(self, iova: int, length: int, test: Callable[[DmaMapping], bool]) -> bool:
+        """True if the whole range is mapped and ``test`` holds for every map it crosses."""
         with self._lock:
             try:
                 pieces = self._pieces(iova, length, False)
             except DmaError:
                 return False
-            return all(m.zero_copy for _, _, m in pieces)
+            return all(test(m) for _, _, m in pieces)
 
     def _put(self, mapping: DmaMapping) -> None:
         with self._lock:
