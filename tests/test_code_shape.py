@@ -24,10 +24,17 @@ ALLOWED_MODULES = {
     "vfio_user_server/testing/provision.py": 950,
     # "Sizes": a known item for the virtio owner (the transport as one PciDevice).
     "vfio_user_server/virtio/pci.py": 700,
+    # "Sizes": known items for their owners (device state save/load; NVMe flush/FUA), which
+    # grew past the limits as they landed.
+    "vfio_user_server/device.py": 760,
+    "devices/vfio_user_devices/nvme.py": 650,
 }
 ALLOWED_CLASSES = {
     # "Sizes": a known item for the virtio owner.
     "vfio_user_server/virtio/pci.py:VirtioPciDevice": 480,
+    # "Sizes": known items for their owners.
+    "vfio_user_server/device.py:PciDevice": 600,
+    "devices/vfio_user_devices/nvme.py:NvmeController": 520,
 }
 
 
