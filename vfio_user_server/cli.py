@@ -297,14 +297,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec = specs[0]
             with socket.socket(fileno=int(handover_fd)) as chan:
                 srv = receive_and_resume(chan, devices[0], mode=spec.mode_bits,
-                                         trace=spec.trace, upgradable=True)
+                                         trace=spec.trace, release_memory=True,
+                                         upgradable=True)
             servers.append(srv)
         else:
             for spec, device, source in zip(specs, devices, sources, strict=True):
                 where: str | socket.socket = (server_mod.listening_socket(source)
                                               if isinstance(source, int) else source)
                 srv = Server(device, where, mode=spec.mode_bits, trace=spec.trace,
-                             dma_layout=DmaLayout(spec.dma_layout), upgradable=upgradable)
+                             dma_layout=DmaLayout(spec.dma_layout), release_memory=True,
+                             upgradable=upgradable)
                 servers.append(srv)
                 srv.listen()
         if upgradable:

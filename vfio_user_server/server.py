@@ -27,6 +27,7 @@ from .connection import Connection
 from .dmacopy import default_copy
 from .endpoint import VfioDevice
 from .errors import ConnectionClosed, FramingError, VfioUserError
+from .memory import release_free_memory
 from .protocol.constants import DmaLayout
 from .protocol.session import ServerCapabilities
 from .threads import any_thread, loop_thread
@@ -134,11 +135,14 @@ class Server:
         dma_timeout: float = 5.0,
         trace: bool | TraceSink = False,
         trace_file: TextIO | None = None,
+        release_memory: bool = False,
         upgradable: bool = False,
     ) -> None:
         self.device = device
         # chosen (and said) before the socket listens: a signal right after finds it done
         log.info("DMA guarded copies: %s", default_copy().name)
+        #: after each client, give its memory back to the system (the CLI's long-lived server)
+        self.release_memory = release_memory
         self._listener: socket.socket | None = None
         #: whether close() removes the socket file (not for a socket handed over)
         self.owns_path = not isinstance(path, socket.socket)
@@ -341,6 +345,11 @@ class Server:
                 else:
                     conn.close()
             finally:
+                if self.release_memory:
+                    with self._connected:
+                        self.connection = None
+                    del conn
+                    release_free_memory()  # the connection's memory, now that nothing holds it
                 # only now: wait_for_disconnect() promises maps, fds and the device are done
                 with self._connected:
                     self.connection = None
