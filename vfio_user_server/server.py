@@ -363,7 +363,8 @@ class Server:
         no longer serves (the loop ends, tearing down nothing)."""
         with contextlib.suppress(OSError):
             os.read(self._upgrade_r, 4096)
-        job, self._upgrade_job = self._upgrade_job, None
+        with self._upgrade_done:  # a job its caller gave up on is gone from here
+            job, self._upgrade_job = self._upgrade_job, None
         if job is None:
             return False
         result: bool | BaseException
@@ -394,7 +395,10 @@ class Server:
             os.write(self._upgrade_w, b"u")
             if not self._upgrade_done.wait_for(lambda: self._upgrade_result is not None,
                                                timeout):
-                raise TimeoutError("the server loop did not take the hand-over in time")
+                if self._upgrade_job is job:  # not started: withdraw it
+                    self._upgrade_job = None
+                    raise TimeoutError("the server loop did not take the hand-over in time")
+                self._upgrade_done.wait_for(lambda: self._upgrade_result is not None)
             result, self._upgrade_result = self._upgrade_result, None
         if isinstance(result, BaseException):
             raise result
