@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import irq
 from .connection import Connection
 from .errors import VfioUserError
 from .fds import close_fds
@@ -210,7 +211,7 @@ def _collect(server: Server, conn: Connection | None) -> tuple[dict[str, Any], l
         data, marks = reader.export_pending()
         log.info("hand-over: %d unread bytes, %d DMA maps", len(data), len(conn.table))
         session = conn.session
-        vectors, resample = device.irqs.eventfds()
+        vectors, resample = irq.eventfds(device.irqs)
         manifest["connection"] = {
             "socket": fds.index(conn.sock.fileno()),
             "session": {"state": session.state.value,
@@ -328,7 +329,8 @@ def resume(device: Any, handover: Handover, **server_kwargs: Any) -> Server:
                     index, vector, fd = item
                     vectors.append((int(index), int(vector), dup(fd)))
                 resample = c.get("resample_fd")
-                device.irqs.adopt_eventfds(vectors, None if resample is None else dup(resample))
+                irq.adopt_eventfds(device.irqs, vectors,
+                                   None if resample is None else dup(resample))
             except (TypeError, ValueError) as exc:
                 close_fds([fd for _i, _v, fd in vectors], "IRQ fd")
                 raise HandoverError(f"hand-over manifest: irqs: {exc}") from None
