@@ -15,7 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import MSIX_CAP_ID, WAIT, RawPeer, find_capability, open_fds, wait_eventfd
+from helpers import (
+    MSIX_CAP_ID,
+    WAIT,
+    RawPeer,
+    find_capability,
+    open_fds,
+    wait_eventfd,
+    wait_until,
+)
 
 from vfio_user_server.client import Client
 from vfio_user_server.protocol import codec
@@ -256,3 +264,49 @@ def test_reader_pending_bytes_and_fds_move_to_a_new_reader() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_new_process_that_cannot_load_the_state_changes_nothing(path: Path,
+                                                                   baseline: None) -> None:
+    """The new side fails late (its device refuses the state, after it rebuilt the maps,
+    eventfds and session): it tears none of them down, and the old server serves on."""
+    server = Server(Keeper(), path, upgradable=True).start()
+    c = Client.connect(path)
+    try:
+        c.negotiate()
+        c.get_device_info()
+        mem = c.add_memory(0x100000, 0x10000)
+        fds = c.enable_msix(4)
+        c.bar_write(0, REG_SCRATCH, 4, 9)
+        a, b = socket.socketpair()
+        errors: list[BaseException] = []
+
+        def new_side() -> None:
+            try:
+                receive_and_resume(b, SampleDevice())  # no declared fields: refuses Keeper's
+            except BaseException as exc:
+                errors.append(exc)
+
+        with a, b:
+            t = threading.Thread(target=new_side)
+            t.start()
+            with pytest.raises(HandoverError, match="refused"):
+                hand_over(server, a, timeout=WAIT)
+            t.join(WAIT)
+        assert errors and "state" in str(errors[0]).lower()
+        assert not server.handed_over and path.exists()
+        assert c.bar_read(0, REG_SCRATCH, 4) == 9  # the socket was not shut down
+        server.device.buffer[:2] = b"ok"  # type: ignore[attr-defined]
+        c.bar_write(0, REG_DMA_ADDR, 8, 0x100000)
+        c.bar_write(0, REG_DMA_LEN, 4, 2)
+        c.bar_write(0, REG_DMA_CMD, 4, DMA_FROM_DEVICE)
+        conn = server.wait_for_client(WAIT)
+        assert len(conn.table) == 1
+        wait_until(lambda: c.bar_read(0, REG_DMA_STAT, 4) == STAT_DONE, what="device DMA")
+        assert bytes(mem.mem[:2]) == b"ok"
+        for fd in fds:
+            os.close(fd)
+    finally:
+        c.close()
+        server.wait_for_disconnect(1, WAIT)
+        server.close()
