@@ -77,6 +77,7 @@ class Echo(VirtioPciDevice):
 class Rig:
     def __init__(self, path: Path, dev: VirtioPciDevice, *, fd_backed: bool = True) -> None:
         self.dev = dev
+        self.fd_backed = fd_backed
         self.server = Server(dev, path).start()
         self.c = Client.connect(path, timeout=WAIT)
         self.c.negotiate()
@@ -769,3 +770,19 @@ def test_inline_hands_message_dma_to_the_worker(sock_dir: Path) -> None:
         assert ("read", RAM + 0x100, 10) in r.c.dma_requests
     finally:
         r.close()
+
+
+def test_rings_follow_a_remap_of_guest_ram(rig: Rig) -> None:
+    """The queue's cached windows onto guest RAM are dropped when the map table changes:
+    after the client replaces its RAM (same addresses, new memory), requests are read from
+    and completed in the new memory."""
+    rig.ready(1)
+    for _ in range(3):
+        assert rig.d.request(0, [b"abc"], [3]).data == b"cba"
+    rig.idle()
+    old = rig.c.read_memory(0, RAM)
+    rig.c.dma_unmap(0, RAM)
+    rig.c.add_memory(0, RAM, fd_backed=rig.fd_backed)
+    rig.c.write_memory(0, old)
+    for _ in range(3):
+        assert rig.d.request(0, [b"xyz"], [3]).data == b"zyx"

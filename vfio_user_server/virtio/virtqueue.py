@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 
-from ..dma import DmaAccessor
+from ..dma import DmaAccessor, DmaWindow
 from ..errors import DmaError
 from .spec import (
     AVAIL_ALIGN,
@@ -54,6 +54,8 @@ __all__ = ["MAX_INDIRECT", "Chain", "NeedsWorker", "PackedVirtqueue", "Virtqueue
 MAX_INDIRECT = 1024
 
 _U64_END = 1 << 64
+#: Windows a queue keeps (rings, indirect tables, headers: usually all in one map)
+_MAX_WINDOWS = 4
 
 Buffer = tuple[int, int]  # (guest address, length)
 
@@ -75,11 +77,12 @@ class Chain:
     (for example to translate them to memoryviews for ``preadv``/``pwritev``).
     """
 
-    __slots__ = ("dma", "head", "readable", "slots", "writable")
+    __slots__ = ("_vq", "dma", "head", "readable", "slots", "writable")
 
     def __init__(self, dma: DmaAccessor, head: int, readable: list[Buffer],
-                 writable: list[Buffer], slots: int = 1) -> None:
+                 writable: list[Buffer], slots: int = 1, vq: Virtqueue | None = None) -> None:
         self.dma = dma
+        self._vq = vq  # its cached windows onto guest memory, if any
         #: the split ring's head index, or the packed ring's buffer ID
         self.head = head
         self.readable = readable
@@ -89,11 +92,13 @@ class Chain:
 
     @property
     def readable_length(self) -> int:
-        return sum(n for _, n in self.readable)
+        r = self.readable
+        return r[0][1] if len(r) == 1 else sum(n for _, n in r)
 
     @property
     def writable_length(self) -> int:
-        return sum(n for _, n in self.writable)
+        w = self.writable
+        return w[0][1] if len(w) == 1 else sum(n for _, n in w)
 
     def readable_slice(self, offset: int, length: int) -> list[Buffer]:
         """The ``(address, length)`` pieces of readable bytes ``[offset, offset + length)``."""
@@ -110,10 +115,15 @@ class Chain:
             length = max(0, total - offset)
         if offset < 0 or length < 0 or offset + length > total:
             raise VirtqueueError(f"read of {offset}+{length} beyond the {total} readable bytes")
+        pieces = _slice(self.readable, offset, length)
+        vq = self._vq
+        if vq is not None and len(pieces) == 1:
+            addr, n = pieces[0]
+            return vq._read(addr, n)
         out = bytearray()
         try:
-            for addr, n in _slice(self.readable, offset, length):
-                out += self.dma.read(addr, n)
+            for addr, n in pieces:
+                out += vq._read(addr, n) if vq is not None else self.dma.read(addr, n)
         except DmaError as exc:
             raise VirtqueueError(f"readable buffer: {exc}") from exc
         return bytes(out)
@@ -126,9 +136,13 @@ class Chain:
             raise VirtqueueError(
                 f"write of {offset}+{view.nbytes} beyond the {total} writable bytes")
         pos = 0
+        vq = self._vq
         try:
             for addr, n in _slice(self.writable, offset, view.nbytes):
-                self.dma.write(addr, view[pos:pos + n])
+                if vq is not None:
+                    vq._write(addr, view[pos:pos + n])
+                else:
+                    self.dma.write(addr, view[pos:pos + n])
                 pos += n
         except DmaError as exc:
             raise VirtqueueError(f"writable buffer: {exc}") from exc
@@ -192,6 +206,11 @@ class Virtqueue:
         #: set by the transport while it runs the queue on the loop thread: every access must
         #: be to fd-backed memory, else :class:`NeedsWorker` (before anything is consumed)
         self.inline = False
+        # windows onto the mmapped maps this queue touched (rings, tables, headers), valid
+        # while the DMA table's generation is _window_gen: one lookup per map change instead
+        # of a translation per access
+        self._windows: list[DmaWindow] = []
+        self._window_gen = -1
 
     def __repr__(self) -> str:
         return (f"Virtqueue({self.index}, size={self.size}, enabled={self.enabled}, "
@@ -227,6 +246,8 @@ class Virtqueue:
         self.last_avail = self.used_idx = self._avail_idx = 0
         self._signalled_used = 0
         self._signalled_valid = False
+        self._windows = []
+        self._window_gen = -1
         self.enabled = True
 
     # --- guest memory helpers -----------------------------------------------------------------
@@ -235,7 +256,35 @@ class Virtqueue:
             raise VirtqueueError(f"queue {self.index} is not enabled")
         return self.dma
 
+    def _window(self, addr: int, length: int, write: bool) -> DmaWindow | None:
+        """The cached mmapped window holding all of ``[addr, addr + length)`` with the
+        permission asked for, or None (then the DMA layer decides: message DMA, or an
+        error)."""
+        table = self._dma().table
+        gen = table.generation
+        if gen != self._window_gen:
+            self._windows = []
+            self._window_gen = gen
+        end = addr + length
+        for w in self._windows:
+            if w.start <= addr and end <= w.end:
+                return w if (w.writable if write else w.readable) else None
+        w = table.window(addr)
+        if w is None or end > w.end:
+            return None
+        if len(self._windows) >= _MAX_WINDOWS:
+            del self._windows[0]
+        self._windows.append(w)
+        return w if (w.writable if write else w.readable) else None
+
     def _read(self, addr: int, length: int) -> bytes:
+        w = self._window(addr, length, False)
+        if w is not None:
+            at = addr + w.delta
+            try:
+                return w.mm[at:at + length]
+            except ValueError:
+                pass  # the mmap was closed under us (unmapped): the DMA layer says why
         if self.inline:
             return self._inline_access(addr, length, None)
         try:
@@ -243,7 +292,8 @@ class Virtqueue:
         except DmaError as exc:
             raise VirtqueueError(f"queue {self.index}: {exc}") from exc
 
-    def _inline_access(self, addr: int, length: int, data: bytes | None) -> bytes:
+    def _inline_access(self, addr: int, length: int,
+                       data: bytes | memoryview | None) -> bytes:
         """Read (``data`` None) or write through the mmapped guest memory only."""
         try:
             segs = self._dma().table.translate(addr, length, write=data is not None)
@@ -267,14 +317,24 @@ class Virtqueue:
     def _check_inline(self, chain: Chain) -> None:
         """In inline mode: every buffer of ``chain`` must be fd-backed."""
         table = self._dma().table
-        for addr, n in chain.readable + chain.writable:
-            if n and not table.is_direct(addr, n):
-                raise NeedsWorker
+        for bufs, write in ((chain.readable, False), (chain.writable, True)):
+            for addr, n in bufs:
+                if n and self._window(addr, n, write) is None and not table.is_direct(addr, n):
+                    raise NeedsWorker
 
     def _read_u16(self, addr: int) -> int:
         return int.from_bytes(self._read(addr, 2), "little")
 
-    def _write(self, addr: int, data: bytes) -> None:
+    def _write(self, addr: int, data: bytes | memoryview) -> None:
+        length = len(data)
+        w = self._window(addr, length, True)
+        if w is not None:
+            at = addr + w.delta
+            try:
+                w.mm[at:at + length] = data
+                return
+            except ValueError:
+                pass  # the mmap was closed under us (unmapped): the DMA layer says why
         if self.inline:
             self._inline_access(addr, len(data), data)
             return
@@ -360,7 +420,7 @@ class Virtqueue:
             if nxt >= limit:
                 raise VirtqueueError(f"queue {self.index}: next {nxt} >= {limit}")
             i = nxt
-        return Chain(self._dma(), head, readable, writable)
+        return Chain(self._dma(), head, readable, writable, 1, self)
 
     def push(self, chain: Chain, written: int) -> None:
         """Return ``chain`` to the driver; ``written`` bytes went into its writable buffers."""
@@ -500,7 +560,7 @@ class PackedVirtqueue(Virtqueue):
             if count >= self.size:
                 raise VirtqueueError(f"queue {self.index}: descriptor chain longer than the ring")
             slot = slot + 1 if slot + 1 < self.size else 0
-        chain = Chain(self._dma(), buffer_id, readable, writable, count)
+        chain = Chain(self._dma(), buffer_id, readable, writable, count, self)
         if self.inline:
             self._check_inline(chain)
         self.last_avail += count
