@@ -269,13 +269,13 @@ class Virtqueue:
         for w in self._windows:
             if w.start <= addr and end <= w.end:
                 return w if (w.writable if write else w.readable) else None
-        w = table.window(addr)
-        if w is None or end > w.end:
+        new = table.window(addr)
+        if new is None or end > new.end:
             return None
         if len(self._windows) >= _MAX_WINDOWS:
             del self._windows[0]
-        self._windows.append(w)
-        return w if (w.writable if write else w.readable) else None
+        self._windows.append(new)
+        return new if (new.writable if write else new.readable) else None
 
     def _read(self, addr: int, length: int) -> bytes:
         w = self._window(addr, length, False)
