@@ -12,6 +12,7 @@ interrupt decision), not the transport's.
     python bench/virtio_device.py                      # 4 KiB reads, QD1 and QD32, us/request
     python bench/virtio_device.py --profile 20         # plus cProfile's 20 costliest functions
     python bench/virtio_device.py --size 131072 --write
+    python bench/virtio_device.py --inline             # as the inline mode runs it
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ QUEUE = 256
 
 
 class Bench:
-    def __init__(self, workdir: Path, size: int, write: bool) -> None:
+    def __init__(self, workdir: Path, size: int, write: bool, inline: bool = False) -> None:
+        self.inline = inline
         image = workdir / "disk.img"
         with open(image, "wb") as f:
             f.truncate(64 << 20)
@@ -78,7 +80,11 @@ class Bench:
         self.next = (self.next + qd) % QUEUE
         self.d.publish(self.q, heads, notify=False)
         before = self.vq.pushed
-        self.dev._service(self.vq, self.dev._gen)
+        if self.inline:
+            if not self.dev._service_inline(self.vq):
+                raise RuntimeError("inline service handed the queue to the worker")
+        else:
+            self.dev._service(self.vq, self.dev._gen)
         if self.vq.pushed - before != qd:
             raise RuntimeError(f"{self.vq.pushed - before} of {qd} requests completed")
 
@@ -92,13 +98,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=4096, help="bytes per request")
     p.add_argument("--write", action="store_true", help="writes instead of reads")
+    p.add_argument("--inline", action="store_true",
+                   help="service the queue as the inline mode does (on the loop thread)")
     p.add_argument("--ops", type=int, default=20000, help="requests per figure")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also print the N costliest functions (QD1, cumulative order)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-virtio-dev-") as tmp:
-        b = Bench(Path(tmp), args.size, args.write)
+        b = Bench(Path(tmp), args.size, args.write, args.inline)
         try:
             for qd in (1, 32):
                 for _ in range(200 // qd):
@@ -109,7 +117,8 @@ def main() -> int:
                     for _ in range(args.ops // qd):
                         b.batch(qd)
                     runs.append((time.perf_counter() - t0) / (args.ops // qd * qd) * 1e6)
-                print(json.dumps({"size": args.size, "write": args.write, "qd": qd,
+                print(json.dumps({"size": args.size, "write": args.write,
+                                  "inline": args.inline, "qd": qd,
                                   "us_per_request": sorted(runs)[len(runs) // 2],
                                   "runs": [round(r, 2) for r in runs]}), flush=True)
             if args.profile:

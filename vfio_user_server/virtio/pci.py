@@ -566,13 +566,9 @@ class VirtioPciDevice(PciDevice):
     def _service_inline(self, vq: Virtqueue) -> bool:
         """Run the queue here, on the loop thread (lock held, worker idle); True if done,
         False if something needs message DMA (it is then left, unconsumed, to the worker)."""
-        try:
-            table = self.dma.table
-        except DmaError:
-            return False
         # the rings must be fd-backed all through: after a request is consumed, nothing may
         # need the worker any more
-        if not all(table.is_direct(addr, n) for addr, n in vq.ring_areas()):
+        if vq.dma is None or not vq.rings_direct():
             return False
         vq.kicked = False
         vq.inline = True

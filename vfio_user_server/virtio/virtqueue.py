@@ -238,6 +238,10 @@ class Virtqueue:
         return ((self.desc, DESC_SIZE * self.size), (self.driver, 6 + 2 * self.size),
                 (self.device, 6 + USED_ELEM_SIZE * self.size))
 
+    def rings_direct(self) -> bool:
+        """Are all three ring areas in mmapped (fd-backed) memory, each within one map?"""
+        return all(self._window(addr, n, False) is not None for addr, n in self.ring_areas())
+
     def start(self, dma: DmaAccessor, *, event_idx: bool, indirect: bool) -> None:
         """The driver enabled the queue: begin at index 0 with the negotiated features."""
         self.dma = dma
