@@ -219,3 +219,23 @@ def test_bad_queue_count() -> None:
 
     with pytest.raises(DeviceDefinitionError):
         VirtioBlk(size=1 << 20, queues=MAX_QUEUES + 1)
+
+
+@pytest.mark.parametrize("fd_backed", [True, False])
+def test_inline_option(sock_dir: Path, image: Path, fd_backed: bool) -> None:
+    """``--inline``: requests in fd-backed RAM run in the notify write; others still work
+    (handed to the worker)."""
+    served = make_device("virtio-blk", ["--image", str(image), "--inline"])
+    assert isinstance(served, VirtioBlk) and served.inline
+    served.close()
+    r = make(sock_dir, image, fd_backed=fd_backed, queues=1, inline=True)
+    try:
+        assert r.dev.inline
+        r.ready(1)
+        data = os.urandom(4096)
+        assert r.write(8, data) == OK
+        assert r.read(8, 4096) == (OK, data)
+        assert host(image, 8 * 512, 4096) == data
+    finally:
+        r.close()
+        r.dev.close()
