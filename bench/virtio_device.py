@@ -54,7 +54,7 @@ class Bench:
         c = self.c = Client.connect(workdir / "blk.sock", timeout=10)
         c.negotiate()
         c.get_device_info()
-        c.add_memory(0, RAM)
+        c.add_memory(0, RAM, sealed=True)  # as QEMU's memfd backend: zero-copy
         c.config_write(0x04, 2, 0x6)
         d = self.d = VirtioPciDriver(c, memory=(0x100000, 12 << 20))
         d.initialize(d.device_features())

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
+import socket
 import threading
-import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vfio_user_server.dma import DmaAccessor, DmaMapping, DmaMapTable, DmaProt
+from vfio_user_server.dmacopy import default_copy
 from vfio_user_server.errors import DmaError
 
 RW = DmaProt.READ | DmaProt.WRITE
@@ -26,9 +29,12 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def memfd(size: int = MiB) -> int:
-    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+def memfd(size: int = MiB, sealed: bool = True) -> int:
+    """Guest RAM as QEMU's memfd backend makes it: sealed against shrinking by default."""
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    if sealed:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     return fd
 
 
@@ -57,11 +63,30 @@ class FakeMessageDma:
         self.mem[off : off + len(data)] = data
 
 
+@pytest.fixture(autouse=True)
+def _guarded_copy_chosen() -> None:
+    """The process's guarded copy is chosen (the Python one opens /proc/self/mem) before any
+    test counts its fds."""
+    default_copy()
+
+
+#: An unmap timeout no test reaches: only the test of the timeout itself waits it out.
+GENEROUS = 60.0
+
+
 @pytest.fixture
 def table() -> Iterator[DmaMapTable]:
-    t = DmaMapTable(unmap_timeout=1.0)
+    t = DmaMapTable(unmap_timeout=GENEROUS)
     yield t
     t.remove_all()
+
+
+def unmap_signal(t: DmaMapTable) -> threading.Event:
+    """An event set by the table's on_unmap hook: the map left lookups and the remove call is
+    about to wait for in-flight accesses."""
+    unmapping = threading.Event()
+    t.on_unmap = lambda _m: unmapping.set()
+    return unmapping
 
 
 # ------------------------------------------------------------------------------ add / remove
@@ -226,11 +251,35 @@ def test_file_too_small_falls_back_to_message_dma(
     assert table.mapped_file_count() == 0
 
 
-def test_unmappable_fd_falls_back_to_message_dma(table: DmaMapTable) -> None:
+def _wrong_kind_fds(tmp_path: Path) -> list[tuple[str, int]]:
     r, w = os.pipe()
     os.close(w)
-    table.add(0, 0x1000, RW, r, 0)
-    assert not is_open(r)
+    a, b = socket.socketpair()
+    b.close()
+    return [
+        ("pipe", r),
+        ("socket", a.detach()),
+        ("directory", os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)),
+        ("device", os.open("/dev/zero", os.O_RDWR)),
+        ("eventfd", os.eventfd(0)),
+    ]
+
+
+def test_fd_of_the_wrong_kind_is_refused_and_closed(table: DmaMapTable, tmp_path: Path) -> None:
+    for kind, fd in _wrong_kind_fds(tmp_path):
+        with pytest.raises(DmaError) as e:
+            table.add(0, 0x1000, RW, fd, 0)
+        assert e.value.errno == errno.EINVAL, kind
+        assert not is_open(fd), kind
+        assert table.maps() == [], kind
+
+
+def test_unmappable_file_falls_back_to_message_dma(table: DmaMapTable, tmp_path: Path) -> None:
+    path = tmp_path / "write-only"
+    path.write_bytes(bytes(0x1000))
+    fd = os.open(path, os.O_WRONLY)  # a regular file mmap refuses (EACCES)
+    table.add(0, 0x1000, RW, fd, 0)
+    assert not is_open(fd)
     assert not table.maps()[0].direct
 
 
@@ -448,43 +497,47 @@ def test_read_into_memoryview_and_buffers(table: DmaMapTable) -> None:
 
 
 def test_unmap_waits_for_inflight_access(table: DmaMapTable) -> None:
-    table.add(0, 0x1000, RW, memfd(0x1000), 0)
+    fd = memfd(0x1000)
+    table.add(0, 0x1000, RW, os.dup(fd), 0)
     acc = DmaAccessor(table)
+    unmapping = unmap_signal(table)
     entered = threading.Event()
-    done: list[float] = []
+    order: list[str] = []
 
     def worker() -> None:
         with acc.map(0, 0x10, write=True) as views:
             entered.set()
-            time.sleep(0.3)
+            assert unmapping.wait(GENEROUS)  # remove() has started and is waiting for us
             views[0][:4] = b"late"
-            done.append(time.monotonic())
+            order.append("access done")
 
     t = threading.Thread(target=worker)
     t.start()
-    assert entered.wait(5)
+    assert entered.wait(GENEROUS)
     assert table.find(0) is not None
     table.remove(0, 0x1000)
-    returned = time.monotonic()
-    t.join()
-    assert done and done[0] <= returned, "remove returned before the access finished"
+    order.append("remove returned")
+    t.join(GENEROUS)
+    assert not t.is_alive()
+    assert order == ["access done", "remove returned"]
     assert table.mapped_file_count() == 0
+    assert os.pread(fd, 4, 0) == b"late"
+    os.close(fd)
 
 
 def test_unmap_removes_from_lookups_at_once(table: DmaMapTable) -> None:
     table.add(0, 0x1000, RW, memfd(0x1000), 0)
     segs = table.translate(0, 8, write=False)
+    unmapping = unmap_signal(table)
     removing = threading.Thread(target=table.remove, args=(0, 0x1000))
     removing.start()
-    deadline = time.monotonic() + 5
-    while table.maps() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert unmapping.wait(GENEROUS)
     assert table.maps() == []
     with pytest.raises(DmaError):
         table.translate(0, 8, write=False)
     assert removing.is_alive(), "remove waits for the in-flight segment"
     table.release(segs)
-    removing.join(5)
+    removing.join(GENEROUS)
     assert not removing.is_alive()
     assert table.mapped_file_count() == 0
 
@@ -513,8 +566,28 @@ def test_remove_all_waits_and_closes(table: DmaMapTable) -> None:
         table.add(i * 0x1000, 0x1000, RW, memfd(0x1000), 0)
     table.add(0x10000, 0x1000, RW, None, 0)
     segs = table.translate(0x3000, 0x10, write=False)
-    threading.Timer(0.1, table.release, args=(segs,)).start()
+    unmapped = 0
+    all_unmapped = threading.Event()
+    order: list[str] = []
+
+    def on_unmap(_m: DmaMapping) -> None:
+        nonlocal unmapped
+        unmapped += 1
+        if unmapped == 9:
+            all_unmapped.set()
+
+    def releaser() -> None:
+        assert all_unmapped.wait(GENEROUS)  # remove_all() is now waiting for segs
+        order.append("released")
+        table.release(segs)
+
+    table.on_unmap = on_unmap
+    th = threading.Thread(target=releaser)
+    th.start()
     table.remove_all()
+    order.append("remove_all returned")
+    th.join(GENEROUS)
+    assert order == ["released", "remove_all returned"]
     assert table.maps() == []
     assert table.mapped_file_count() == 0
     assert fd_count() == before
@@ -596,17 +669,22 @@ def test_no_fd_leak_after_many_cycles() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    layout=st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=6),
+    layout=st.lists(
+        st.tuples(st.integers(0, 3), st.sampled_from(["sealed", "unsealed", "no fd"])),
+        min_size=1,
+        max_size=6,
+    ),
     ops=st.lists(
         st.tuples(st.booleans(), st.integers(0, 0x1F000), st.integers(0, 0x3000), st.binary()),
         max_size=20,
     ),
 )
 def test_accessor_matches_flat_model(
-    layout: list[tuple[int, bool]], ops: list[tuple[bool, int, int, bytes]]
+    layout: list[tuple[int, str]], ops: list[tuple[bool, int, int, bytes]]
 ) -> None:
-    """Maps of 1-4 pages, fd-backed or not, laid out back to back with optional one-page
-    holes; every read/write either matches a flat bytearray model or raises EFAULT on a hole."""
+    """Maps of 1-4 pages, fd-backed (sealed: zero-copy, or not: guarded copies) or not, laid
+    out back to back with optional one-page holes; every read/write either matches a flat
+    bytearray model or raises EFAULT on a hole."""
     before = fd_count()
     table = DmaMapTable()
     model = bytearray(0x20000)
@@ -615,10 +693,10 @@ def test_accessor_matches_flat_model(
     fake.mem = model  # message DMA reads/writes the model directly
     files: list[tuple[int, int, int]] = []  # (iova, size, fd dup) for fd-backed maps
     iova = 0
-    for pages, with_fd in layout:
+    for pages, kind in layout:
         size = (pages + 1) * 0x1000
-        if with_fd:
-            fd = memfd(size)
+        if kind != "no fd":
+            fd = memfd(size, sealed=kind == "sealed")
             files.append((iova, size, os.dup(fd)))
             table.add(iova, size, RW, fd, 0)
         else:
@@ -677,6 +755,8 @@ def test_window_follows_the_map_table() -> None:
     assert table.window(0x14000) is None  # past the map
     table.add(0x20000, 0x1000, DmaProt.READ | DmaProt.WRITE, None, 0)
     assert table.window(0x20000) is None  # no fd: message DMA only
+    table.add(0x30000, 0x1000, DmaProt.READ, memfd(sealed=False), 0)
+    assert table.window(0x30000) is None  # unsealed: guarded copies only
     assert table.generation > gen
     gen = table.generation
     table.remove(0x10000, 0x4000)

@@ -7,6 +7,8 @@ messages), commands are rung in through BAR0 doorbells, completions are polled b
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import select
 import shutil
@@ -62,7 +64,7 @@ from vfio_user_devices.nvme_spec import (
     uses_sgl,
 )
 from vfio_user_server.cli import make_device
-from vfio_user_server.client import Client
+from vfio_user_server.client import Client, MemoryRegion
 from vfio_user_server.protocol.constants import IrqIndex, IrqSetFlag
 from vfio_user_server.server import Server
 from vfio_user_server.testing import Served, serve
@@ -276,11 +278,24 @@ def image(tmp: Path) -> Path:
     return p
 
 
-@pytest.fixture(params=["memfd", "message"])
+def map_sealed_ram(c: Client) -> None:
+    """Guest RAM at IOVA 0 as QEMU's memfd backend makes it: sealed against shrinking, so the
+    controller reaches it zero-copy (an unsealed memfd goes through guarded copies)."""
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, RAM)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    c.memory.append(MemoryRegion(0, RAM, fd, mmap.mmap(fd, RAM), 3))  # the client closes it
+    c.dma_map(0, RAM, 3, fd=fd)
+
+
+@pytest.fixture(params=["sealed", "memfd", "message"])
 def rig(request: pytest.FixtureRequest, image: Path) -> Iterator[Rig]:
     dev = NvmeController(image)
     try:
-        with serve(dev, memory=RAM, fd_backed=request.param == "memfd") as s:
+        sealed = request.param == "sealed"
+        with serve(dev, memory=0 if sealed else RAM, fd_backed=request.param == "memfd") as s:
+            if sealed:
+                map_sealed_ram(s.client)
             yield Rig(s)
     finally:
         dev.close()
@@ -801,6 +816,33 @@ def test_inline_commands_and_hand_off_to_the_worker(ready: Rig, image: Path) -> 
     idle()
     assert d.rw(2, IoOpcode.READ, 2, 1).status == 0
     assert batches == ([] if direct else [1])
+
+
+def test_io_into_memory_the_client_took_away(image: Path) -> None:
+    """The client shrinks its (unsealed) RAM file under a data buffer: that I/O completes with
+    a data transfer error, inline or on the worker, and the controller keeps working."""
+    dev = NvmeController(image)
+    try:
+        with serve(dev, memory=RAM) as s:
+            d = Driver(s.client, dev)
+            d.enable()
+            d.create_queues(1)
+            assert dev.dma.table.is_direct(DATA, PAGE)
+            assert not dev.dma.table.is_zero_copy(DATA, PAGE)
+            fd = s.client.memory[0].fd
+            assert fd is not None
+            gone = 0x400000
+            os.ftruncate(fd, gone)  # queues, PRP lists and DATA stay below
+            for opcode in (IoOpcode.WRITE, IoOpcode.READ):
+                for blocks in (1, 16):  # one page, and a PRP list (kept in RAM) to lost pages
+                    e = d.rw(1, opcode, 0, blocks, buf=gone + 0x200)
+                    assert e.code == Status.DATA_TRANSFER_ERROR, e
+            assert d.rw(1, IoOpcode.WRITE, 0, 1, buf=DATA).status == 0
+            assert d.rw(1, IoOpcode.READ, 0, 1, buf=DATA).status == 0
+            assert dev.csts & 0x2 == 0  # no controller fatal status
+            assert s.server.connection is not None
+    finally:
+        dev.close()
 
 
 def test_msix_vector_per_queue(ready: Rig) -> None:

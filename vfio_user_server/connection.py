@@ -49,7 +49,7 @@ class Connection:
         self.sock = sock
         self.device = device
         self.session = Session(caps=server.caps, dma_layout=server.dma_layout)
-        self.table = DmaMapTable()
+        self.table = DmaMapTable(max_maps=server.caps.max_dma_maps)  # what VERSION advertised
         self.endpoint = Endpoint(device, self.session, self.table)
         #: framing: the one reader, limited to what the server advertises
         self.reader = SocketReader(sock, server.caps.max_message_size, peer="client")

@@ -42,15 +42,18 @@ same state take the same lock.
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any, ClassVar, final
 
+from . import state as _state
 from .dma import DmaAccessor
 from .endpoint import DeviceContext, Region, VfioDevice
-from .errors import DeviceDefinitionError, DmaError
+from .errors import DeviceDefinitionError, DmaError, IrqError, StateError
 from .irq import IrqController, IrqIndex
 from .options import Option
 from .pci import (
@@ -70,9 +73,13 @@ from .pci import (
 )
 from .protocol.constants import RegionIndex
 
-__all__ = ["Option", "PciDevice"]
+__all__ = ["Option", "PciDevice", "state_dma_maps"]
 
 log = logging.getLogger(__name__)
+
+#: The header values a state must share with the device that loads it.
+_IDENTITY = ("vendor_id", "device_id", "subsystem_vendor_id", "subsystem_id", "revision",
+             "class_code")
 
 
 #: Server-side names a PciDevice subclass must not define -> the hook to write instead. The
@@ -123,6 +130,16 @@ class PciDevice(VfioDevice):
     #: to the constructor as a keyword (see :mod:`vfio_user_server.options`).
     options: ClassVar[Sequence[Option]] = ()
 
+    # --- state (save_state / load_state; docs/state.md) ---------------------------------------
+    #: Attributes saved and loaded with the device state, beside what the framework owns.
+    #: Their values are None, bools, ints, str, bytes (a bytearray is restored as one) and
+    #: lists and dicts of those; a property with a setter works too. Subclasses add theirs
+    #: (the names of every class in the MRO count).
+    state_fields: ClassVar[tuple[str, ...]] = ()
+    #: Version of the device's own part of the state: bump it when a field's meaning
+    #: changes. A state of another version is refused.
+    state_version: ClassVar[int] = 1
+
     #: Guest kernel modules that drive this device (the guest-test kit and the launcher load
     #: them, with their dependencies).
     guest_modules: ClassVar[tuple[str, ...]] = ()
@@ -134,6 +151,7 @@ class PciDevice(VfioDevice):
         self._ctx: DeviceContext | None = None
         self._intx_level = False
         self._msix_table_used = False
+        self._quiesce_depth = 0
         self.msi: Msi | None = None
         self.msix: MsiX | None = None
         caps: list[Capability] = []
@@ -216,6 +234,24 @@ class PciDevice(VfioDevice):
     def on_disconnect(self) -> None:
         """The client left; DMA maps and interrupt fds are gone. Device state is kept."""
 
+    def quiesce(self) -> None:
+        """Finish in-flight work and start no more until :meth:`resume` (state saving and
+        loading). Called without :attr:`lock`; the caller sees to it that no BAR access
+        arrives meanwhile, while DMA replies still do (in-flight work may be waiting for one:
+        message DMA). Default: nothing to drain."""
+
+    def resume(self) -> None:
+        """Undo :meth:`quiesce`: pick up work again (the state may be a new one)."""
+
+    def check_state(self, fields: Mapping[str, _state.StateValue]) -> None:
+        """Refuse (:class:`~vfio_user_server.errors.StateError`) declared field values this
+        device cannot take. Called before anything is loaded; the types already match the
+        current values'."""
+        del fields
+
+    def state_loaded(self) -> None:
+        """A state was just loaded (lock held): re-derive what is not in the fields."""
+
     # --- services for device authors ---------------------------------------------------------
     @property
     def dma(self) -> DmaAccessor:
@@ -271,6 +307,198 @@ class PciDevice(VfioDevice):
     def bus_master(self) -> bool:
         return bool(self.config.command & COMMAND_MASTER)
 
+    # --- device state --------------------------------------------------------------------------
+    @classmethod
+    def declared_state_fields(cls) -> tuple[str, ...]:
+        """Every class's :attr:`state_fields`, base classes first, each name once."""
+        names: dict[str, None] = {}
+        for klass in reversed(cls.__mro__):
+            for name in vars(klass).get("state_fields", ()):
+                names[name] = None
+        return tuple(names)
+
+    @contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """:meth:`quiesce` on entry (outermost only), :meth:`resume` on exit."""
+        with self.lock:
+            self._quiesce_depth += 1
+            first = self._quiesce_depth == 1
+        try:
+            if first:
+                self.quiesce()
+            yield
+        finally:
+            with self.lock:
+                self._quiesce_depth -= 1
+                last = self._quiesce_depth == 0
+            if first and last:
+                self.resume()
+
+    def save_state(self) -> bytes:
+        """The device's state as bytes (docs/state.md): config space, MSI-X table and PBA,
+        interrupt state, DMA map metadata (no fds) and the declared :attr:`state_fields`.
+
+        In-flight work is drained first (:meth:`quiesce`), then resumed.
+        """
+        with self.quiesced(), self.lock:
+            return _state.encode(self._capture())
+
+    def load_state(self, data: bytes) -> None:
+        """Load what :meth:`save_state` gave (here or in another process).
+
+        Everything is decoded and checked before anything is applied; a state of another
+        format or :attr:`state_version`, of another device class or IDs, or corrupt, is a
+        :class:`~vfio_user_server.errors.StateError` and the device is left untouched. DMA
+        maps are not loaded: they come with their fds through the connection (see
+        :func:`state_dma_maps`).
+        """
+        image = self._validate(_state.decode(data))
+        with self.quiesced(), self.lock:
+            before = self._capture()
+            try:
+                self._apply(image)
+            except Exception as exc:
+                self._apply(self._validate(before))
+                raise StateError(f"loading the state failed, nothing loaded: {exc}") from exc
+
+    def _identity(self) -> dict[str, Any]:
+        cls = type(self)
+        return {"class": f"{cls.__module__}.{cls.__qualname__}",
+                **{name: getattr(self.config.header, name) for name in _IDENTITY}}
+
+    def _capture(self) -> dict[str, Any]:
+        """The state body (lock held)."""
+        msix = None
+        if self.msix is not None:
+            table, pending = self.msix.table.snapshot()
+            msix = {"table": _b64(table), "pending": pending,
+                    "table_used": self._msix_table_used}
+        vectors = {}
+        for idx in IrqIndex:
+            st = self.irqs.state(idx)
+            vectors[idx.name] = {"masked": list(st.masked), "pending": list(st.pending)}
+        maps = []
+        if self._ctx is not None:
+            for m in self._ctx.table.maps():
+                maps.append({"iova": m.iova, "size": m.size, "prot": int(m.prot),
+                             "offset": m.offset, "fd": m.direct})
+        cls_name = type(self).__name__
+        fields = {name: _state.encode_value(getattr(self, name), f"{cls_name}.{name}")
+                  for name in self.declared_state_fields()}
+        return {
+            "device": self._identity(),
+            "state_version": self.state_version,
+            "config": {"size": self.config.size, "bytes": _b64(bytes(self.config.space.data))},
+            "msix": msix,
+            "irqs": {"intx_level": self._intx_level, "vectors": vectors},
+            "dma_maps": maps,
+            "fields": fields,
+        }
+
+    def _validate(self, body: dict[str, Any]) -> _StateImage:
+        """Check a decoded body against this device; the image to apply (nothing applied)."""
+        r = _state.Reader(body, "state").keys(
+            "device", "state_version", "config", "msix", "irqs", "dma_maps", "fields")
+        ident = r.sub("device").obj
+        if ident != self._identity():
+            raise StateError(f"the state is of another device: {ident}, this is "
+                             f"{self._identity()}")
+        version = r.integer("state_version", 0, 1 << 31)
+        if version != self.state_version:
+            raise StateError(f"{type(self).__name__} state version {version}; this code "
+                             f"reads version {self.state_version}")
+        cfg = r.sub("config").keys("size", "bytes")
+        size = cfg.integer("size")
+        config = cfg.blob("bytes")
+        if size != self.config.size or len(config) != size:
+            raise StateError(f"config space of {len(config)} bytes, this device has "
+                             f"{self.config.size}")
+        self._check_config(config)
+        msix = r.optional("msix")
+        msix_image = None
+        if (msix is None) != (self.msix is None):
+            raise StateError("MSI-X present in only one of the state and the device")
+        if msix is not None and self.msix is not None:
+            msix.keys("table", "pending", "table_used")
+            table, pending = msix.blob("table"), msix.integer("pending", 0, (1 << 2048) - 1)
+            problem = self.msix.table.check_image(table, pending)
+            if problem is not None:
+                raise StateError(problem)
+            msix_image = (table, pending, msix.flag("table_used"))
+        irqs = r.sub("irqs").keys("intx_level", "vectors")
+        vec_reader = irqs.sub("vectors").keys(*(idx.name for idx in IrqIndex))
+        vectors: dict[IrqIndex, tuple[list[bool], list[bool]]] = {}
+        for idx in IrqIndex:
+            v = vec_reader.sub(idx.name).keys("masked", "pending")
+            masked, pending_bits = v.flags("masked"), v.flags("pending")
+            count = self.irqs.state(idx).count
+            if len(masked) != count or len(pending_bits) != count:
+                raise StateError(f"state.irqs.{idx.name}: {len(masked)} vectors, this device "
+                                 f"has {count}")
+            vectors[idx] = (masked, pending_bits)
+        state_dma_maps(r)  # checked, not applied
+        fields = self._validate_fields(r.sub("fields"))
+        return _StateImage(config, msix_image, irqs.flag("intx_level"), vectors, fields)
+
+    def _check_config(self, config: bytes) -> None:
+        """The config bytes must describe this function: same IDs, header and capability
+        chain (the values the client programs are free)."""
+        space = self.config.space
+        fixed = [(0, 4), (8, 0x0C), (0x0E, 0x0F), (0x2C, 0x30), (0x34, 0x35), (0x3D, 0x3E)]
+        for start, end in fixed:
+            if config[start:end] != space.data[start:end]:
+                raise StateError(f"config bytes {start:#x}..{end:#x} differ from this "
+                                 "device's (another device or layout)")
+        for cap in (*self.config.capabilities, *self.config.extended_capabilities):
+            width = 2 if cap in self.config.capabilities else 4
+            at = cap.offset
+            if config[at:at + width] != space.data[at:at + width]:
+                raise StateError(f"capability at {at:#x} differs from this device's")
+
+    def _validate_fields(self, r: _state.Reader) -> dict[str, _state.StateValue]:
+        names = self.declared_state_fields()
+        r.keys(*names)
+        fields: dict[str, _state.StateValue] = {}
+        cls_name = type(self).__name__
+        for name in names:
+            value = _state.decode_value(r.obj[name], f"{cls_name}.{name}")
+            current = getattr(self, name)
+            if not _same_kind(current, value):
+                raise StateError(f"{cls_name}.{name}: the state has a "
+                                 f"{type(value).__name__}, the device a "
+                                 f"{type(current).__name__}")
+            if isinstance(current, bytearray) and isinstance(value, bytes):
+                value = bytearray(value)
+            fields[name] = value
+        try:
+            self.check_state(fields)
+        except StateError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise StateError(f"{cls_name}: {exc}") from exc
+        return fields
+
+    def _apply(self, image: _StateImage) -> None:
+        """Make ``image`` the device's state (lock held, device quiesced)."""
+        self.config.space.data[:] = image.config
+        for cap in (*self.config.capabilities, *self.config.extended_capabilities):
+            cap.state_restored()
+        if self.msix is not None and image.msix is not None:
+            table, pending, used = image.msix
+            self.msix.table.restore(table, pending, enabled=self.msix.enabled,
+                                    function_mask=self.msix.function_masked)
+            self._msix_table_used = used
+        self._intx_level = image.intx_level
+        try:
+            self.irqs.restore(level=image.intx_level,
+                              intx_disabled=bool(self.config.command & COMMAND_INTX_DISABLE),
+                              vectors=image.vectors)
+        except IrqError as exc:
+            raise StateError(str(exc)) from exc
+        for name, value in image.fields.items():
+            setattr(self, name, value)
+        self.state_loaded()
+
     # --- VfioDevice: what the server calls (final: authors override the hooks above) ---------
     def regions(self) -> Mapping[int, Region]:
         return self._regions
@@ -292,6 +520,14 @@ class PciDevice(VfioDevice):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        fields = vars(cls).get("state_fields", ())
+        if not isinstance(fields, tuple) or not all(
+                isinstance(n, str) and n.isidentifier() for n in fields):
+            raise DeviceDefinitionError(f"{cls.__name__}.state_fields must be a tuple of "
+                                        "attribute names")
+        version = cls.state_version
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise DeviceDefinitionError(f"{cls.__name__}.state_version must be an int >= 0")
         for name, hook in _SERVER_SIDE.items():
             if name in vars(cls):
                 raise DeviceDefinitionError(
@@ -406,6 +642,58 @@ class PciDevice(VfioDevice):
                     self.bar_write(bar, pos, size, int.from_bytes(chunk, "little"))
 
         return write
+
+
+class _StateImage:
+    """A validated state, ready to apply."""
+
+    def __init__(self, config: bytes, msix: tuple[bytes, int, bool] | None, intx_level: bool,
+                 vectors: dict[IrqIndex, tuple[list[bool], list[bool]]],
+                 fields: dict[str, _state.StateValue]) -> None:
+        self.config = config
+        self.msix = msix
+        self.intx_level = intx_level
+        self.vectors = vectors
+        self.fields = fields
+
+
+def state_dma_maps(body: dict[str, Any] | _state.Reader | bytes) -> list[_state.DmaMapInfo]:
+    """The DMA maps a state records (iova, size, prot, file offset, had an fd), checked.
+
+    The fds are not in the state: a live upgrade passes them beside it and maps them again
+    before it loads the state.
+    """
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        body = _state.decode(bytes(body))
+    r = body if isinstance(body, _state.Reader) else _state.Reader(body, "state")
+    maps = []
+    for i, item in enumerate(r.items("dma_maps")):
+        m = _state.Reader(item, f"state.dma_maps[{i}]").keys("iova", "size", "prot", "offset",
+                                                             "fd")
+        maps.append(_state.DmaMapInfo(m.integer("iova"), m.integer("size", 1),
+                                      m.integer("prot", 0, 7), m.integer("offset"),
+                                      m.flag("fd")))
+    return maps
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _kind(value: object) -> type:
+    for kind in (bool, int, str, list, dict):
+        if isinstance(value, kind):
+            return kind
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes
+    if isinstance(value, tuple):
+        return list
+    return type(value)
+
+
+def _same_kind(current: object, value: object) -> bool:
+    """A loaded value may replace the current one: same kind, or either is None."""
+    return current is None or value is None or _kind(current) is _kind(value)
 
 
 def _split(offset: int, count: int) -> list[tuple[int, int]]:

@@ -15,6 +15,16 @@ Maps without an fd (plain ``-m`` guest RAM, the device's own BARs) are served wi
 ``DMA_READ`` / ``DMA_WRITE`` messages through a :class:`MessageDma` the server supplies.
 :class:`DmaAccessor` picks the right path for each piece of a range.
 
+The client can shrink or hole-punch a file after mapping it, and touching a page that is gone
+raises SIGBUS. So a file is *trusted* only if its seals forbid shrinking it (``F_SEAL_SHRINK``,
+as QEMU's default memfd backend sets; hugetlbfs files are never trusted, since a punched huge
+page may not come back): only trusted maps hand out memoryviews (zero-copy). Every other
+file-backed map is still accessed directly, but each access is a guarded copy
+(:mod:`vfio_user_server.dmacopy`: the C shim, or its pure-Python fallback) that turns a vanished
+page into a :class:`DmaError` EFAULT, so the device reports a DMA error and the server keeps
+serving. Only regular files are accepted with DMA_MAP (memfd, tmpfs, hugetlbfs and disk files
+all are); sockets, pipes, directories and devices are refused.
+
 Python's ``mmap`` cannot be closed while memoryviews into it exist, so every memoryview this
 module hands out belongs to a :class:`Segment` (or a :meth:`DmaAccessor.map` block) and is
 released with it.
@@ -24,19 +34,22 @@ from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import logging
 import mmap
 import os
+import stat
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from enum import IntFlag
 from typing import Protocol
 
+from .dmacopy import GuardedCopy, buffer_address, default_copy
 from .errors import DmaError
 from .fds import close_fd
+from .protocol.constants import DmaMapFlag
 
 __all__ = [
     "DEFAULT_UNMAP_TIMEOUT",
@@ -60,11 +73,9 @@ _PAGE_SIZE = mmap.PAGESIZE
 _Buffer = bytes | bytearray | memoryview
 
 
-class DmaProt(IntFlag):
-    """DMA_MAP permission bits."""
-
-    READ = 1
-    WRITE = 2
+#: DMA_MAP permission bits (the protocol's flags, written once in protocol.constants).
+DmaProt = DmaMapFlag
+_PROT_MASK = int(DmaMapFlag.READ | DmaMapFlag.WRITE)
 
 
 class MessageDma(Protocol):
@@ -86,16 +97,24 @@ class MessageDma(Protocol):
 class _MappedFile:
     """One mmapped file, shared by every map on that file."""
 
-    __slots__ = ("fd", "key", "length", "mm", "nmaps", "writable")
+    __slots__ = ("addr", "fd", "key", "length", "mm", "nmaps", "trusted", "writable")
 
     def __init__(
-        self, key: tuple[int, int], fd: int, mm: mmap.mmap, length: int, writable: bool
+        self,
+        key: tuple[int, int],
+        fd: int,
+        mm: mmap.mmap,
+        length: int,
+        writable: bool,
+        trusted: bool,
     ) -> None:
         self.key = key
         self.fd = fd
         self.mm = mm
+        self.addr = buffer_address(mm)  # valid until mm is closed
         self.length = length
         self.writable = writable
+        self.trusted = trusted  # sealed against shrinking: memoryviews are safe
         self.nmaps = 0
 
     def close(self) -> None:
@@ -147,6 +166,14 @@ class DmaMapping:
         return self._file is not None
 
     @property
+    def zero_copy(self) -> bool:
+        """True if the map's file is sealed against shrinking, so memoryviews into it are safe.
+
+        Other fd-backed maps are reached by guarded copies (still direct, without messages).
+        """
+        return self._file is not None and self._file.trusted
+
+    @property
     def readable(self) -> bool:
         return self._r
 
@@ -169,12 +196,15 @@ class DmaMapping:
 class Segment:
     """One scatter-gather piece of a translated range.
 
-    ``view`` is a memoryview into the mmapped file (read-only if the access is not a write),
-    or None when the piece has no fd and needs message DMA. A direct segment holds a
-    reference on its map until :meth:`release` (idempotent) is called.
+    ``view`` is a memoryview into the mmapped file (read-only if the access is not a write)
+    when the map is :attr:`~DmaMapping.zero_copy`, else None. A direct segment (fd-backed,
+    with or without a view) is read and written with :meth:`read_into` / :meth:`write_from`,
+    which copy through the guard when there is no view; a segment that is not direct needs
+    message DMA. A direct segment holds a reference on its map until :meth:`release`
+    (idempotent) is called.
     """
 
-    __slots__ = ("_table", "iova", "length", "mapping", "view")
+    __slots__ = ("_addr", "_table", "iova", "length", "mapping", "view")
 
     def __init__(
         self,
@@ -183,17 +213,41 @@ class Segment:
         mapping: DmaMapping,
         view: memoryview | None,
         table: DmaMapTable | None,
+        addr: int = 0,
     ) -> None:
         self.iova = iova
         self.length = length
         self.mapping = mapping
         self.view = view
         self._table = table
+        self._addr = addr  # host address of the first byte (direct segments)
 
     @property
     def direct(self) -> bool:
-        """True if the piece is reachable through :attr:`view`."""
+        """True if the piece is mmapped here (a view or a guarded copy; no message DMA)."""
         return self.mapping.direct
+
+    def read_into(self, dst: memoryview) -> None:
+        """Copy the segment into the byte buffer ``dst`` (``length`` bytes), safely.
+
+        Raises :class:`DmaError` EFAULT if the client took the memory away, or if the segment
+        was released or needs message DMA.
+        """
+        if self.view is not None:
+            dst[:] = self.view
+        elif self._table is not None:
+            self._table._copy.read(self._addr, dst)
+        else:
+            raise DmaError(f"{self!r} is not mapped here", errno=errno.EFAULT)
+
+    def write_from(self, src: memoryview) -> None:
+        """Copy the byte buffer ``src`` (``length`` bytes) into the segment, safely."""
+        if self.view is not None:
+            self.view[:] = src
+        elif self._table is not None:
+            self._table._copy.write(self._addr, src)
+        else:
+            raise DmaError(f"{self!r} is not mapped here", errno=errno.EFAULT)
 
     def release(self) -> None:
         """Release the memoryview and the reference on the map."""
@@ -214,7 +268,7 @@ class Segment:
         self.release()
 
     def __repr__(self) -> str:
-        kind = "direct" if self.direct else "message"
+        kind = ("zero-copy" if self.mapping.zero_copy else "direct") if self.direct else "message"
         return f"Segment(iova={self.iova:#x}, length={self.length:#x}, {kind})"
 
 
@@ -237,6 +291,7 @@ class DmaMapTable:
         on_unmap: Callable[[DmaMapping], None] | None = None,
         unmap_timeout: float = DEFAULT_UNMAP_TIMEOUT,
         max_maps: int | None = None,
+        copy: GuardedCopy | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -251,17 +306,25 @@ class DmaMapTable:
         #: Bumped whenever a map is added or removed: a :meth:`window` is valid while this
         #: is unchanged.
         self.generation = 0
+        #: Guarded copies for maps that are not zero-copy (the C shim or the Python path).
+        self._copy = copy if copy is not None else default_copy()
+
+    @property
+    def copy_name(self) -> str:
+        """Which guarded copy this table uses: ``"c-shim"`` or ``"python"``."""
+        return self._copy.name
 
     # ----------------------------------------------------------------------------- maps
 
     def add(self, iova: int, size: int, prot: int, fd: int | None, offset: int) -> None:
         """Add a map; takes ownership of ``fd`` (closed by the table, also on failure).
 
-        Raises :class:`DmaError` with EINVAL (zero size, overflow past 2**64, bad values),
-        EEXIST (overlaps an existing map) or ENOSPC (``max_maps`` reached). An fd that
-        cannot be mmapped, or a file too small for the map, is logged and the map falls back
-        to message DMA: the client serves the memory either way, and refusing a map can abort
-        QEMU.
+        Raises :class:`DmaError` with EINVAL (zero size, overflow past 2**64, bad values, an
+        fd that is not a regular file: a socket, pipe, directory or device), EEXIST (overlaps
+        an existing map) or ENOSPC (``max_maps`` reached, as the kernel's type1 IOMMU when its
+        map count runs out). A regular file that cannot be mmapped, or is too small for the
+        map, is logged and the map falls back to message DMA: the client serves the memory
+        either way, and refusing a map can abort QEMU.
         """
         owned_fd = fd if fd is not None and fd >= 0 else None
         try:
@@ -281,9 +344,9 @@ class DmaMapTable:
                 f"DMA_MAP {iova:#x}+{size:#x} overflows the IOVA space", errno=errno.EINVAL
             )
         prot = int(prot)
-        if prot & ~3:
-            log.debug("DMA_MAP %#x: ignoring unknown flag bits %#x", iova, prot & ~3)
-        prot &= 3
+        if prot & ~_PROT_MASK:
+            log.debug("DMA_MAP %#x: ignoring unknown flag bits %#x", iova, prot & ~_PROT_MASK)
+        prot &= _PROT_MASK
         with self._lock:
             self._check_free(iova, size)
             if self.max_maps is not None and len(self._maps) >= self.max_maps:
@@ -313,11 +376,21 @@ class DmaMapTable:
         The fd is kept only if a new mapping is returned whose ``fd`` is ``fd``; the caller
         closes it otherwise.
         """
+        # Seals first: once F_SEAL_SHRINK is set, the size fstat reports next can only grow.
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0  # not a memfd
         try:
             st = os.fstat(fd)
         except OSError as e:
             log.warning("DMA_MAP %#x: fstat of fd failed (%s); using message DMA", iova, e)
             return None
+        if not stat.S_ISREG(st.st_mode):
+            raise DmaError(
+                f"DMA_MAP {iova:#x}: the fd is not a regular file (mode {st.st_mode:#o})",
+                errno=errno.EINVAL,
+            )
         key = (st.st_dev, st.st_ino)
         mfile = self._files.get(key)
         if mfile is not None and mfile.length >= needed and (mfile.writable or not want_write):
@@ -350,7 +423,10 @@ class DmaMapTable:
             mm.close()
             log.warning("DMA_MAP %#x: fd is read-only but map is writable; using message DMA", iova)
             return None
-        new = _MappedFile(key, fd, mm, length, writable)
+        # hugetlbfs (blocks bigger than a page): a punched huge page is refilled from a pool
+        # that can be empty (SIGBUS) even with the seals, so those are never trusted.
+        trusted = bool(seals & fcntl.F_SEAL_SHRINK) and blk <= _PAGE_SIZE
+        new = _MappedFile(key, fd, mm, length, writable, trusted)
         new.nmaps = 1
         self._files[key] = new  # an older, smaller mapping stays alive for its own maps
         self._live_files.add(new)
@@ -517,15 +593,17 @@ class DmaMapTable:
                     segs.append(Segment(addr, n, m, None, None))
                     continue
                 start = m.offset + (addr - m.iova)
-                base = memoryview(mfile.mm)
-                view = base[start : start + n]
-                base.release()
-                if not write:
-                    ro = view.toreadonly()
-                    view.release()
-                    view = ro
+                view = None
+                if mfile.trusted:
+                    base = memoryview(mfile.mm)
+                    view = base[start : start + n]
+                    base.release()
+                    if not write:
+                        ro = view.toreadonly()
+                        view.release()
+                        view = ro
                 m._refs += 1
-                segs.append(Segment(addr, n, m, view, self))
+                segs.append(Segment(addr, n, m, view, self, mfile.addr + start))
         return segs
 
     def release(self, segments: list[Segment]) -> None:
@@ -534,7 +612,7 @@ class DmaMapTable:
             s.release()
 
     def is_direct(self, iova: int, length: int) -> bool:
-        """True if the whole range is mapped and fd-backed."""
+        """True if the whole range is mapped and fd-backed (no message DMA needed)."""
         with self._lock:
             try:
                 pieces = self._pieces(iova, length, False)
@@ -542,9 +620,18 @@ class DmaMapTable:
                 return False
             return all(m.direct for _, _, m in pieces)
 
+    def is_zero_copy(self, iova: int, length: int) -> bool:
+        """True if the whole range is mapped from sealed files: :meth:`translate` gives views."""
+        with self._lock:
+            try:
+                pieces = self._pieces(iova, length, False)
+            except DmaError:
+                return False
+            return all(m.zero_copy for _, _, m in pieces)
+
     def window(self, iova: int) -> DmaWindow | None:
-        """The mmapped map containing ``iova`` as a :class:`DmaWindow`, or None (not mapped,
-        or no fd).
+        """The zero-copy map containing ``iova`` as a :class:`DmaWindow`, or None (not
+        mapped, no fd, or a file not sealed against shrinking: those need guarded copies).
 
         For hot paths that touch the same small areas again and again (virtqueue rings): the
         caller keeps the window while :attr:`generation` is unchanged and copies through it
@@ -556,7 +643,7 @@ class DmaMapTable:
         """
         with self._lock:
             m = self._find(iova)
-            if m is None or m._file is None:
+            if m is None or m._file is None or not m.zero_copy:
                 return None
             return DmaWindow(m.iova, m.end, m._file.mm, m.offset - m.iova, m.readable,
                              m.writable)
@@ -627,8 +714,12 @@ class DmaAccessor:
             try:
                 pos = 0
                 for s in segs:
-                    if s.view is not None:
+                    if s.view is not None:  # zero-copy
                         dst[pos : pos + s.length] = s.view
+                        s.release()
+                    elif s.direct:  # guarded copy
+                        with dst[pos : pos + s.length] as piece:
+                            s.read_into(piece)
                         s.release()
                     else:
                         data = self._msg().dma_read(s.iova, s.length)
@@ -651,8 +742,11 @@ class DmaAccessor:
                 pos = 0
                 for s in segs:
                     piece = src[pos : pos + s.length]
-                    if s.view is not None:
+                    if s.view is not None:  # zero-copy
                         s.view[:] = piece
+                        s.release()
+                    elif s.direct:  # guarded copy
+                        s.write_from(piece)
                         s.release()
                     else:
                         self._msg().dma_write(s.iova, bytes(piece))
@@ -681,22 +775,45 @@ class DmaAccessor:
 
     @contextmanager
     def map(self, iova: int, length: int, write: bool = False) -> Iterator[list[memoryview]]:
-        """Zero-copy access: yields one memoryview per map crossed (read-only unless write).
+        """Direct access: yields one memoryview per map crossed (read-only unless write).
 
         Every piece must be fd-backed (else :class:`DmaError` EFAULT; see
-        :meth:`DmaMapTable.is_direct`). The views are released, and the map references
-        dropped, on exit: don't keep them.
+        :meth:`DmaMapTable.is_direct`). Pieces of :attr:`~DmaMapping.zero_copy` maps are views
+        of guest memory itself; the others are bounce buffers, filled by a guarded copy on
+        entry and, with ``write``, copied back on a normal exit (so a vanished page is a
+        :class:`DmaError`, never a crash; :meth:`DmaMapTable.is_zero_copy` tells which you
+        get). The views are released, and the map references dropped, on exit: don't keep
+        them.
         """
         segs = self.table.translate(iova, length, write)
+        bounces: list[tuple[Segment, memoryview]] = []
+        handed: list[memoryview] = []  # bounce views given out, released on exit
         try:
-            views = [s.view for s in segs if s.view is not None]
-            if len(views) != len(segs):
-                missing = next(s for s in segs if s.view is None)
+            missing = next((s for s in segs if not s.direct), None)
+            if missing is not None:
                 raise DmaError(
                     f"DMA {iova:#x}+{length:#x}: {missing.mapping!r} has no fd; "
                     "use read()/write() (message DMA)",
                     errno=errno.EFAULT,
                 )
+            views: list[memoryview] = []
+            for s in segs:
+                if s.view is not None:
+                    views.append(s.view)
+                    continue
+                buf = memoryview(bytearray(s.length))
+                s.read_into(buf)
+                bounces.append((s, buf))
+                view = buf if write else buf.toreadonly()
+                handed.append(view)
+                views.append(view)
             yield views
+            if write:
+                for s, buf in bounces:
+                    s.write_from(buf)
         finally:
+            for view in handed:
+                view.release()
+            for _, buf in bounces:
+                buf.release()
             self.table.release(segs)

@@ -20,6 +20,8 @@ server, its client) are told apart from local ones (this process or its device i
     ├── ConfigSpaceError          an access outside the configuration space
     ├── IrqError                  a SET_IRQS request, or a device's trigger, that does not fit
     ├── DeviceDefinitionError     local: a device class is not a valid PCI device
+    ├── StateError                a saved device state that cannot be loaded here (other
+    │                             format or version, other device, corrupt): nothing loaded
     ├── ProvisioningError         local: QEMU, the kernel or busybox could not be provisioned
     └── GuestError                local: the test guest did not boot or a command in it failed
 
@@ -106,6 +108,14 @@ class DmaTimeoutError(DmaError):
 
 class IrqError(VfioUserError):
     """A SET_IRQS request that is not valid for the device's interrupts."""
+
+
+class StateError(VfioUserError):
+    """A saved device state is refused: another format or state version, another device
+    class or IDs, corrupt, truncated or hostile bytes, or a value the device cannot take.
+
+    Raised before anything is applied (or after rolling back): the device is left as it was.
+    """
 
 
 class ProvisioningError(VfioUserError):

@@ -41,7 +41,7 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import DeviceDefinitionError, IrqError
@@ -454,6 +454,27 @@ class IrqController:
         """Client disconnect: stop the watcher and close every fd (as :meth:`reset`)."""
         self.stop_watcher()
         self.reset()
+
+    # ------------------------------------------------------------------------ device state
+
+    def restore(self, *, level: bool, intx_disabled: bool,
+                vectors: Mapping[IrqIndex, tuple[Sequence[bool], Sequence[bool]]]) -> None:
+        """Set the line level, INTX_DISABLE and each vector's mask and pending bits from a
+        saved device state, silently: nothing fires, no callback runs (the capability's own
+        pending bits come back with its bytes). Every index's lists must have its count.
+        """
+        with self._lock:
+            for idx, (masked, pending) in vectors.items():
+                vecs = self._vecs[idx]
+                if len(masked) != len(vecs) or len(pending) != len(vecs):
+                    raise IrqError(f"{idx.name}: {len(vecs)} vectors, state has "
+                                   f"{len(masked)} / {len(pending)}")
+            self._level = level
+            self._intx_disabled = intx_disabled
+            for idx, (masked, pending) in vectors.items():
+                for vec, m, p in zip(self._vecs[idx], masked, pending, strict=True):
+                    vec.masked = bool(m)
+                    vec.pending = bool(p)
 
     # --------------------------------------------------------------------------- tracing
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .connection import Connection
+from .dmacopy import default_copy
 from .endpoint import VfioDevice
 from .errors import ConnectionClosed, FramingError, VfioUserError
 from .protocol.constants import DmaLayout
@@ -161,6 +162,7 @@ class Server:
 
     # --- main loop --------------------------------------------------------------------------
     def serve_forever(self) -> None:
+        log.info("DMA guarded copies: %s", default_copy().name)
         self.listen()
         assert self._listener is not None
         with self._listener_lock:

@@ -39,13 +39,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from vfio_user_server.device import PciDevice
-from vfio_user_server.errors import DmaError
+from vfio_user_server.errors import DmaError, StateError
 from vfio_user_server.options import Option, integer, milliseconds
 from vfio_user_server.pci import Bar
+from vfio_user_server.state import StateValue
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,12 @@ class Edu(PciDevice):
                type=milliseconds, default=0.0, param="dma_delay"),
     )
 
+    #: The registers and the DMA buffer (docs/state.md). A state is saved between
+    #: operations: :meth:`quiesce` waits for a running factorial or DMA to finish.
+    state_fields = ("liveness", "fact", "status", "irq_status", "dma_src", "dma_dst",
+                    "dma_count", "dma_cmd", "dma_buffer")
+    state_version = 1
+
     def __init__(self, *, dma_mask: int = DEFAULT_DMA_MASK, dma_delay: float = 0.0) -> None:
         super().__init__()
         self.dma_mask = dma_mask
@@ -153,6 +160,26 @@ class Edu(PciDevice):
                 raise TimeoutError("edu is still busy")
 
     # --- interrupts -------------------------------------------------------------------------
+    def quiesce(self) -> None:
+        """Let a running factorial or DMA finish (the caller sends no new BAR accesses)."""
+        self.wait_idle()
+
+    def check_state(self, fields: Mapping[str, StateValue]) -> None:
+        limits = {"liveness": U32, "fact": U32, "status": STATUS_IRQFACT, "irq_status": U32,
+                  "dma_src": U64, "dma_dst": U64, "dma_count": U64,
+                  "dma_cmd": DMA_TO_RAM | DMA_IRQ}
+        for name, limit in limits.items():
+            value = fields[name]
+            if not isinstance(value, int) or value < 0 or value & ~limit:
+                raise StateError(f"edu: {name} {value!r} out of range (or work in flight)")
+        buffer = fields["dma_buffer"]
+        if not isinstance(buffer, (bytes, bytearray)) or len(buffer) != DMA_SIZE:
+            raise StateError(f"edu: the DMA buffer is {DMA_SIZE} bytes")
+
+    def state_loaded(self) -> None:
+        self._generation += 1
+        self._idle.notify_all()
+
     def raise_irq(self, value: int) -> None:
         """OR ``value`` into the interrupt status and signal (MSI, else assert INTx)."""
         with self.lock:

@@ -38,12 +38,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from vfio_user_server.device import PciDevice
+from vfio_user_server.errors import StateError
 from vfio_user_server.options import Option, integer
 from vfio_user_server.pci import Bar
+from vfio_user_server.state import StateValue
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,11 @@ class PciIdio16(PciDevice):
         Option("--log-outputs", "log every output change", switch=True),
     )
 
+    #: Outputs, inputs, interrupt control and status, the PLX registers (docs/state.md).
+    state_fields = ("_outputs", "_inputs", "irq_enabled", "filters_active", "_status", "plx",
+                    "interrupts_raised")
+    state_version = 1
+
     def __init__(self, *, on_output: OutputCallback | None = None, inputs: int = 0,
                  log_outputs: bool = False) -> None:
         super().__init__()
@@ -134,6 +141,20 @@ class PciIdio16(PciDevice):
             self.plx[PLX_INTCSR:PLX_INTCSR + 2] = INTCSR_RESET.to_bytes(2, "little")
             self._drive_intx()
             self._state_changed()
+
+    def check_state(self, fields: Mapping[str, StateValue]) -> None:
+        for name, limit in (("_outputs", 0xFFFF), ("_inputs", 0xFFFF),
+                            ("_status", STATUS_PENDING | STATUS_GROUP0 | STATUS_GROUP1),
+                            ("interrupts_raised", (1 << 64) - 1)):
+            value = fields[name]
+            if not isinstance(value, int) or value < 0 or value & ~limit:
+                raise StateError(f"idio-16: {name} {value!r} out of range")
+        plx = fields["plx"]
+        if not isinstance(plx, (bytes, bytearray)) or len(plx) != PLX_SIZE:
+            raise StateError(f"idio-16: the PLX registers are {PLX_SIZE} bytes")
+
+    def state_loaded(self) -> None:
+        self._state_changed()
 
     @property
     def outputs(self) -> int:

@@ -44,14 +44,15 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 from vfio_user_server.device import PciDevice
-from vfio_user_server.errors import DeviceDefinitionError
+from vfio_user_server.errors import DeviceDefinitionError, StateError
 from vfio_user_server.irq import IrqIndex
 from vfio_user_server.options import Option
 from vfio_user_server.pci import Bar
+from vfio_user_server.state import StateValue
 
 from .nvme_admin import (
     MQES,
@@ -104,6 +105,7 @@ from .nvme_spec import (
     doorbell_queue,
     make_cap,
 )
+from .nvme_state import check_queue_state, queue_state, set_queue_state
 
 __all__ = ["BLOCK_SIZE", "FileBackend", "NvmeController", "parse_size"]
 
@@ -141,6 +143,15 @@ class NvmeController(PciDevice):
                default=8),
     )
 
+    #: Registers, queues, features and held work (docs/state.md, :mod:`.nvme_state`); the
+    #: namespace's data is the backing file's, not the state's. ``blocks`` and
+    #: ``max_queues`` are checked, not changed: a state only loads into a like controller.
+    state_fields = ("blocks", "max_queues", "serial", "cc", "csts", "aqa", "asq", "acq",
+                    "intms", "features", "vector_config", "temperature_thresholds",
+                    "io_sq_limit", "io_cq_limit", "queue_state", "_msi_pending",
+                    "_shutdown_pending", "stats", "power_cycles")
+    state_version = 1
+
     def __init__(
         self,
         image: str | os.PathLike[str] | None = None,
@@ -176,6 +187,7 @@ class NvmeController(PciDevice):
         self._worker: threading.Thread | None = None
         self._stop = False
         self._busy = False
+        self._paused = False
         # counters for SMART (the worker, or the loop thread inline while the worker is idle)
         self.stats = {"read_bytes": 0, "write_bytes": 0, "reads": 0, "writes": 0,
                       "flushes": 0}
@@ -262,6 +274,77 @@ class NvmeController(PciDevice):
         its interrupt signalled. False if it was still busy after ``timeout`` seconds."""
         with self.lock:
             return self._cond.wait_for(lambda: not self._busy, timeout)
+
+    # --- device state (docs/state.md; the rule is in nvme_state's docstring) ----------------------
+    def quiesce(self) -> None:
+        """Start no batch and run nothing inline; wait for the batch in progress."""
+        with self.lock:
+            self._paused = True
+            if not self._cond.wait_for(lambda: not self._busy, _JOIN_TIMEOUT):
+                raise StateError("nvme: the worker did not finish its batch in time")
+
+    def resume(self) -> None:
+        with self.lock:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def queue_state(self) -> dict[str, Any]:
+        return queue_state(self)
+
+    @queue_state.setter
+    def queue_state(self, value: Any) -> None:
+        set_queue_state(self, value)
+
+    @property
+    def temperature_thresholds(self) -> list[StateValue]:
+        return [[sel, th, value] for (sel, th), value in self.temp_thresholds.items()]
+
+    @temperature_thresholds.setter
+    def temperature_thresholds(self, value: Any) -> None:
+        assert isinstance(value, list)
+        self.temp_thresholds = {(t[0], t[1]): t[2] for t in value}
+
+    def check_state(self, fields: Mapping[str, Any]) -> None:
+        for name in ("blocks", "max_queues"):
+            if fields[name] != getattr(self, name):
+                raise StateError(f"nvme: the state's {name} is {fields[name]}, this "
+                                 f"controller's {getattr(self, name)}")
+        for name, limit in (("cc", CC_WRITABLE), ("csts", 0xFFFFFFFF), ("aqa", AQA_WRITABLE),
+                            ("asq", (1 << 64) - PAGE_SIZE), ("acq", (1 << 64) - PAGE_SIZE),
+                            ("intms", 0xFFFFFFFF), ("power_cycles", (1 << 64) - 1)):
+            value = fields[name]
+            if not isinstance(value, int) or value < 0 or value & ~limit:
+                raise StateError(f"nvme: {name} {value!r} out of range")
+        for name in ("io_sq_limit", "io_cq_limit"):
+            value = fields[name]
+            if not isinstance(value, int) or not 1 <= value <= self.max_queues:
+                raise StateError(f"nvme: {name} {value!r} out of range")
+        for name in ("features", "vector_config", "stats"):
+            table = fields[name]
+            if not isinstance(table, dict) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+                    for v in table.values()):
+                raise StateError(f"nvme: {name} is not a table of integers")
+        if set(fields["features"]) != set(self.features):
+            raise StateError("nvme: the state's features are not this controller's")
+        if set(fields["stats"]) != set(self.stats):
+            raise StateError("nvme: the state's SMART counters are not this controller's")
+        thresholds = fields["temperature_thresholds"]
+        if not isinstance(thresholds, list) or not all(
+                isinstance(t, list) and len(t) == 3
+                and all(isinstance(v, int) and 0 <= v <= 0xFFFF for v in t)
+                for t in thresholds):
+            raise StateError("nvme: temperature thresholds are not [selector, type, value]")
+        if not isinstance(fields["serial"], str) or not 0 < len(fields["serial"]) <= 20:
+            raise StateError("nvme: the serial number is 1 to 20 characters")
+        check_queue_state(self, fields["queue_state"])
+
+    def state_loaded(self) -> None:
+        self.gen += 1
+        self._disable_pending = False
+        self.nguid, self.eui64, self.uuid = namespace_ids(self.serial)
+        self._cond.notify_all()
 
     # --- registers ----------------------------------------------------------------------------
     def bar_read(self, bar: int, offset: int, size: int) -> int:
@@ -410,7 +493,7 @@ class NvmeController(PciDevice):
                 self._async_error(AER_INFO_INVALID_DOORBELL_VALUE)
                 return
             sq.tail = value
-            if qid == 0 or self._busy or not self.datapath.inline(sq):
+            if qid == 0 or self._busy or self._paused or not self.datapath.inline(sq):
                 self._cond.notify_all()
 
     def _async_error(self, info: int) -> None:
@@ -463,7 +546,7 @@ class NvmeController(PciDevice):
             with self.lock:
                 job = None
                 while not self._stop:
-                    job = self._next_job()
+                    job = None if self._paused else self._next_job()
                     if job is not None:
                         break
                     self._cond.wait()

@@ -78,14 +78,16 @@ Ranges = list[tuple[int, int]]
 
 
 class mapped:  # a function in use (with mapped(...) as views), a class for speed
-    """Translate guest ``ranges`` and give one view per piece, or None if some piece has no fd.
+    """Translate guest ``ranges`` and give one view per piece, or None if some piece has no
+    view: no fd (message DMA), or a file not sealed against shrinking, which only guarded
+    copies may touch (``direct`` is then still true, and :meth:`copy` reads it).
 
     ``with mapped(table, ranges, write) as views:`` releases the views (and the references on
     their maps, which a DMA unmap waits for) when the block ends. Raises :class:`DmaError` if
     some byte is not mapped or not accessible. (A class, not a generator: it runs per command.)
     """
 
-    __slots__ = ("_segs", "_views")
+    __slots__ = ("_segs", "_views", "direct")
 
     def __init__(self, table: DmaMapTable, ranges: Iterable[tuple[int, int]], write: bool) -> None:
         segs: list[Segment] = []
@@ -97,13 +99,26 @@ class mapped:  # a function in use (with mapped(...) as views), a class for spee
                 s.release()
             raise
         self._segs = segs
+        self.direct = True  # every piece is mmapped here: no message DMA needed
         views: list[memoryview] = []
         for s in segs:
             if s.view is None:
                 self._views = None
+                self.direct = all(s.direct for s in segs)
                 return
             views.append(s.view)
         self._views = views
+
+    def copy(self) -> bytes:
+        """The pieces' bytes, by guarded copies (``direct`` only; DmaError if memory is gone)."""
+        out = bytearray(sum(s.length for s in self._segs))
+        pos = 0
+        with memoryview(out) as whole:
+            for s in self._segs:
+                with whole[pos:pos + s.length] as piece:
+                    s.read_into(piece)
+                pos += s.length
+        return bytes(out)
 
     def __enter__(self) -> list[memoryview] | None:
         return self._views
@@ -120,11 +135,13 @@ class GuestData:
         self._ctrl = ctrl
 
     def direct_read(self, ranges: Iterable[tuple[int, int]]) -> bytes | None:
-        """Guest memory by mmap copies, or None if some of it is not fd-backed (or mapped)."""
+        """Guest memory by mmap copies, or None if some of it is not fd-backed (or mapped, or
+        taken away by the client)."""
         try:
-            with mapped(self._ctrl.dma.table, ranges, write=False) as views:
-                if views is None:
-                    return None
+            m = mapped(self._ctrl.dma.table, ranges, write=False)
+            with m as views:
+                if views is None:  # unsealed memory: guarded copies, still here
+                    return m.copy() if m.direct else None
                 return bytes(views[0]) if len(views) == 1 else b"".join(views)
         except DmaError:
             return None  # the worker reports it
@@ -207,7 +224,8 @@ class GuestData:
             return ranges
         backend, dma = self._ctrl.backend, self._ctrl.dma
         try:
-            with mapped(dma.table, ranges, write=not write) as views:
+            m = mapped(dma.table, ranges, write=not write)
+            with m as views:  # zero-copy only where the memory is sealed
                 if views is not None:
                     if write:
                         backend.writev(views, offset)
@@ -216,8 +234,9 @@ class GuestData:
                     return None
         except DmaError as exc:
             raise NvmeError(Status.DATA_TRANSFER_ERROR, str(exc)) from exc
-        # Some memory has no fd: message DMA, which only the worker may do.
-        if inline:
+        # Some memory has no fd: message DMA, which only the worker may do. fd-backed memory
+        # without views (not sealed) is copied below through the guard, inline or not.
+        if inline and not m.direct:
             return Worker.NEEDED
         try:
             if write:

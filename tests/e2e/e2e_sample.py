@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,8 @@ class DmaRecord:
     #: number of DMA maps in the table then, and how many of them were direct
     maps: int
     direct_maps: int
+    #: whether the whole range was zero-copy (files sealed against shrinking) then
+    zero_copy: bool = False
 
 
 class RecordingSample(SampleDevice):
@@ -56,17 +58,20 @@ class RecordingSample(SampleDevice):
 
     def _run_dma(self, cmd: int, addr: int, length: int) -> None:
         ctx = self._ctx
-        direct = False
+        direct = zero_copy = False
         maps = direct_maps = 0
         if ctx is not None:
             direct = ctx.table.is_direct(addr, length)
+            zero_copy = ctx.table.is_zero_copy(addr, length)
             all_maps = ctx.table.maps()
             maps = len(all_maps)
             direct_maps = sum(1 for m in all_maps if m.direct)
         super()._run_dma(cmd, addr, length)
         with self.lock:
             data = bytes(self.buffer[:length])
-        self.dma_log.append(DmaRecord(cmd & 0xFF, addr, length, data, direct, maps, direct_maps))
+        self.dma_log.append(
+            DmaRecord(cmd & 0xFF, addr, length, data, direct, maps, direct_maps, zero_copy)
+        )
 
 
 @dataclass
@@ -112,6 +117,8 @@ def boot_sample_guest(
     shared_memory: bool = True,
     no_reboot: bool = True,
     name: str = "e2e-sample",
+    extra_args: Sequence[str] = (),
+    cold_boot: bool | None = None,
 ) -> Iterator[SampleGuest]:
     """Serve a RecordingSample on a fresh socket and boot a guest with it attached."""
     folder = Path(tempfile.mkdtemp(prefix="pyvfio-e2e-", dir="/tmp"))
@@ -132,9 +139,10 @@ def boot_sample_guest(
             files={"/bin/vfiotest": vfiotest},
             shared_memory=shared_memory,
             cmdline=IOMMU_CMDLINE,
-            extra_args=IOMMU_ARGS,
+            extra_args=[*IOMMU_ARGS, *extra_args],
             no_reboot=no_reboot,
             name=name,
+            cold_boot=cold_boot,
         ) as machine:
             yield SampleGuest(machine, device, server, trace, lock)
     finally:

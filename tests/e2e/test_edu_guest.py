@@ -1,6 +1,6 @@
 """QEMU's edu device, served by us, driven from a real Linux guest by ``edu_test``.
 
-``edu_test`` (a static C program from ``vfio_user_server/testing/guest/``, built by
+``edu_test`` (a static C program from ``vfio_user_server/testing/guest_programs/``, built by
 :mod:`vfio_user_server.testing.guestprog`) binds the device to uio_pci_generic for its INTx,
 maps BAR0 through sysfs, and uses /proc/self/pagemap for the physical address of a locked page
 (no IOMMU: the device sees guest-physical addresses). It checks the ID and liveness registers,

@@ -33,7 +33,7 @@ def edu_vfio(vfio_user_provisioned: Provisioned) -> Iterator[tuple[QemuMachine, 
         vfio_user_provisioned,
         sockets=[str(folder / "edu.sock")],
         modules=GUEST_MODULES,
-        files={"bin/vfiotest": guest_program("vfiotest")},
+        files={"/bin/vfiotest": guest_program("vfiotest")},
         extra_args=IOMMU_ARGS,
         cmdline=IOMMU_CMDLINE,
         workdir=folder / "guest",
@@ -62,14 +62,14 @@ def test_edu_msi_reaches_the_guest(edu_vfio: tuple[QemuMachine, Edu]) -> None:
 
 
 def test_edu_factorial_completion_msi(edu_vfio: tuple[QemuMachine, Edu]) -> None:
-    machine, _device = edu_vfio
-    # status 0x80 asks for an interrupt on completion; writing 0x08 starts the factorial
+    machine, device = edu_vfio
+    # status 0x80 asks for an interrupt on completion; writing 0x08 starts the factorial. Both
+    # in one open of the device: behind a root port (a hot-plugged device) vfio-pci resets it
+    # with a secondary bus reset on every open.
     out = machine.run(
-        "vfiotest -i 1234:11e8 write 0 0x20 4 0x80 && "
-        "vfiotest -i 1234:11e8 irq msi 0 'write 0 0x08 4 5' 5000",
+        "vfiotest -i 1234:11e8 irq msi 0 'write 0 0x20 4 0x80; write 0 0x08 4 5' 5000",
         timeout=60,
     )
     assert out.ok, out.output
     assert int(parse(out.output.strip().splitlines()[-1])["count"]) >= 1, out.output
-    value = machine.run("vfiotest -i 1234:11e8 read 0 0x08 4", timeout=60)
-    assert value.ok and int(parse(value.output.strip())["value"], 16) == 120, value.output
+    assert ("fact", 5) in device.completed

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from vfio_user_server.testing.harness import DeviceGuest
+from vfio_user_server.testing.harness import Guest
+
+pytestmark = pytest.mark.e2e
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "sample_attach.trace"
 _ID = re.compile(r"#\d+ ")
@@ -26,13 +28,16 @@ def normalize(lines: list[str]) -> list[str]:
     return [_ID.sub("", line) for line in lines]
 
 
-@pytest.mark.vfio_user_devices("sample", trace=True)
-def test_attach_and_probe_trace_matches_golden(guest: DeviceGuest) -> None:
+# Booted cold: the trace is of the device present at power-on (firmware, then Linux's probe).
+@pytest.mark.vfio_user_devices("sample", trace=True, cold_boot=True)
+def test_attach_and_probe_trace_matches_golden(guest: Guest) -> None:
     # Everything up to the guest's boot marker: QEMU's realize, firmware, Linux's PCI probe.
     got = normalize(list(guest.trace_lines))
+    prov = guest.started_machine.prov
+    assert not guest.started_machine.restored
     header = [
-        f"# QEMU {guest.guest.prov.qemu.version if guest.guest.prov else '?'}, "
-        f"kernel {guest.guest.prov.kernel.release if guest.guest.prov else '?'}, sample device",
+        f"# QEMU {prov.qemu.version if prov else '?'}, "
+        f"kernel {prov.kernel.release if prov else '?'}, sample device",
     ]
     if os.environ.get("PYVFIO_UPDATE_GOLDEN") == "1" or not GOLDEN.exists():
         if not GOLDEN.exists() and os.environ.get("CI"):

@@ -21,8 +21,10 @@ import pytest
 
 from vfio_user_server.sample import ID_VALUE, REG_SCRATCH, SampleDevice
 from vfio_user_server.server import Server
-from vfio_user_server.testing.guest import QemuMachine, VfioUserDevice
+from vfio_user_server.testing.guest import DEFAULT_HOTPLUG_PORTS, QemuMachine, VfioUserDevice
 from vfio_user_server.testing.provision import Provisioned
+
+pytestmark = pytest.mark.e2e
 
 WAIT = 60.0
 
@@ -55,7 +57,7 @@ def hotplug_guest(
     server = Server(device, tmp_path / "hp.sock").start()
     guest = QemuMachine(
         vfio_user_provisioned,
-        extra_args=["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1"],
+        hotplug_ports=DEFAULT_HOTPLUG_PORTS,  # the kit's root ports, restored or cold
         workdir=tmp_path / "guest",
         name="hotplug",
     )
@@ -70,7 +72,7 @@ def hotplug_guest(
 def test_hot_plug_unplug_replug(hotplug_guest: tuple[QemuMachine, Server, SampleDevice]) -> None:
     guest, server, device = hotplug_guest
     assert not sample_present(guest)
-    spec = VfioUserDevice(str(server.path), id="hp0", props={"bus": "rp1"})
+    spec = VfioUserDevice(str(server.path), id="hp0")
 
     guest.attach(spec)
     conn = server.wait_for_client(WAIT)
@@ -97,7 +99,7 @@ def test_hot_plug_unplug_replug(hotplug_guest: tuple[QemuMachine, Server, Sample
     assert conn.closed
 
     # Plug it in again: a new connection to the same server and device.
-    guest.attach(VfioUserDevice(str(server.path), id="hp1", props={"bus": "rp1"}))
+    guest.attach(VfioUserDevice(str(server.path), id="hp1"))
     server.wait_for_client(WAIT)
     assert wait_until(lambda: sample_present(guest))
     guest.run(f"echo 1 > /sys/bus/pci/devices/{bdf}/enable", check=True)

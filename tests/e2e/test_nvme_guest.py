@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from vfio_user_devices.nvme import NvmeController
-from vfio_user_server.testing.harness import DeviceGuest
+from vfio_user_server.testing.harness import Guest
 from vfio_user_server.testing.provision import Provisioned
 
 pytestmark = pytest.mark.e2e
@@ -29,7 +29,7 @@ MODULES = ["nvme", "ext4", "crc32c_generic"]
 
 
 class NvmeGuest:
-    def __init__(self, harness: DeviceGuest, image: Path) -> None:
+    def __init__(self, harness: Guest, image: Path) -> None:
         self.h = harness
         self.image = image
 
@@ -58,7 +58,7 @@ def boot(prov: Provisioned, *, shared_memory: bool, name: str, smp: int = 1
     with open(image, "wb") as f:
         f.truncate(SIZE)
     dev = NvmeController(image)
-    harness = DeviceGuest([dev], prov=prov, workdir=tmp / "work", modules=MODULES,
+    harness = Guest([dev], prov=prov, workdir=tmp / "work", modules=MODULES,
                           shared_memory=shared_memory, no_reboot=False, name=name, smp=smp)
     try:
         harness.start()
@@ -155,7 +155,7 @@ def test_reboot_reattaches(nvme_guest: NvmeGuest) -> None:
     g.run(f"dd if=/dev/urandom of=/tmp/r bs=4096 count=16 2>/dev/null && "
           f"dd if=/tmp/r of={DISK} bs=4096 seek=1000 oflag=direct 2>&1")
     want = g.guest_sha256("cat /tmp/r")
-    g.h.guest.reboot()
+    g.h.started_machine.reboot()
     g.run(f"for i in $(seq 100); do [ -b {DISK} ] && break; sleep 0.1; done; [ -b {DISK} ]")
     assert g.guest_sha256(f"dd if={DISK} bs=4096 skip=1000 count=16 iflag=direct 2>/dev/null") \
         == want
@@ -180,7 +180,8 @@ def test_qd1_latency(nvme_guest: NvmeGuest) -> None:
         # nothing else touches the disk meanwhile: one controller command per dd block
         assert stats[what + "s"] - before[what + "s"] == n
         assert stats[what + "_bytes"] - before[what + "_bytes"] == n * bs
-        print(f"\nnvme guest ({g.h.guest.accel}): {n / r.duration:.0f} 4 KiB {what}s/s at QD1")
+        accel = g.h.started_machine.accel
+        print(f"\nnvme guest ({accel}): {n / r.duration:.0f} 4 KiB {what}s/s at QD1")
     assert hashlib.sha256(g.host_bytes(start * bs, n * bs)).hexdigest() == want
     assert g.guest_sha256(f"dd if={DISK} bs={bs} skip={start} count={n} iflag=direct "
                           "2>/dev/null") == want

@@ -1,6 +1,6 @@
 """End to end: a Linux guest under QEMU's vfio-user-pci drives the sample device served here.
 
-The guest uses ``vfiotest`` (vfio_user_server/testing/guest/vfiotest.c) through VFIO with a
+The guest uses ``vfiotest`` (vfio_user_server/testing/guest_programs/vfiotest.c) through VFIO with a
 virtual IOMMU (see conftest). These tests never skip: a provisioning, build or boot failure
 fails them. Note that every ``vfiotest`` run opens the device through vfio-pci, which resets
 it (PCIe FLR): device state does not survive from one run to the next, so each check is done
@@ -9,6 +9,8 @@ within one run or on what the server recorded.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +55,21 @@ def sample_guest(prov: Provisioned, vfiotest_binary: Path) -> Iterator[SampleGue
 def plain_ram_guest(prov: Provisioned, vfiotest_binary: Path) -> Iterator[SampleGuest]:
     """Guest RAM with no fd (plain ``-m``): the server must use DMA_READ/DMA_WRITE messages."""
     yield from boot_sample_guest(prov, vfiotest_binary, shared_memory=False, name="e2e-plain")
+
+
+@pytest.fixture(scope="module")
+def shm_file_guest(prov: Provisioned, vfiotest_binary: Path) -> Iterator[SampleGuest]:
+    """Guest RAM from a shared file on tmpfs (``memory-backend-file``, no seals): the server
+    maps it and reaches it by guarded copies, still without DMA messages."""
+    fd, name = tempfile.mkstemp(prefix="pyvfio-e2e-ram-", dir="/dev/shm")
+    os.close(fd)
+    try:
+        yield from boot_sample_guest(
+            prov, vfiotest_binary, shared_memory=False, name="e2e-shm-file",
+            extra_args=["-object", f"memory-backend-file,id=mem,size=512M,mem-path={name},"
+                        "share=on", "-machine", "memory-backend=mem"])
+    finally:
+        os.unlink(name)
 
 
 def pattern(seed: int, length: int) -> bytes:
@@ -263,12 +280,25 @@ def test_dma_both_ways_with_shared_memory(sample_guest: SampleGuest) -> None:
     writes = len(g.trace_lines(" DMA_WRITE "))
     _check_dma_both_ways(g, direct=True)
     assert g.device.dma_log[-1].direct_maps >= 1
+    # QEMU's memfd backend seals its RAM against shrinking: zero-copy, no guarded copy.
+    assert all(rec.zero_copy for rec in g.device.dma_log[-2:])
     # Direct access through the memfd: no DMA messages were needed.
     assert len(g.trace_lines(" DMA_READ ")) == reads
     assert len(g.trace_lines(" DMA_WRITE ")) == writes
     # RAM comes with its memfd (ROM/firmware regions, mapped before the guest turns the
     # IOMMU on, may come without).
     assert any("fds=1" in line for line in g.trace_lines(" DMA_MAP req"))
+
+
+def test_dma_both_ways_with_a_shared_file_is_direct(shm_file_guest: SampleGuest) -> None:
+    g = shm_file_guest
+    reads = len(g.trace_lines(" DMA_READ "))
+    writes = len(g.trace_lines(" DMA_WRITE "))
+    _check_dma_both_ways(g, direct=True)
+    # an unsealed file: guarded copies, not memoryviews, and still no DMA messages
+    assert not any(rec.zero_copy for rec in g.device.dma_log[-2:])
+    assert len(g.trace_lines(" DMA_READ ")) == reads
+    assert len(g.trace_lines(" DMA_WRITE ")) == writes
 
 
 def test_dma_both_ways_with_plain_ram_uses_messages(plain_ram_guest: SampleGuest) -> None:
@@ -290,8 +320,9 @@ def test_dma_both_ways_with_plain_ram_uses_messages(plain_ram_guest: SampleGuest
 
 
 def test_guest_reboot_reattaches_the_device(prov: Provisioned, vfiotest_binary: Path) -> None:
+    # Booted cold: the device is there at power-on, before and after the reboot.
     for g in boot_sample_guest(prov, vfiotest_binary, no_reboot=False,
-                               name="e2e-reboot"):
+                               name="e2e-reboot", cold_boot=True):
         assert int(g.vfiotest("read", "0", "0", "4")["value"], 16) == ID_VALUE
         resets = g.device.resets
         seconds = g.machine.reboot()

@@ -116,6 +116,13 @@ class _Structure:
     def attach(self) -> None:
         """Register hooks; called once after the registers are defined."""
 
+    def state_restored(self) -> None:
+        """The config space bytes were replaced by a saved state's (device state loading).
+
+        A capability that keeps state outside the bytes re-derives it here, silently: no
+        callback fires, as nothing changed from the client's point of view.
+        """
+
     # -- register access -------------------------------------------------------------------
 
     def get(self, name: str) -> int:
@@ -429,6 +436,9 @@ class Msi(Capability):
     def _changed_silently(self) -> None:
         self._changed(0, 0, b"")
 
+    def state_restored(self) -> None:
+        self._state = self._current_state()
+
 
 # ---------------------------------------------------------------------------------------------
 # MSI-X
@@ -575,6 +585,32 @@ class MsixTable:
             self._pending |= 1 << vector
         else:
             self._pending &= ~(1 << vector)
+
+    def snapshot(self) -> tuple[bytes, int]:
+        """The table bytes and the pending bits (device state saving)."""
+        return bytes(self._table), self._pending
+
+    def check_image(self, table: bytes, pending: int) -> str | None:
+        """Why ``(table, pending)`` cannot be this table's contents, or None if it can."""
+        if len(table) != self.table_size:
+            return f"MSI-X table is {len(table)} bytes, not {self.table_size}"
+        for pos, value in enumerate(table):
+            if value & ~self._ENTRY_WMASK[pos % self.ENTRY_SIZE]:
+                return f"MSI-X table byte {pos:#x} has read-only bits set"
+        if not 0 <= pending < 1 << self.vectors:
+            return f"MSI-X pending bits {pending:#x} beyond {self.vectors} vectors"
+        return None
+
+    def restore(self, table: bytes, pending: int, *, enabled: bool, function_mask: bool
+                ) -> None:
+        """Replace the contents silently (no mask callbacks); :meth:`check_image` first."""
+        problem = self.check_image(table, pending)
+        if problem is not None:
+            raise ValueError(problem)
+        self._table[:] = table
+        self._pending = pending
+        self._enabled = enabled
+        self._function_mask = function_mask
 
     def pending_vectors(self) -> list[int]:
         """Vectors whose PBA bit is set."""
@@ -728,6 +764,11 @@ class MsiX(Capability):
 
     def _control_written(self, offset: int, length: int, old: bytes) -> None:
         self._update()
+
+    def state_restored(self) -> None:
+        self._state = (self.enabled, self.function_masked)
+        self.table.restore(*self.table.snapshot(), enabled=self.enabled,
+                           function_mask=self.function_masked)
 
     def _after_reset(self) -> None:
         self.table.reset()

@@ -1,4 +1,4 @@
-"""Static guest programs: C sources shipped in ``vfio_user_server/testing/guest/``.
+"""Static guest programs: C sources shipped in ``vfio_user_server/testing/guest_programs/``.
 
 :func:`guest_program` compiles one of them with the host's C compiler as a static binary
 (``gcc -static -O2 -Wall -Werror``) so it runs in the busybox initramfs, and caches the result
@@ -39,12 +39,12 @@ _INSTALL_HINT = (
 
 
 def _source_dir() -> Path:
-    # The sources are package data next to this module (not importable: no __init__.py).
-    return Path(str(resources.files("vfio_user_server.testing"))) / "guest"
+    # Package data next to this module (``guest_programs/``, not importable: no __init__.py).
+    return Path(str(resources.files("vfio_user_server.testing"))) / "guest_programs"
 
 
 def available_programs() -> list[str]:
-    """The names of the guest programs shipped with the package (``*.c`` in ``guest/``)."""
+    """The names of the guest programs shipped with the package (``*.c`` in ``guest_programs/``)."""
     folder = _source_dir()
     return sorted(p.stem for p in folder.glob("*.c")) if folder.is_dir() else []
 

@@ -1,13 +1,19 @@
 """Device servers and a guest together: what the pytest plugin and the launcher run.
 
-:class:`DeviceGuest` starts one :class:`~vfio_user_server.server.Server` per device (in this
-process, each in its own thread, so a test can look at the device's Python state), boots a
-:class:`~vfio_user_server.testing.guest.QemuMachine` attached to their sockets, and tears
-both down on exit, whatever happened::
+:class:`Guest` starts one :class:`~vfio_user_server.server.Server` per device (in this
+process, each in its own thread, so a test can look at the device's Python state), starts a
+:class:`~vfio_user_server.testing.guest.QemuMachine` (its ``machine``) attached to their
+sockets, and tears both down on exit, whatever happened::
 
-    with DeviceGuest(["gpio-pci-idio-16"], modules=["gpio-pci-idio-16"]) as g:
+    with Guest(["gpio-pci-idio-16"], modules=["gpio-pci-idio-16"]) as g:
         assert g.run("ls /sys/bus/gpio/devices").ok
         print(g.device.outputs)
+
+The machine is restored from a template snapshot with the devices hot-plugged (about a
+second) unless ``cold_boot=True`` or ``$PYVFIO_COLD_BOOT=1`` (see
+:mod:`vfio_user_server.testing.snapshot`). Names: the pytest fixture ``guest`` is a
+:class:`Guest`; ``guest.machine`` is its :class:`QemuMachine`. ``DeviceGuest`` is the old
+name of :class:`Guest`.
 """
 
 from __future__ import annotations
@@ -43,8 +49,14 @@ def instantiate(spec: DeviceLike, args: Sequence[str] = ()) -> VfioDevice:
     return spec()
 
 
-class DeviceGuest:
-    """Servers for ``devices`` plus a guest attached to them."""
+class Guest:
+    """Servers for ``devices`` plus a guest machine attached to them.
+
+    ``cold_boot``: None (default) restores a template snapshot and hot-plugs the devices
+    unless ``$PYVFIO_COLD_BOOT`` is set; True boots QEMU with the devices present at power-on
+    (option ROMs, firmware enumeration, the golden trace). The other keywords go to
+    :class:`~vfio_user_server.testing.guest.QemuMachine`.
+    """
 
     def __init__(
         self,
@@ -62,6 +74,7 @@ class DeviceGuest:
         cmdline: str = "",
         no_reboot: bool = True,
         boot: bool = True,
+        cold_boot: bool | None = None,
         **machine_kwargs: Any,
     ) -> None:
         self._own_workdir = workdir is None
@@ -80,6 +93,7 @@ class DeviceGuest:
             memory_mib=memory_mib,
             cmdline=cmdline,
             no_reboot=no_reboot,
+            cold_boot=cold_boot,
             **machine_kwargs,
         )
         self._prov = prov
@@ -96,14 +110,18 @@ class DeviceGuest:
         return self.servers[0]
 
     @property
-    def guest(self) -> QemuMachine:
+    def started_machine(self) -> QemuMachine:
+        """:attr:`machine`, or :class:`GuestError` if it is not started."""
         if self.machine is None:
             raise GuestError("the guest is not started")
         return self.machine
 
+    #: Old name of :attr:`started_machine`.
+    guest = started_machine
+
     def run(self, command: str, timeout: float = 60.0, *, check: bool = False) -> Result:
         """Run ``command`` in the guest (see :meth:`QemuMachine.run`)."""
-        return self.guest.run(command, timeout, check=check)
+        return self.started_machine.run(command, timeout, check=check)
 
     def socket_path(self, index: int = 0) -> Path:
         return self.workdir / f"dev{index}.sock"
@@ -122,7 +140,7 @@ class DeviceGuest:
 
         return sink
 
-    def start(self) -> DeviceGuest:
+    def start(self) -> Guest:
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             for i, dev in enumerate(self.devices):
@@ -162,8 +180,12 @@ class DeviceGuest:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> DeviceGuest:
+    def __enter__(self) -> Guest:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+#: The old name of :class:`Guest`.
+DeviceGuest = Guest

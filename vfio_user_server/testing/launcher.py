@@ -1,7 +1,9 @@
 """``vfio-user-launch``: a Python device and a Linux guest attached to it, in one command.
 
 The successor of multi-process QEMU's ``mpqemu-launcher``: it provisions QEMU and a guest on
-first use (a progress line per download), serves the device, boots the guest, and then either
+first use (a progress line per download), serves the device, starts the guest (restored from a
+template snapshot with the device hot-plugged; ``--cold-boot`` boots it with the device
+present at power-on), and then either
 runs ``--run CMD`` in the guest and exits with its status, or gives a shell prompt whose
 commands run in the guest (through the guest's command agent; ``exit`` or Ctrl-D leaves)::
 
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 
 from ..errors import VfioUserError
 from ..protocol.constants import DmaLayout
-from .harness import DeviceGuest, instantiate
+from .harness import Guest, instantiate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest RAM without an fd: the server must DMA by messages")
     p.add_argument("--memory", type=int, default=512, help="guest RAM in MiB (512)")
     p.add_argument("--cmdline", default="", help="extra kernel command line")
+    p.add_argument("--cold-boot", action="store_true",
+                   help="boot the guest with the device present at power-on instead of "
+                        "restoring a template snapshot and hot-plugging it")
     p.add_argument("--trace", action="store_true", help="print every vfio-user message")
     p.add_argument("--dma-layout", choices=[x.value for x in DmaLayout],
                    default=DmaLayout.AUTO.value)
@@ -46,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _shell(harness: DeviceGuest) -> int:
+def _shell(harness: Guest) -> int:
     print("pyvfio-user: commands run in the guest; 'exit' or Ctrl-D leaves.", file=sys.stderr)
     status = 0
     while True:
@@ -83,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         modules = list(getattr(device, "guest_modules", []))
     trace = (lambda line: print(line, file=sys.stderr, flush=True)) if args.trace else False
     t0 = time.monotonic()
-    harness = DeviceGuest(
+    harness = Guest(
         [device],
         trace=trace,
         dma_layout=DmaLayout(args.dma_layout),
@@ -91,11 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared_memory=not args.no_shared_memory,
         memory_mib=args.memory,
         cmdline=args.cmdline,
+        cold_boot=True if args.cold_boot else None,
     )
     try:
         harness.start()
         print(f"pyvfio-user: guest up in {time.monotonic() - t0:.1f} s "
-              f"(accel={harness.guest.accel}) with {args.device} "
+              f"(accel={harness.started_machine.accel}) with {args.device} "
               f"{shlex.join(args.device_args)}".rstrip(), file=sys.stderr, flush=True)
         if args.run is not None:
             result = harness.run(args.run, timeout=args.timeout)

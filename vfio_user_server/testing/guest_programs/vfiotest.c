@@ -13,6 +13,7 @@
  *   mread / mwrite (same arguments)       through an mmap of the BAR
  *   irq msix|msi|intx VECTOR 'write BAR OFF WIDTH VALUE' TIMEOUT_MS
  *                                         SET_IRQS with an eventfd, trigger, wait, count
+ *                                         ('write ...; write ...': set-up writes first)
  *   dma-to-device LEN SEED                guest buffer (pattern) -> device buffer
  *   dma-from-device LEN SEED              device buffer (pattern, written by BAR) -> guest
  *
@@ -431,8 +432,21 @@ static int cmd_irq(struct dev *d, const char *kind, uint64_t vector, const char 
 		die("VFIO_DEVICE_GET_IRQ_INFO %s: %s", kind, strerror(errno));
 	if (vector >= info.count)
 		die("%s has %u vectors, no vector %" PRIu64, kind, info.count, vector);
+	/* "write ...; write ...": all but the last are set-up writes, done first (in the same
+	 * open of the device: vfio-pci may reset it on the next one). */
+	char spec[512];
+	if (strlen(trigger) >= sizeof spec)
+		die("trigger too long");
+	strcpy(spec, trigger);
+	char *last = spec;
+	for (char *semi; (semi = strchr(last, ';')) != NULL; last = semi + 1) {
+		uint64_t sbar, soff, sw, sv;
+		*semi = 0;
+		parse_write(last, &sbar, &soff, &sw, &sv);
+		reg_write(d, sbar, soff, sw, sv);
+	}
 	uint64_t bar, off, w, v;
-	parse_write(trigger, &bar, &off, &w, &v);
+	parse_write(last, &bar, &off, &w, &v);
 
 	int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (efd < 0)

@@ -24,7 +24,8 @@ def prov() -> Provisioned:
 
 @pytest.fixture(scope="module")
 def guest(prov: Provisioned) -> Iterator[QemuMachine]:
-    with QemuMachine(prov, no_reboot=False, name="boot-test") as machine:
+    # Booted cold: these tests are about the boot itself (console, boot time, reboot).
+    with QemuMachine(prov, no_reboot=False, name="boot-test", cold_boot=True) as machine:
         yield machine
 
 
