@@ -236,7 +236,8 @@ class VirtioPciDevice(PciDevice):
     #: worker is idle? Only for handlers that touch guest memory through the chain and the
     #: DMA layer (no threads of their own) and whose work is short (a file read or write is
     #: fine). Requests in memory without fds are still handed to the worker. Off by default:
-    #: in a TCG guest, virtio-blk measured slower with it (BENCHMARKS.md).
+    #: it measured slower before the queues cached their windows onto guest RAM, level or
+    #: faster since, with a wide spread on a loaded machine (BENCHMARKS.md).
     inline: bool = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
