@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from vfio_user_server.errors import ProvisioningError
+from vfio_user_server.testing import apt as apt_mod
 from vfio_user_server.testing import provision as prov_mod
 from vfio_user_server.testing.provision import (
     Provisioned,
@@ -122,7 +123,7 @@ def test_install_dir_is_atomic(tmp_path: Path) -> None:
 
 def test_failed_apt_names_the_command_and_stderr(tmp_path: Path) -> None:
     # Port 9 (discard) on loopback: nothing listens there, apt fails at once.
-    apt = prov_mod._PrivateApt(tmp_path / "apt", mirror="http://127.0.0.1:9/debian")
+    apt = apt_mod._PrivateApt(tmp_path / "apt", mirror="http://127.0.0.1:9/debian")
     with pytest.raises(ProvisioningError) as err:
         apt.update()
     message = str(err.value)
@@ -215,7 +216,7 @@ def test_provision_is_idempotent_and_offline(
     def no_apt(*args: object, **kwargs: object) -> None:
         raise AssertionError("a complete cache must not run apt")
 
-    monkeypatch.setattr(prov_mod._PrivateApt, "__init__", no_apt)
+    monkeypatch.setattr(apt_mod._PrivateApt, "__init__", no_apt)
     t0 = time.monotonic()
     again = provision(provisioned.cache_dir)
     assert time.monotonic() - t0 < 10

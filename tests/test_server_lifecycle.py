@@ -431,7 +431,7 @@ def test_cli_refuses_non_socket_path(sock_path: Path) -> None:
     sock_path.write_text("keep me")
     proc = subprocess.run([*_cli(), "--socket", str(sock_path), "sample"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == 3  # cli.EXIT_SOCKET
     assert "not a socket" in proc.stderr
     assert sock_path.read_text() == "keep me"
 

@@ -1,10 +1,16 @@
-"""``vfio-user-server --socket PATH DEVICE [device options]``.
+"""``vfio-user-server --socket PATH DEVICE [device options] [-- --socket PATH2 DEVICE2 ...]``.
 
 DEVICE is a built-in device name (``vfio-user-server --list``) or ``module:Class`` naming a
 :class:`~vfio_user_server.device.PciDevice` subclass; the module may sit in the current folder
 (or the one ``--app-dir DIR`` names), which goes first on the import path. Options after
 DEVICE go to the device: the ones its class declares in ``options``
 (``vfio-user-server --socket S DEVICE --help`` lists them).
+
+One process serves several devices, each on its own socket with its own client: ``--``
+separates them, each group with its own socket options. Instead of ``--socket``, a device
+may serve a socket that a supervisor opened (``--fd N``; systemd socket activation through
+``LISTEN_FDS``, ``--fd-name`` for named ones), and readiness goes to ``NOTIFY_SOCKET``
+(:mod:`vfio_user_server.systemd`). The exit statuses are the ``EXIT_*`` constants.
 """
 
 from __future__ import annotations
@@ -14,13 +20,15 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from . import __version__
+from . import __version__, systemd
+from . import server as server_mod
 from .endpoint import VfioDevice
 from .errors import VfioUserError
 from .options import build_device
@@ -92,13 +100,38 @@ def make_device(spec: str, argv: Sequence[str] = (),
     return device
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Exit statuses (docs: README.md, "Run a device"): a supervisor tells them apart.
+EXIT_OK = 0  #: stopped by SIGTERM or SIGINT, or every --once device's client left
+EXIT_DEVICE = 1  #: the device could not be loaded or built (import error, unknown name, ...)
+EXIT_USAGE = 2  #: bad arguments
+EXIT_SOCKET = 3  #: a socket could not be served (in use, missing folder, bad --fd, ...)
+
+#: Separates the devices of one process on the command line.
+GROUP_SEPARATOR = "--"
+
+
+class UsageError(Exception):
+    """Bad arguments: exit status 2."""
+
+
+def build_parser(process: bool = True) -> argparse.ArgumentParser:
+    """The parser of one device group; ``process`` adds the options of the whole process
+    (accepted in the first group only)."""
     p = argparse.ArgumentParser(
         prog="vfio-user-server",
-        description="Serve a Python PCI device to a vfio-user client such as QEMU's "
-        "vfio-user-pci.",
+        description="Serve Python PCI devices to vfio-user clients such as QEMU's "
+        "vfio-user-pci: one device per socket, several devices separated by '--'.",
+        epilog="exit status: 0 stopped by SIGTERM/SIGINT (or --once done), 1 device could "
+        "not be loaded, 2 bad arguments, 3 socket could not be served",
     )
-    p.add_argument("--socket", "-s", help="UNIX socket path to listen on")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", "-s", help="UNIX socket path to listen on")
+    where.add_argument("--fd", type=int, metavar="N",
+                       help="serve the listening AF_UNIX stream socket open on fd N (handed "
+                       "over by a supervisor)")
+    where.add_argument("--fd-name", metavar="NAME",
+                       help="serve the socket-activated fd named NAME (systemd's "
+                       "FileDescriptorName=, in LISTEN_FDNAMES)")
     p.add_argument("--mode", default="0600", help="socket file mode (octal, default 0600)")
     p.add_argument("--trace", action="store_true", help="print every message, one line each")
     p.add_argument(
@@ -110,62 +143,180 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app-dir", default=".", metavar="DIR",
                    help="folder searched first for a module:Class device (default: the "
                    "current folder)")
-    p.add_argument("--once", action="store_true", help="exit after the first client leaves")
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    p.add_argument("--list", action="store_true", help="list built-in devices and exit")
-    p.add_argument("--version", action="version", version=f"pyvfio-user {__version__}")
+    p.add_argument("--once", action="store_true",
+                   help="stop serving this device after its first client leaves")
+    if process:
+        p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+        p.add_argument("--list", action="store_true", help="list built-in devices and exit")
+        p.add_argument("--version", action="version", version=f"pyvfio-user {__version__}")
     p.add_argument("device", nargs="?", help="built-in device name or module:Class")
     p.add_argument("device_args", nargs=argparse.REMAINDER, help="options for the device")
     return p
 
 
+def split_groups(argv: Sequence[str]) -> list[list[str]]:
+    """``A... -- B... -- C...`` -> ``[[A...], [B...], [C...]]``: one list per device."""
+    groups: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == GROUP_SEPARATOR:
+            groups.append([])
+        else:
+            groups[-1].append(arg)
+    return groups
+
+
+Source = str | int  # a socket path, or a listening fd
+
+
+def assign_sources(groups: Sequence[argparse.Namespace],
+                   activated: systemd.ActivatedFds) -> list[Source]:
+    """Where each device listens: its ``--socket`` or ``--fd``, the activated fd its
+    ``--fd-name`` names, or else the next socket-activated fd not claimed by another group."""
+    sources: list[Source | None] = []
+    claimed: set[int] = set()
+    for g in groups:
+        if g.socket is not None:
+            sources.append(g.socket)
+        elif g.fd is not None:
+            if g.fd in claimed:
+                raise UsageError(f"--fd {g.fd} is given to two devices")
+            claimed.add(g.fd)
+            sources.append(g.fd)
+        elif g.fd_name is not None:
+            named = [fd for fd in activated.by_name(g.fd_name) if fd not in claimed]
+            if not named:
+                have = ", ".join(sorted(set(activated.names))) or "none"
+                raise UsageError(f"--fd-name {g.fd_name}: no socket-activated fd has that "
+                                 f"name (LISTEN_FDNAMES: {have})")
+            claimed.add(named[0])
+            sources.append(named[0])
+        else:
+            sources.append(None)
+    free = [fd for fd in activated.fds if fd not in claimed]
+    wanting = sources.count(None)
+    if wanting and not activated.fds:
+        raise UsageError("--socket PATH, --fd N or socket activation (LISTEN_FDS) is needed "
+                         "for each device")
+    if wanting and wanting != len(free):
+        raise UsageError(f"{wanting} device(s) without --socket/--fd/--fd-name, but "
+                         f"{len(free)} unclaimed socket-activated fd(s) (LISTEN_FDS)")
+    it = iter(free)
+    return [next(it) if s is None else s for s in sources]
+
+
+def _describe(source: Source) -> str:
+    return f"fd {source}" if isinstance(source, int) else source
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    groups = split_groups(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(groups[0])
     if args.list:
         for name, target in sorted(BUILTIN_DEVICES.items()):
             print(f"{name:20} {target}")
-        return 0
-    if not args.device or not args.socket:
-        print("vfio-user-server: --socket PATH and DEVICE are required", file=sys.stderr)
-        return 2
+        return EXIT_OK
+    specs = [args, *(build_parser(process=False).parse_args(g) for g in groups[1:])]
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    log = logging.getLogger(__name__)
     try:
-        device = make_device(args.device, args.device_args, args.app_dir)
-        server = Server(device, args.socket, mode=int(args.mode, 8), trace=args.trace,
-                        dma_layout=DmaLayout(args.dma_layout))
+        for n, spec in enumerate(specs, 1):
+            if not spec.device:
+                raise UsageError(f"device {n}: DEVICE is required (vfio-user-server --list)")
+            try:
+                spec.mode_bits = int(spec.mode, 8)
+            except ValueError:
+                raise UsageError(f"--mode {spec.mode!r} is not an octal mode") from None
+        try:
+            activated = systemd.listen_fds()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        sources = assign_sources(specs, activated)
+    except UsageError as exc:
+        print(f"vfio-user-server: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    devices: list[VfioDevice] = []
+    try:
+        for spec in specs:
+            devices.append(make_device(spec.device, spec.device_args, spec.app_dir))
     except (VfioUserError, OSError) as exc:
         print(f"vfio-user-server: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_DEVICE
 
-    def stop(signum: int, frame: FrameType | None) -> None:
+    servers: list[Server] = []
+    lock = threading.Lock()
+    stopping = threading.Event()
+    running: list[Server] = []  # servers whose loop started; the stopper stops these
+
+    def stop_all() -> None:
+        systemd.notify("STOPPING=1\nSTATUS=stopping")
+        with lock:
+            stopping.set()
+            started = list(running)
+        for srv in started:
+            srv.stop()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         del frame
-        logging.getLogger(__name__).info("signal %d: shutting down", signum)
-        threading.Thread(target=server.stop, daemon=True).start()
+        log.info("signal %d: shutting down", signum)
+        threading.Thread(target=stop_all, name="vfio-user-stop", daemon=True).start()
 
-    # before the socket appears: whoever sees it may signal us at once
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # before the sockets appear: whoever sees one may signal us at once
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
-        server.listen()
+        for spec, device, source in zip(specs, devices, sources, strict=True):
+            where: str | socket.socket = (server_mod.listening_socket(source)
+                                          if isinstance(source, int) else source)
+            srv = Server(device, where, mode=spec.mode_bits, trace=spec.trace,
+                         dma_layout=DmaLayout(spec.dma_layout), release_memory=True)
+            servers.append(srv)
+            srv.listen()
     except (VfioUserError, OSError) as exc:
-        server.close()
+        for srv in servers:
+            srv.close()
         print(f"vfio-user-server: {exc}", file=sys.stderr)
-        return 1
-    if args.once:
+        return EXIT_SOCKET
 
-        def stop_after_first_client() -> None:
-            server.wait_for_disconnect(1)
-            server.stop()
+    status = EXIT_OK
+    threads: list[threading.Thread] = []
 
-        threading.Thread(target=stop_after_first_client, daemon=True).start()
-    print(f"vfio-user-server: serving {args.device} on {args.socket}", file=sys.stderr,
-          flush=True)
+    def run(srv: Server, once: bool) -> None:
+        nonlocal status
+        if once:
+            def stop_after_first_client() -> None:
+                srv.wait_for_disconnect(1)
+                srv.stop()
+
+            threading.Thread(target=stop_after_first_client, daemon=True).start()
+        try:
+            srv.serve_forever()
+        except Exception:
+            log.exception("serving %s failed", srv.path)
+            status = EXIT_SOCKET
+
+    with lock:
+        if not stopping.is_set():
+            for spec, srv in zip(specs, servers, strict=True):
+                t = threading.Thread(target=run, args=(srv, spec.once), daemon=True,
+                                     name=f"vfio-user-server:{srv.path.name}")
+                running.append(srv)
+                threads.append(t)
+                t.start()
+    for spec, source in zip(specs, sources, strict=True):
+        print(f"vfio-user-server: serving {spec.device} on {_describe(source)}",
+              file=sys.stderr, flush=True)
+    names = ", ".join(f"{spec.device} on {_describe(source)}"
+                      for spec, source in zip(specs, sources, strict=True))
+    systemd.notify(f"READY=1\nSTATUS=serving {names}\nMAINPID={os.getpid()}")
     try:
-        server.serve_forever()
+        for t in threads:
+            t.join()
     finally:
-        server.close()
-    return 0
+        for srv in servers:
+            srv.close()
+    return status
 
 
 if __name__ == "__main__":

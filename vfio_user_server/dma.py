@@ -39,13 +39,11 @@ import logging
 import mmap
 import os
 import stat
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Protocol
+from collections.abc import Callable
 
+from .dma_access import DmaAccessor, MessageDma, Segment
 from .dmacopy import GuardedCopy, buffer_address, default_copy
 from .errors import DmaError
 from .fds import close_fd
@@ -70,28 +68,9 @@ DEFAULT_UNMAP_TIMEOUT = 4.0
 _IOVA_LIMIT = 1 << 64
 _PAGE_SIZE = mmap.PAGESIZE
 
-_Buffer = bytes | bytearray | memoryview
-
-
 #: DMA_MAP permission bits (the protocol's flags, written once in protocol.constants).
 DmaProt = DmaMapFlag
 _PROT_MASK = int(DmaMapFlag.READ | DmaMapFlag.WRITE)
-
-
-class MessageDma(Protocol):
-    """DMA through DMA_READ / DMA_WRITE messages to the client (implemented by the server).
-
-    The implementation chunks requests itself. It raises :class:`DmaError` when it cannot do
-    the access (for example when called from the server's loop thread).
-    """
-
-    def dma_read(self, iova: int, length: int) -> bytes:
-        """Read ``length`` bytes of guest memory at ``iova``."""
-        ...
-
-    def dma_write(self, iova: int, data: bytes) -> None:
-        """Write ``data`` to guest memory at ``iova``."""
-        ...
 
 
 class _MappedFile:
@@ -191,85 +170,6 @@ class DmaMapping:
             f"DmaMapping(iova={self.iova:#x}, size={self.size:#x}, prot={int(self.prot)}, "
             f"offset={self.offset:#x}, direct={self.direct})"
         )
-
-
-class Segment:
-    """One scatter-gather piece of a translated range.
-
-    ``view`` is a memoryview into the mmapped file (read-only if the access is not a write)
-    when the map is :attr:`~DmaMapping.zero_copy`, else None. A direct segment (fd-backed,
-    with or without a view) is read and written with :meth:`read_into` / :meth:`write_from`,
-    which copy through the guard when there is no view; a segment that is not direct needs
-    message DMA. A direct segment holds a reference on its map until :meth:`release`
-    (idempotent) is called.
-    """
-
-    __slots__ = ("_addr", "_table", "iova", "length", "mapping", "view")
-
-    def __init__(
-        self,
-        iova: int,
-        length: int,
-        mapping: DmaMapping,
-        view: memoryview | None,
-        table: DmaMapTable | None,
-        addr: int = 0,
-    ) -> None:
-        self.iova = iova
-        self.length = length
-        self.mapping = mapping
-        self.view = view
-        self._table = table
-        self._addr = addr  # host address of the first byte (direct segments)
-
-    @property
-    def direct(self) -> bool:
-        """True if the piece is mmapped here (a view or a guarded copy; no message DMA)."""
-        return self.mapping.direct
-
-    def read_into(self, dst: memoryview) -> None:
-        """Copy the segment into the byte buffer ``dst`` (``length`` bytes), safely.
-
-        Raises :class:`DmaError` EFAULT if the client took the memory away, or if the segment
-        was released or needs message DMA.
-        """
-        if self.view is not None:
-            dst[:] = self.view
-        elif self._table is not None:
-            self._table._copy.read(self._addr, dst)
-        else:
-            raise DmaError(f"{self!r} is not mapped here", errno=errno.EFAULT)
-
-    def write_from(self, src: memoryview) -> None:
-        """Copy the byte buffer ``src`` (``length`` bytes) into the segment, safely."""
-        if self.view is not None:
-            self.view[:] = src
-        elif self._table is not None:
-            self._table._copy.write(self._addr, src)
-        else:
-            raise DmaError(f"{self!r} is not mapped here", errno=errno.EFAULT)
-
-    def release(self) -> None:
-        """Release the memoryview and the reference on the map."""
-        view, self.view = self.view, None
-        table, self._table = self._table, None
-        if view is not None:
-            try:
-                view.release()
-            except BufferError:
-                log.warning("DMA segment %#x+%#x: view still exported", self.iova, self.length)
-        if table is not None:
-            table._put(self.mapping)
-
-    def __enter__(self) -> Segment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        kind = ("zero-copy" if self.mapping.zero_copy else "direct") if self.direct else "message"
-        return f"Segment(iova={self.iova:#x}, length={self.length:#x}, {kind})"
 
 
 def _round_down(value: int, align: int) -> int:
@@ -613,21 +513,20 @@ class DmaMapTable:
 
     def is_direct(self, iova: int, length: int) -> bool:
         """True if the whole range is mapped and fd-backed (no message DMA needed)."""
-        with self._lock:
-            try:
-                pieces = self._pieces(iova, length, False)
-            except DmaError:
-                return False
-            return all(m.direct for _, _, m in pieces)
+        return self._all_maps(iova, length, lambda m: m.direct)
 
     def is_zero_copy(self, iova: int, length: int) -> bool:
         """True if the whole range is mapped from sealed files: :meth:`translate` gives views."""
+        return self._all_maps(iova, length, lambda m: m.zero_copy)
+
+    def _all_maps(self, iova: int, length: int, test: Callable[[DmaMapping], bool]) -> bool:
+        """True if the whole range is mapped and ``test`` holds for every map it crosses."""
         with self._lock:
             try:
                 pieces = self._pieces(iova, length, False)
             except DmaError:
                 return False
-            return all(m.zero_copy for _, _, m in pieces)
+            return all(test(m) for _, _, m in pieces)
 
     def window(self, iova: int) -> DmaWindow | None:
         """The zero-copy map containing ``iova`` as a :class:`DmaWindow`, or None (not
@@ -683,137 +582,3 @@ class DmaWindow:
         self.delta = delta
         self.readable = readable
         self.writable = writable
-
-
-class DmaAccessor:
-    """Reads and writes guest memory: directly where mmapped, by message elsewhere."""
-
-    def __init__(self, table: DmaMapTable, message_dma: MessageDma | None = None) -> None:
-        self.table = table
-        self.message_dma = message_dma
-
-    def _msg(self) -> MessageDma:
-        if self.message_dma is None:
-            raise DmaError(
-                "DMA to memory mapped without an fd needs message DMA (DMA_READ/DMA_WRITE), "
-                "which is not available here",
-                errno=errno.ENODEV,
-            )
-        return self.message_dma
-
-    def read(self, iova: int, length: int) -> bytes:
-        """Read ``length`` bytes at ``iova``."""
-        buf = bytearray(length)
-        self.read_into(iova, buf)
-        return bytes(buf)
-
-    def read_into(self, iova: int, buf: bytearray | memoryview) -> None:
-        """Fill the writable buffer ``buf`` from guest memory at ``iova``."""
-        with memoryview(buf) as raw, raw.cast("B") as dst:
-            segs = self.table.translate(iova, dst.nbytes, write=False)
-            try:
-                pos = 0
-                for s in segs:
-                    if s.view is not None:  # zero-copy
-                        dst[pos : pos + s.length] = s.view
-                        s.release()
-                    elif s.direct:  # guarded copy
-                        with dst[pos : pos + s.length] as piece:
-                            s.read_into(piece)
-                        s.release()
-                    else:
-                        data = self._msg().dma_read(s.iova, s.length)
-                        if len(data) != s.length:
-                            raise DmaError(
-                                f"message DMA read {s.iova:#x}+{s.length:#x} returned "
-                                f"{len(data)} bytes",
-                                errno=errno.EIO,
-                            )
-                        dst[pos : pos + s.length] = data
-                    pos += s.length
-            finally:
-                self.table.release(segs)
-
-    def write(self, iova: int, data: _Buffer) -> None:
-        """Write ``data`` to guest memory at ``iova``."""
-        with memoryview(data) as raw, raw.cast("B") as src:
-            segs = self.table.translate(iova, src.nbytes, write=True)
-            try:
-                pos = 0
-                for s in segs:
-                    piece = src[pos : pos + s.length]
-                    if s.view is not None:  # zero-copy
-                        s.view[:] = piece
-                        s.release()
-                    elif s.direct:  # guarded copy
-                        s.write_from(piece)
-                        s.release()
-                    else:
-                        self._msg().dma_write(s.iova, bytes(piece))
-                    piece.release()
-                    pos += s.length
-            finally:
-                self.table.release(segs)
-
-    def read_u16(self, iova: int) -> int:
-        return int(struct.unpack("<H", self.read(iova, 2))[0])
-
-    def read_u32(self, iova: int) -> int:
-        return int(struct.unpack("<I", self.read(iova, 4))[0])
-
-    def read_u64(self, iova: int) -> int:
-        return int(struct.unpack("<Q", self.read(iova, 8))[0])
-
-    def write_u16(self, iova: int, value: int) -> None:
-        self.write(iova, struct.pack("<H", value))
-
-    def write_u32(self, iova: int, value: int) -> None:
-        self.write(iova, struct.pack("<I", value))
-
-    def write_u64(self, iova: int, value: int) -> None:
-        self.write(iova, struct.pack("<Q", value))
-
-    @contextmanager
-    def map(self, iova: int, length: int, write: bool = False) -> Iterator[list[memoryview]]:
-        """Direct access: yields one memoryview per map crossed (read-only unless write).
-
-        Every piece must be fd-backed (else :class:`DmaError` EFAULT; see
-        :meth:`DmaMapTable.is_direct`). Pieces of :attr:`~DmaMapping.zero_copy` maps are views
-        of guest memory itself; the others are bounce buffers, filled by a guarded copy on
-        entry and, with ``write``, copied back on a normal exit (so a vanished page is a
-        :class:`DmaError`, never a crash; :meth:`DmaMapTable.is_zero_copy` tells which you
-        get). The views are released, and the map references dropped, on exit: don't keep
-        them.
-        """
-        segs = self.table.translate(iova, length, write)
-        bounces: list[tuple[Segment, memoryview]] = []
-        handed: list[memoryview] = []  # bounce views given out, released on exit
-        try:
-            missing = next((s for s in segs if not s.direct), None)
-            if missing is not None:
-                raise DmaError(
-                    f"DMA {iova:#x}+{length:#x}: {missing.mapping!r} has no fd; "
-                    "use read()/write() (message DMA)",
-                    errno=errno.EFAULT,
-                )
-            views: list[memoryview] = []
-            for s in segs:
-                if s.view is not None:
-                    views.append(s.view)
-                    continue
-                buf = memoryview(bytearray(s.length))
-                s.read_into(buf)
-                bounces.append((s, buf))
-                view = buf if write else buf.toreadonly()
-                handed.append(view)
-                views.append(view)
-            yield views
-            if write:
-                for s, buf in bounces:
-                    s.write_from(buf)
-        finally:
-            for view in handed:
-                view.release()
-            for _, buf in bounces:
-                buf.release()
-            self.table.release(segs)

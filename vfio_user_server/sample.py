@@ -24,7 +24,10 @@ BAR2 (256 bytes, I/O): offset 0 mirrors SCRATCH.
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+import threading
+from collections import deque
+from collections.abc import Iterator
+from typing import ClassVar, overload
 
 from .device import PciDevice
 from .errors import DmaError
@@ -52,6 +55,55 @@ DMA_IRQ = 0x100
 STAT_IDLE, STAT_BUSY, STAT_DONE, STAT_ERROR = 0, 1, 2, 3
 
 
+Access = tuple[str, int, int, int, int]
+
+
+class AccessLog:
+    """The last ``limit`` BAR accesses, indexed by their position since the device was made.
+
+    ``len()`` counts every access ever made, so ``log[len(log):]`` taken later gives what
+    came since; older entries are dropped (a served device must not grow without bound).
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._items: deque[Access] = deque(maxlen=limit)
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def append(self, item: Access) -> None:
+        with self._lock:
+            self._items.append(item)
+            self._total += 1
+
+    def _snapshot(self) -> tuple[int, list[Access]]:
+        with self._lock:
+            return self._total - len(self._items), list(self._items)
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __iter__(self) -> Iterator[Access]:
+        return iter(self._snapshot()[1])
+
+    @overload
+    def __getitem__(self, key: int) -> Access: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> list[Access]: ...
+
+    def __getitem__(self, key: int | slice) -> Access | list[Access]:
+        first, items = self._snapshot()
+        if isinstance(key, int):
+            pos = key + first + len(items) if key < 0 else key
+            if not first <= pos < first + len(items):
+                raise IndexError(f"access {key} is not kept (kept: {first}..)")
+            return items[pos - first]
+        start, stop, step = key.indices(first + len(items))
+        if start < first:
+            raise IndexError(f"accesses before {first} were dropped")
+        return items[start - first:stop - first:step]
+
+
 class SampleDevice(PciDevice):
     """The sample device described in the module docstring."""
 
@@ -72,8 +124,8 @@ class SampleDevice(PciDevice):
 
     def __init__(self) -> None:
         super().__init__()
-        #: every BAR access: ("r" | "w", bar, offset, size, value)
-        self.accesses: list[tuple[str, int, int, int, int]] = []
+        #: the last BAR accesses: ("r" | "w", bar, offset, size, value)
+        self.accesses = AccessLog()
         self.reset()
 
     def reset(self) -> None:

@@ -27,6 +27,7 @@ from .connection import Connection
 from .dmacopy import default_copy
 from .endpoint import VfioDevice
 from .errors import ConnectionClosed, FramingError, VfioUserError
+from .memory import release_free_memory
 from .protocol.constants import DmaLayout
 from .protocol.session import ServerCapabilities
 from .threads import loop_thread
@@ -50,6 +51,58 @@ def _socket_is_live(path: Path) -> bool:
     return True
 
 
+_FAMILIES: dict[int, str] = {socket.AF_UNIX: "AF_UNIX", socket.AF_INET: "AF_INET",
+                             socket.AF_INET6: "AF_INET6"}
+_TYPES: dict[int, str] = {socket.SOCK_STREAM: "SOCK_STREAM", socket.SOCK_DGRAM: "SOCK_DGRAM",
+                          socket.SOCK_SEQPACKET: "SOCK_SEQPACKET"}
+
+
+def listening_socket(fd: int) -> socket.socket:
+    """The listening AF_UNIX stream socket open on ``fd`` (handed over by a supervisor).
+
+    Raises :class:`~vfio_user_server.errors.VfioUserError` saying what ``fd`` is instead: not
+    open, not a socket, another family or type, or not listening. The fd is only adopted
+    (and made close-on-exec) once it passed; otherwise it is left as it was.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise VfioUserError(f"fd {fd} is not open ({exc.strerror})", errno=exc.errno) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = ("a regular file" if stat.S_ISREG(st.st_mode) else
+                "a folder" if stat.S_ISDIR(st.st_mode) else
+                "a pipe" if stat.S_ISFIFO(st.st_mode) else
+                "a character device" if stat.S_ISCHR(st.st_mode) else "not a socket")
+        raise VfioUserError(f"fd {fd} is {kind}, not a listening UNIX socket",
+                            errno=errno.ENOTSOCK)
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        family = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        kind_ = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        accepting = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    finally:
+        probe.close()
+    if family != socket.AF_UNIX or kind_ != socket.SOCK_STREAM:
+        raise VfioUserError(
+            f"fd {fd} is an {_FAMILIES.get(family, f'family {family}')} "
+            f"{_TYPES.get(kind_, f'type {kind_}')} socket, not an AF_UNIX SOCK_STREAM one",
+            errno=errno.EPROTOTYPE)
+    if not accepting:
+        raise VfioUserError(f"fd {fd} is a UNIX stream socket that does not listen "
+                            "(listen() it before handing it over)", errno=errno.EINVAL)
+    os.set_inheritable(fd, False)
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
+
+
+def _socket_name(sock: socket.socket) -> Path:
+    """A path naming a socket for messages: its file, ``@name`` if abstract, else its fd."""
+    name = sock.getsockname()
+    if isinstance(name, bytes):  # abstract namespace: a NUL, then the name
+        return Path("@" + name[1:].decode(errors="replace")) if name else Path(
+            f"fd-{sock.fileno()}")
+    return Path(name) if name else Path(f"fd-{sock.fileno()}")
+
+
 def _at_eof(sock: socket.socket) -> bool:
     """Whether the peer has closed ``sock`` (nothing left to read), without consuming data."""
     try:
@@ -65,12 +118,16 @@ class Server:
 
     ``Server(device, "/run/dev.sock").serve_forever()`` blocks; ``start()`` runs the same loop
     in a background thread and returns once the socket listens.
+
+    ``path`` may instead be a socket that already listens (``--fd N``, systemd socket
+    activation: see :func:`listening_socket`): the server then serves on it, and on close
+    closes it but leaves its file alone, which belongs to whoever created it.
     """
 
     def __init__(
         self,
         device: VfioDevice,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | socket.socket,
         *,
         mode: int = 0o600,
         caps: ServerCapabilities | None = None,
@@ -78,9 +135,21 @@ class Server:
         dma_timeout: float = 5.0,
         trace: bool | TraceSink = False,
         trace_file: TextIO | None = None,
+        release_memory: bool = False,
     ) -> None:
         self.device = device
-        self.path = Path(path)
+        # chosen (and said) before the socket listens: a signal right after finds it done
+        log.info("DMA guarded copies: %s", default_copy().name)
+        #: after each client, give its memory back to the system (the CLI's long-lived server)
+        self.release_memory = release_memory
+        self._listener: socket.socket | None = None
+        #: whether close() removes the socket file (not for a socket handed over)
+        self.owns_path = not isinstance(path, socket.socket)
+        if isinstance(path, socket.socket):
+            self._listener = path
+            self.path = _socket_name(path)
+        else:
+            self.path = Path(path)
         self.mode = mode
         self.caps = caps or ServerCapabilities()
         self.dma_layout = dma_layout
@@ -93,7 +162,6 @@ class Server:
             self._trace_sink = lambda line: print(line, file=out, flush=True)
         else:
             self._trace_sink = None
-        self._listener: socket.socket | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -118,6 +186,9 @@ class Server:
         """Create the listening socket (refusing to replace a path that is not a socket)."""
         if self._listener is not None:
             return
+        if not self.owns_path:
+            raise VfioUserError(f"{self.path}: the socket handed over is closed",
+                                errno=errno.EBADF)
         try:
             st = self.path.lstat()
         except FileNotFoundError:
@@ -130,6 +201,9 @@ class Server:
                 raise VfioUserError(f"{self.path}: another server is listening there",
                                     errno=errno.EADDRINUSE)
             self.path.unlink()  # stale: nobody listens
+        if not self.path.parent.is_dir():
+            raise VfioUserError(f"cannot create the socket {self.path}: the folder "
+                                f"{self.path.parent} does not exist", errno=errno.ENOENT)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         # Bind inside a private (0700) folder beside the path, give the socket its mode, listen,
         # then rename it into place: whoever waits for the path to appear (a launcher, QEMU)
@@ -162,10 +236,11 @@ class Server:
 
     # --- main loop --------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        log.info("DMA guarded copies: %s", default_copy().name)
-        self.listen()
-        assert self._listener is not None
         with self._listener_lock:
+            if self._stopping.is_set():  # stop() came first: it closed the listener
+                return
+            self.listen()
+            assert self._listener is not None
             # from here on only this thread closes the listener (stop() just wakes it)
             self._serving = True
         try:
@@ -240,6 +315,11 @@ class Server:
             try:
                 conn.close()
             finally:
+                if self.release_memory:
+                    with self._connected:
+                        self.connection = None
+                    del conn
+                    release_free_memory()  # the connection's memory, now that nothing holds it
                 # only now: wait_for_disconnect() promises maps, fds and the device are done
                 with self._connected:
                     self.connection = None
@@ -309,8 +389,9 @@ class Server:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+            if self.owns_path:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
 
     def close(self) -> None:
         self.stop()

@@ -14,6 +14,13 @@ host has not consumed, masked by INTMS).
 The namespace (NSID 1, 512-byte blocks) is a host file (``--image``, read and written with
 ``os.preadv``/``os.pwritev``) or a memfd (``--size``).
 
+Durability (docs/data-integrity.md): a write's completion is posted after its ``pwritev``
+returned, so completed data is in the host's page cache and survives QEMU's or the server's
+death. It is made durable (``fdatasync``, :meth:`FileBackend.sync`) by Flush, by a write with
+Force Unit Access before its completion is posted, by every write while the host has turned
+the volatile write cache off, by a shutdown (CC.SHN) and when the client leaves (so a server
+stopped by SIGTERM finishes the batch in progress and syncs before it exits).
+
 Threads: BAR handlers run on the server's loop thread with :attr:`lock` held and mostly only
 record state (doorbell values, register writes). A worker thread owned by the controller
 fetches submission queue entries, moves data and posts completions, one batch per queue at a
@@ -241,9 +248,17 @@ class NvmeController(PciDevice):
                 self.csts |= CSTS_CFS
 
     def close(self) -> None:
-        """Stop the worker and close the backing file."""
+        """Stop the worker, make the namespace durable and close the backing file."""
         self._stop_worker()
+        if self.backend.fd >= 0:
+            self._sync("close")
         self.backend.close()
+
+    def _sync(self, why: str) -> None:
+        try:
+            self.backend.sync()
+        except OSError as exc:
+            log.error("nvme: sync at %s failed: %s", why, exc)
 
     # --- connection ---------------------------------------------------------------------------
     def on_connect(self) -> None:
@@ -255,7 +270,11 @@ class NvmeController(PciDevice):
                 self._worker.start()
 
     def on_disconnect(self) -> None:
+        # The worker finishes the batch it fetched, then every write that returned is made
+        # durable: a client that leaves (QEMU killed, or the server stopping on SIGTERM)
+        # loses nothing the controller wrote.
         self._stop_worker()
+        self._sync("disconnect")
         with self.lock:
             # Queues point into memory that is gone: back to power-on state.
             self.reset()
@@ -577,10 +596,7 @@ class NvmeController(PciDevice):
         return self.datapath.next_job()
 
     def _do_shutdown(self) -> None:
-        try:
-            self.backend.flush()
-        except OSError as exc:
-            log.error("nvme: flush at shutdown failed: %s", exc)
+        self._sync("shutdown")
         with self.lock:
             if (self.cc >> CC_SHN_SHIFT) & CC_SHN_MASK:
                 self._set_shst(SHST_COMPLETE)

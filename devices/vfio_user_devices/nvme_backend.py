@@ -3,6 +3,12 @@
 Blocks are read and written with ``os.preadv``/``os.pwritev`` straight into the caller's buffers
 (guest memory views on the direct DMA path); zeroing and deallocation punch holes where the
 file system can.
+
+Durability: a write returns once its bytes are in the host's page cache (they survive the
+server's or QEMU's death, not the host's); :meth:`FileBackend.sync` (``fdatasync``) makes every
+write that returned before it durable. The controller calls it for Flush, for a write with
+Force Unit Access (before its completion is posted), for every write while the volatile write
+cache is disabled, and when its client leaves.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from collections.abc import Callable
 from typing import Any
 
 from vfio_user_server.errors import DeviceDefinitionError
@@ -68,15 +75,21 @@ _fallocate = _Fallocate()
 class FileBackend:
     """The namespace's blocks: a host file (raw image) or a memfd, by file descriptor."""
 
-    def __init__(self, fd: int, size: int, *, path: str | None = None) -> None:
+    def __init__(self, fd: int, size: int, *, path: str | None = None,
+                 sync: Callable[[int], None] | None = None) -> None:
         self.fd = fd
         self.size = size
         self.path = path
+        #: ``os.fdatasync`` when None; a test may pass a function that records the calls
+        self._sync = sync
+        #: completed :meth:`sync` calls (what Flush and FUA cost the host)
+        self.syncs = 0
         # Punching beyond EOF with KEEP_SIZE changes nothing: a harmless probe.
         self.can_punch = _fallocate.punch(fd, max(size, 0), PAGE_SIZE)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], size: int | None = None) -> FileBackend:
+    def open(cls, path: str | os.PathLike[str], size: int | None = None, *,
+             sync: Callable[[int], None] | None = None) -> FileBackend:
         """Open a raw image; create it (``size`` bytes) if missing; grow it up to ``size``."""
         p = os.fspath(path)
         flags = os.O_RDWR | os.O_CLOEXEC
@@ -98,7 +111,7 @@ class FileBackend:
         if actual <= 0:
             os.close(fd)
             raise DeviceDefinitionError(f"nvme: image {p!r} is smaller than one block")
-        return cls(fd, actual, path=p)
+        return cls(fd, actual, path=p, sync=sync)
 
     @classmethod
     def memory(cls, size: int) -> FileBackend:
@@ -156,12 +169,16 @@ class FileBackend:
         if self.can_punch:
             _fallocate.punch(self.fd, offset, length)
 
-    def flush(self) -> None:
-        os.fsync(self.fd)
+    def sync(self) -> None:
+        """Make every write that returned before this call durable (``fdatasync``).
 
-    def sync_data(self) -> None:
-        """Make written data durable (Force Unit Access, or no volatile write cache)."""
-        os.fdatasync(self.fd)
+        For NVMe Flush, Force Unit Access, a disabled volatile write cache and the client's
+        departure. Raises :class:`OSError` (the caller reports an internal error)."""
+        if self._sync is None:
+            os.fdatasync(self.fd)
+        else:
+            self._sync(self.fd)
+        self.syncs += 1
 
     def close(self) -> None:
         if self.fd >= 0:

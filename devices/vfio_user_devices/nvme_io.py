@@ -47,7 +47,6 @@ from .nvme_spec import (
     dsm_deallocate,
     dsm_ranges,
     prp_ranges,
-    rw_fua,
 )
 
 if TYPE_CHECKING:
@@ -294,8 +293,8 @@ class IoCommands:
         try:
             if self._guest.file_io(cmd, slba << LBA_SHIFT, length, write, inline) is not None:
                 return Worker.NEEDED
-            if write and (cmd[CDW12] & RW_FUA or not ctrl.features[Feature.VOLATILE_WRITE_CACHE]):
-                ctrl.backend.sync_data()
+            if write and self.durable_now(cmd):
+                ctrl.backend.sync()  # before the completion is posted
         except OSError as exc:
             log.error("nvme: backing file I/O failed: %s", exc)
             raise NvmeError(Status.INTERNAL_ERROR, str(exc)) from exc
@@ -308,11 +307,20 @@ class IoCommands:
             stats["read_bytes"] += length
         return 0
 
+    def durable_now(self, cmd: SqeTuple) -> bool:
+        """A write that must be durable before it completes: Force Unit Access, or the
+        volatile write cache is off."""
+        return bool(cmd[CDW12] & RW_FUA) or not self._ctrl.features[Feature.VOLATILE_WRITE_CACHE]
+
     def _flush(self, cmd: SqeTuple, inline: bool) -> int:
+        # Every write whose completion the host has seen returned from pwritev before its
+        # completion was posted, so the sync covers it (whatever queue it came from): writes
+        # run in order within a batch, the worker runs one batch at a time, and the inline
+        # path only while the worker is idle. A flush never runs inline.
         if cmd[SQE_NSID] != NSID_ALL:
             check_nsid(cmd[SQE_NSID])
         try:
-            self._ctrl.backend.flush()
+            self._ctrl.backend.sync()
         except OSError as exc:
             raise NvmeError(Status.INTERNAL_ERROR, str(exc)) from exc
         self._ctrl.stats["flushes"] += 1
@@ -324,8 +332,8 @@ class IoCommands:
         backend = self._ctrl.backend
         try:
             backend.zero(slba << LBA_SHIFT, nlb << LBA_SHIFT)
-            if rw_fua(cmd):
-                backend.sync_data()
+            if self.durable_now(cmd):
+                backend.sync()
         except OSError as exc:
             raise NvmeError(Status.INTERNAL_ERROR, str(exc)) from exc
         return 0

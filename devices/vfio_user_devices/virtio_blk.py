@@ -256,7 +256,7 @@ class VirtioBlk(VirtioPciDevice):
 
     def _flush(self) -> None:
         if not self.read_only:
-            self.backend.flush()
+            self.backend.sync()  # fdatasync (FileBackend.sync)
 
     def _discard(self, chain: Chain, kind: int) -> None:
         length = chain.readable_length - HEADER.size

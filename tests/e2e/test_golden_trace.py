@@ -3,7 +3,8 @@
 The sequence is recorded once in tests/golden/ and compared on every run; a change shows as a
 unified diff. After an intended change (a new QEMU, a new kernel, a device change), record it
 again with ``PYVFIO_UPDATE_GOLDEN=1 pytest tests/e2e/test_golden_trace.py`` and review the diff
-in git.
+in git. Without that variable a missing golden file fails the test (it is never recorded
+silently).
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ def normalize(lines: list[str]) -> list[str]:
     return [_ID.sub("", line) for line in lines]
 
 
+def check_golden(got: list[str], header: list[str], golden: Path = GOLDEN) -> None:
+    """Compare ``got`` with the golden file; record it only when PYVFIO_UPDATE_GOLDEN=1."""
+    if os.environ.get("PYVFIO_UPDATE_GOLDEN") == "1":
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text("\n".join(header + got) + "\n")
+    elif not golden.exists():
+        # never record silently: a missing file would make the test pass whatever the trace
+        pytest.fail(f"{golden} is missing: record it with PYVFIO_UPDATE_GOLDEN=1 and review it")
+    want = [ln for ln in golden.read_text().splitlines() if not ln.startswith("#")]
+    if got != want:
+        diff = "\n".join(difflib.unified_diff(want, got, "golden", "this run", lineterm="", n=2))
+        pytest.fail(f"the attach/probe trace changed ({len(want)} -> {len(got)} lines):\n{diff}")
+
+
 # Booted cold: the trace is of the device present at power-on (firmware, then Linux's probe).
 @pytest.mark.vfio_user_devices("sample", trace=True, cold_boot=True)
 def test_attach_and_probe_trace_matches_golden(guest: Guest) -> None:
@@ -39,12 +54,20 @@ def test_attach_and_probe_trace_matches_golden(guest: Guest) -> None:
         f"# QEMU {prov.qemu.version if prov else '?'}, "
         f"kernel {prov.kernel.release if prov else '?'}, sample device",
     ]
-    if os.environ.get("PYVFIO_UPDATE_GOLDEN") == "1" or not GOLDEN.exists():
-        if not GOLDEN.exists() and os.environ.get("CI"):
-            pytest.fail(f"{GOLDEN} is missing: record it with PYVFIO_UPDATE_GOLDEN=1")
-        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text("\n".join(header + got) + "\n")
-    want = [ln for ln in GOLDEN.read_text().splitlines() if not ln.startswith("#")]
-    if got != want:
-        diff = "\n".join(difflib.unified_diff(want, got, "golden", "this run", lineterm="", n=2))
-        pytest.fail(f"the attach/probe trace changed ({len(want)} -> {len(got)} lines):\n{diff}")
+    check_golden(got, header)
+
+
+def test_a_missing_golden_file_fails_unless_recording_was_asked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "golden" / "x.trace"
+    monkeypatch.delenv("PYVFIO_UPDATE_GOLDEN", raising=False)
+    with pytest.raises(pytest.fail.Exception, match="is missing"):
+        check_golden(["a"], ["# h"], missing)
+    assert not missing.exists()
+    monkeypatch.setenv("PYVFIO_UPDATE_GOLDEN", "1")
+    check_golden(["a"], ["# h"], missing)
+    assert missing.read_text() == "# h\na\n"
+    monkeypatch.delenv("PYVFIO_UPDATE_GOLDEN")
+    check_golden(["a"], ["# h"], missing)
+    with pytest.raises(pytest.fail.Exception, match="changed"):
+        check_golden(["b"], ["# h"], missing)

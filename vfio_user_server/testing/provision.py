@@ -28,30 +28,31 @@ print what was found.
 from __future__ import annotations
 
 import argparse
-import bz2
 import contextlib
 import dataclasses
 import fcntl
-import importlib
 import json
-import lzma
 import os
 import re
 import shlex
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from vfio_user_server.errors import ProvisioningError
+from vfio_user_server.testing.apt import (
+    _extract_debs,
+    _log,
+    _PrivateApt,
+    _run,
+)
+from vfio_user_server.testing.vmlinux import extract_vmlinux, pvh_entry
 
 __all__ = [
     "MIN_QEMU_VERSION",
@@ -71,11 +72,8 @@ __all__ = [
 #: Bump when the layout or the recipe of the cache changes: older caches are then rebuilt.
 RECIPE = 1
 MIN_QEMU_VERSION = (10, 1)
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
-DEBIAN_COMPONENT = "main"
 QEMU_SUITE = "trixie-backports"
 GUEST_SUITE = "trixie"
-APT_SUITES = ("trixie", "trixie-backports")
 #: zstd comes along so that the bzImage (zstd-compressed on trixie) can be unpacked anywhere.
 QEMU_PACKAGES = ("qemu-system-x86", "zstd")
 KERNEL_META_PACKAGE = "linux-image-amd64"
@@ -84,17 +82,6 @@ BUSYBOX_PACKAGE = "busybox-static"
 REQUIRED_MODULES = ("gpio-pci-idio-16", "nvme", "uio_pci_generic", "vfio-pci")
 #: Applets the init script and the command agent need.
 REQUIRED_APPLETS = ("sh", "mount", "insmod", "base64", "cat", "stty", "poweroff", "reboot")
-KEYRINGS = (
-    "/usr/share/keyrings/debian-archive-keyring.pgp",
-    "/usr/share/keyrings/debian-archive-keyring.gpg",
-)
-
-_log_lock = threading.Lock()
-
-
-def _log(message: str, stream: TextIO | None = None) -> None:
-    with _log_lock:
-        print(f"pyvfio-user provision: {message}", file=stream or sys.stderr, flush=True)
 
 
 def cache_root(env: Mapping[str, str] | None = None) -> Path:
@@ -198,49 +185,6 @@ class Provisioned:
 
 
 # --------------------------------------------------------------------------------------------
-# Running commands
-
-
-def _fail(what: str, cmd: Sequence[str], returncode: int | None, stderr: str) -> ProvisioningError:
-    status = "timed out" if returncode is None else f"exited with status {returncode}"
-    stderr = stderr.strip()
-    if len(stderr) > 4000:
-        stderr = "...\n" + stderr[-4000:]
-    return ProvisioningError(
-        f"{what} failed: `{shlex.join(cmd)}` {status}\n--- stderr ---\n{stderr or '(empty)'}"
-    )
-
-
-def _run(
-    cmd: Sequence[str],
-    what: str,
-    *,
-    cwd: Path | None = None,
-    timeout: float = 600,
-    check: bool = True,
-    input_bytes: bytes | None = None,
-) -> subprocess.CompletedProcess[bytes]:
-    try:
-        proc = subprocess.run(
-            list(cmd),
-            cwd=cwd,
-            input=input_bytes,
-            stdin=None if input_bytes is not None else subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise ProvisioningError(f"{what} failed: `{cmd[0]}` not found ({exc})") from exc
-    except subprocess.TimeoutExpired as exc:
-        err = exc.stderr.decode(errors="replace") if exc.stderr else ""
-        raise _fail(what, cmd, None, err) from exc
-    if check and proc.returncode != 0:
-        raise _fail(what, cmd, proc.returncode, proc.stderr.decode(errors="replace"))
-    return proc
-
-
-# --------------------------------------------------------------------------------------------
 # QEMU checks
 
 _VERSION_RE = re.compile(r"version\s+(\d+)\.(\d+)(?:\.(\d+))?")
@@ -283,170 +227,6 @@ def check_qemu(argv_prefix: Sequence[str], *, what: str = "QEMU") -> str:
             "Unset PYVFIO_QEMU to let pyvfio-user download Debian's trixie-backports QEMU."
         )
     return version
-
-
-# --------------------------------------------------------------------------------------------
-# Private apt
-
-
-def _keyring() -> str:
-    for path in KEYRINGS:
-        if os.path.exists(path):
-            return path
-    raise ProvisioningError(
-        "no Debian archive keyring found (looked for " + ", ".join(KEYRINGS) + "); "
-        "install the 'debian-archive-keyring' package"
-    )
-
-
-_GET_RE = re.compile(r"^Get:\d+\s+\S+\s+\S+\s+\S+\s+(\S+)\s+\S+\s+(\S+)\s+\[([^\]]+)\]")
-_FETCH_FAIL_RE = re.compile(r"Failed to fetch (\S+)")
-
-
-class _PrivateApt:
-    """apt with its own lists, cache, sources and an empty dpkg status: the host is untouched."""
-
-    def __init__(self, root: Path, mirror: str = DEBIAN_MIRROR) -> None:
-        for tool in ("apt-get", "apt-cache", "dpkg-deb"):
-            if shutil.which(tool) is None:
-                raise ProvisioningError(
-                    f"`{tool}` is not on PATH: provisioning downloads Debian packages with apt "
-                    "and needs a Debian-like host (or set PYVFIO_QEMU to a QEMU >= 10.1)"
-                )
-        self.root = root
-        keyring = _keyring()
-        (root / "state" / "lists" / "partial").mkdir(parents=True, exist_ok=True)
-        (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-        (root / "etc" / "parts").mkdir(parents=True, exist_ok=True)
-        (root / "state" / "status").write_text("")
-        (root / "etc" / "preferences").write_text("")
-        lines = [
-            f"deb [signed-by={keyring}] {mirror} {suite} {DEBIAN_COMPONENT}\n"
-            for suite in APT_SUITES
-        ]
-        (root / "etc" / "sources.list").write_text("".join(lines))
-        self.updated = False
-
-    def options(self) -> list[str]:
-        r = self.root
-        opts = {
-            "Dir::State": r / "state",
-            "Dir::State::status": r / "state" / "status",
-            "Dir::Etc::SourceList": r / "etc" / "sources.list",
-            "Dir::Etc::SourceParts": r / "etc" / "parts",
-            "Dir::Etc::Preferences": r / "etc" / "preferences",
-            "Dir::Etc::PreferencesParts": r / "etc" / "parts",
-            "Dir::Cache": r / "cache",
-            "Dir::Cache::pkgcache": "",
-            "Dir::Cache::srcpkgcache": "",
-            "Debug::NoLocking": "1",
-            "APT::Architecture": "amd64",
-            "APT::Sandbox::User": "root" if os.geteuid() == 0 else "",
-            "APT::Get::List-Cleanup": "0",
-        }
-        out: list[str] = []
-        for key, value in opts.items():
-            if key == "APT::Sandbox::User" and not value:
-                continue
-            out += ["-o", f"{key}={value}"]
-        return out
-
-    def update(self) -> None:
-        if self.updated:
-            return
-        _log(f"apt update (private lists: {', '.join(APT_SUITES)} from {DEBIAN_MIRROR})")
-        cmd = ["apt-get", *self.options(), "-q", "update"]
-        proc = _run(cmd, "apt update of the private package lists", timeout=600)
-        err = proc.stderr.decode(errors="replace")
-        if re.search(r"^(E:|W: Failed to fetch|Err:)", err, re.M):
-            raise _fail("apt update of the private package lists", cmd, proc.returncode, err)
-        self.updated = True
-
-    def query(self, args: Sequence[str], what: str) -> str:
-        self.update()
-        proc = _run(["apt-cache", *self.options(), *args], what, timeout=300)
-        return proc.stdout.decode(errors="replace")
-
-    def candidate(self, package: str) -> str | None:
-        text = self.query(["policy", package], f"apt-cache policy {package}")
-        m = re.search(r"^\s*Candidate:\s*(\S+)", text, re.M)
-        if m is None or m.group(1) == "(none)":
-            return None
-        return m.group(1)
-
-    def _stream(self, cmd: list[str], what: str, cwd: Path | None = None) -> None:
-        """Run an apt download command, printing a progress line for every package fetched."""
-        self.update()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
-        assert proc.stdout is not None and proc.stderr is not None
-        err_chunks: list[str] = []
-        stderr = proc.stderr
-        reader = threading.Thread(target=lambda: err_chunks.append(stderr.read()), daemon=True)
-        reader.start()
-        for line in proc.stdout:
-            m = _GET_RE.match(line)
-            if m:
-                _log(f"downloading {m.group(1)} {m.group(2)} [{m.group(3)}]")
-        try:
-            rc = proc.wait(timeout=1200)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = None
-        reader.join(timeout=10)
-        err = "".join(err_chunks)
-        failed = _FETCH_FAIL_RE.findall(err)
-        if rc != 0 or failed or re.search(r"^E:", err, re.M):
-            names = sorted({Path(url).name.split("_")[0] for url in failed})
-            label = f"{what} (package(s): {', '.join(names)})" if names else what
-            raise _fail(label, cmd, rc, err)
-
-    def download_closure(self, packages: Sequence[str], target_release: str) -> list[Path]:
-        """Download ``packages`` and everything they depend on (no recommends)."""
-        archives = self.root / "cache" / "archives"
-        cmd = [
-            "apt-get",
-            *self.options(),
-            "-y",
-            "--no-install-recommends",
-            "--download-only",
-            "-t",
-            target_release,
-            "install",
-            *packages,
-        ]
-        what = f"downloading {' '.join(packages)} and dependencies from {target_release}"
-        self._stream(cmd, what)
-        debs = sorted(archives.glob("*.deb"))
-        if not debs:
-            raise ProvisioningError(f"apt downloaded nothing for {' '.join(packages)}")
-        return debs
-
-    def download(self, packages: Sequence[str], dest: Path) -> list[Path]:
-        """Download exactly ``packages`` (no dependencies) into ``dest``."""
-        dest.mkdir(parents=True, exist_ok=True)
-        before = set(dest.glob("*.deb"))
-        cmd = ["apt-get", *self.options(), "download", *packages]
-        self._stream(cmd, f"downloading {' '.join(packages)}", cwd=dest)
-        debs = sorted(set(dest.glob("*.deb")) - before)
-        if len(debs) != len(packages):
-            raise ProvisioningError(
-                f"apt-get download {' '.join(packages)} produced {[d.name for d in debs]}"
-            )
-        return debs
-
-
-def _extract_debs(debs: Sequence[Path], dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for deb in debs:
-        _run(["dpkg-deb", "-x", str(deb), str(dest)], f"unpacking {deb.name}", timeout=600)
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,136 +412,6 @@ def provision_qemu(
             return _provision_qemu(session, env)
         finally:
             session.close()
-
-
-# --------------------------------------------------------------------------------------------
-# vmlinux extraction (a port of Linux's scripts/extract-vmlinux)
-
-_MAGICS: tuple[tuple[str, bytes], ...] = (
-    ("gzip", b"\x1f\x8b\x08"),
-    ("xz", b"\xfd7zXZ\x00"),
-    ("bzip2", b"BZh"),
-    ("lzma", b"\x5d\x00\x00\x00"),
-    ("zstd", b"\x28\xb5\x2f\xfd"),
-)
-
-ZstdDecoder = Callable[[bytes], bytes]
-
-
-def _zstd_decoder(cmd: Sequence[str] | None) -> ZstdDecoder | None:
-    """A zstd decompressor: Python 3.14's ``compression.zstd``, else a ``zstd`` command."""
-    try:
-        mod = importlib.import_module("compression.zstd")
-    except ImportError:
-        mod = None
-    if mod is not None:
-        decompress: ZstdDecoder = mod.decompress
-        return decompress
-    argv = list(cmd) if cmd else ([shutil.which("zstd")] if shutil.which("zstd") else None)
-    if not argv:
-        return None
-    final = [a for a in argv if a is not None]
-
-    def run(data: bytes) -> bytes:
-        proc = subprocess.run(
-            [*final, "-q", "-d", "-c"], input=data, capture_output=True, timeout=300, check=False
-        )
-        # Trailing bytes after the frame make zstd complain but the output is complete.
-        return proc.stdout
-
-    return run
-
-
-def _decompress(kind: str, data: bytes, zstd: ZstdDecoder | None) -> bytes:
-    if kind == "gzip":
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data)
-    if kind == "xz":
-        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data)
-    if kind == "lzma":
-        return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(data)
-    if kind == "bzip2":
-        return bz2.BZ2Decompressor().decompress(data)
-    if kind == "zstd":
-        if zstd is None:
-            raise ProvisioningError("the kernel is zstd-compressed and no zstd decoder exists")
-        return zstd(data)
-    raise ValueError(kind)
-
-
-def _is_elf(data: bytes) -> bool:
-    return data[:4] == b"\x7fELF"
-
-
-def extract_vmlinux(bzimage: bytes, zstd_cmd: Sequence[str] | None = None) -> bytes:
-    """Return the uncompressed ELF ``vmlinux`` inside an x86 bzImage.
-
-    Uses the boot header's ``payload_offset``/``payload_length`` when present, else scans for
-    the magic of each compression format as Linux's ``scripts/extract-vmlinux`` does.
-    """
-    zstd = _zstd_decoder(zstd_cmd)
-    if _is_elf(bzimage):
-        return bzimage
-    candidates: list[tuple[str, int, int | None]] = []
-    if len(bzimage) > 0x250 and bzimage[0x202:0x206] == b"HdrS":
-        (hdr_version,) = struct.unpack_from("<H", bzimage, 0x206)
-        setup_sects = bzimage[0x1F1] or 4
-        if hdr_version >= 0x208:
-            off, length = struct.unpack_from("<II", bzimage, 0x248)
-            start = (setup_sects + 1) * 512 + off
-            payload = bzimage[start : start + length]
-            for kind, magic in _MAGICS:
-                if payload.startswith(magic):
-                    candidates.append((kind, start, length))
-    for kind, magic in _MAGICS:
-        pos = bzimage.find(magic)
-        while pos != -1:
-            candidates.append((kind, pos, None))
-            pos = bzimage.find(magic, pos + 1)
-    errors: list[str] = []
-    for kind, start, length in candidates:
-        data = bzimage[start:] if length is None else bzimage[start : start + length]
-        try:
-            out = _decompress(kind, data, zstd)
-        except ProvisioningError:
-            raise
-        except Exception as exc:
-            errors.append(f"{kind}@{start}: {exc}")
-            continue
-        if _is_elf(out):
-            return out
-    raise ProvisioningError(
-        "no compressed ELF kernel found in the bzImage" + (f" ({errors[:3]})" if errors else "")
-    )
-
-
-XEN_ELFNOTE_PHYS32_ENTRY = 18
-
-
-def pvh_entry(elf: bytes) -> int | None:
-    """The PVH entry point from the ``XEN_ELFNOTE_PHYS32_ENTRY`` note of an ELF64, or None."""
-    if not _is_elf(elf) or elf[4] != 2 or elf[5] != 1:
-        return None
-    phoff = struct.unpack_from("<Q", elf, 0x20)[0]
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for i in range(phnum):
-        base = phoff + i * phentsize
-        if base + 56 > len(elf):
-            break
-        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from("<IIQQQQ", elf, base)
-        if p_type != 4:  # PT_NOTE
-            continue
-        pos, end = p_offset, min(p_offset + p_filesz, len(elf))
-        while pos + 12 <= end:
-            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
-            desc_at = pos + 12 + ((namesz + 3) & ~3)
-            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
-                if descsz == 4:
-                    return int(struct.unpack_from("<I", elf, desc_at)[0])
-                if descsz == 8:
-                    return int(struct.unpack_from("<Q", elf, desc_at)[0])
-            pos = desc_at + ((descsz + 3) & ~3)
-    return None
 
 
 # --------------------------------------------------------------------------------------------
