@@ -56,6 +56,7 @@ from ..errors import DeviceDefinitionError, DmaError
 from ..irq import IrqIndex
 from ..pci import Bar, Capability
 from ..pci.config import Field
+from .packed import PackedVirtqueue
 from .spec import (
     COMMON_CFG_SIZE,
     COMMON_CFG_SIZES,
@@ -75,7 +76,7 @@ from .spec import (
     Status,
     bit,
 )
-from .virtqueue import NeedsWorker, PackedVirtqueue, Virtqueue, VirtqueueError
+from .virtqueue import NeedsWorker, Virtqueue, VirtqueueError
 
 __all__ = ["VirtioPciCap", "VirtioPciCfgCap", "VirtioPciDevice", "VirtioPciNotifyCap"]
 
