@@ -738,3 +738,26 @@ def test_accessor_matches_flat_model(
         for _, _, fd in files:
             os.close(fd)
     assert fd_count() == before
+
+
+def test_window_follows_the_map_table() -> None:
+    table = DmaMapTable()
+    assert table.window(0x1000) is None and table.generation == 0
+    fd = memfd()
+    os.pwrite(fd, b"ring", 0x2000 + 8)
+    table.add(0x10000, 0x4000, DmaProt.READ, fd, 0x2000)
+    gen = table.generation
+    assert gen > 0
+    w = table.window(0x10008)
+    assert w is not None and (w.start, w.end) == (0x10000, 0x14000)
+    assert w.readable and not w.writable
+    assert w.mm[0x10008 + w.delta:0x1000C + w.delta] == b"ring"
+    assert table.window(0x14000) is None  # past the map
+    table.add(0x20000, 0x1000, DmaProt.READ | DmaProt.WRITE, None, 0)
+    assert table.window(0x20000) is None  # no fd: message DMA only
+    table.add(0x30000, 0x1000, DmaProt.READ, memfd(sealed=False), 0)
+    assert table.window(0x30000) is None  # unsealed: guarded copies only
+    assert table.generation > gen
+    gen = table.generation
+    table.remove(0x10000, 0x4000)
+    assert table.generation > gen and table.window(0x10008) is None

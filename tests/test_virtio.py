@@ -75,13 +75,16 @@ class Echo(VirtioPciDevice):
 
 
 class Rig:
-    def __init__(self, path: Path, dev: VirtioPciDevice, *, fd_backed: bool = True) -> None:
+    def __init__(self, path: Path, dev: VirtioPciDevice, *, fd_backed: bool = True,
+                 sealed: bool = False) -> None:
         self.dev = dev
+        self.fd_backed = fd_backed
+        self.sealed = sealed
         self.server = Server(dev, path).start()
         self.c = Client.connect(path, timeout=WAIT)
         self.c.negotiate()
         self.c.get_device_info()
-        self.c.add_memory(0, RAM, fd_backed=fd_backed)
+        self.c.add_memory(0, RAM, fd_backed=fd_backed, sealed=sealed)
         self.c.config_write(0x04, 2, 0x6)  # memory space, bus master
         self.d = VirtioPciDriver(self.c, memory=DRIVER_MEMORY, wait=WAIT)
 
@@ -132,10 +135,14 @@ class InlineEcho(Echo):
     inline = True
 
 
-@pytest.fixture(params=["memfd", "message", "memfd-inline", "message-inline"])
+@pytest.fixture(params=["sealed", "memfd", "message", "sealed-inline", "memfd-inline",
+                        "message-inline"])
 def rig(request: pytest.FixtureRequest, sock_dir: Path) -> Iterator[Rig]:
+    """Guest RAM: a sealed memfd (zero-copy, the queues' windows), an unsealed one (guarded
+    copies) or anonymous memory (message DMA)."""
     dev = InlineEcho() if request.param.endswith("inline") else Echo()
-    r = Rig(sock_dir / "v.sock", dev, fd_backed=request.param.startswith("memfd"))
+    r = Rig(sock_dir / "v.sock", dev, fd_backed=not request.param.startswith("message"),
+            sealed=request.param.startswith("sealed"))
     yield r
     r.close()
 
@@ -769,3 +776,19 @@ def test_inline_hands_message_dma_to_the_worker(sock_dir: Path) -> None:
         assert ("read", RAM + 0x100, 10) in r.c.dma_requests
     finally:
         r.close()
+
+
+def test_rings_follow_a_remap_of_guest_ram(rig: Rig) -> None:
+    """The queue's cached windows onto guest RAM are dropped when the map table changes:
+    after the client replaces its RAM (same addresses, new memory), requests are read from
+    and completed in the new memory."""
+    rig.ready(1)
+    for _ in range(3):
+        assert rig.d.request(0, [b"abc"], [3]).data == b"cba"
+    rig.idle()
+    old = rig.c.read_memory(0, RAM)
+    rig.c.dma_unmap(0, RAM)
+    rig.c.add_memory(0, RAM, fd_backed=rig.fd_backed, sealed=rig.sealed)
+    rig.c.write_memory(0, old)
+    for _ in range(3):
+        assert rig.d.request(0, [b"xyz"], [3]).data == b"zyx"

@@ -59,15 +59,18 @@ def image(sock_dir: Path) -> Path:
     return p
 
 
-def make(sock_dir: Path, image: Path, *, fd_backed: bool = True, **kw: object) -> Blk:
+def make(sock_dir: Path, image: Path, *, fd_backed: bool = True, sealed: bool = False,
+         **kw: object) -> Blk:
     dev = VirtioBlk(image, **kw)  # type: ignore[arg-type]
-    r = Blk(sock_dir / "blk.sock", dev, fd_backed=fd_backed)
+    r = Blk(sock_dir / "blk.sock", dev, fd_backed=fd_backed, sealed=sealed)
     return r
 
 
-@pytest.fixture(params=["memfd", "message", "memfd-packed", "message-packed"])
+@pytest.fixture(params=["sealed", "memfd", "message", "sealed-packed", "memfd-packed",
+                        "message-packed"])
 def blk(request: pytest.FixtureRequest, sock_dir: Path, image: Path) -> Iterator[Blk]:
-    r = make(sock_dir, image, fd_backed=request.param.startswith("memfd"), queues=2,
+    r = make(sock_dir, image, fd_backed=not request.param.startswith("message"),
+             sealed=request.param.startswith("sealed"), queues=2,
              packed=request.param.endswith("packed"))
     r.ready(2)
     yield r
@@ -219,3 +222,23 @@ def test_bad_queue_count() -> None:
 
     with pytest.raises(DeviceDefinitionError):
         VirtioBlk(size=1 << 20, queues=MAX_QUEUES + 1)
+
+
+@pytest.mark.parametrize("fd_backed", [True, False])
+def test_inline_option(sock_dir: Path, image: Path, fd_backed: bool) -> None:
+    """``--inline``: requests in fd-backed RAM run in the notify write; others still work
+    (handed to the worker)."""
+    served = make_device("virtio-blk", ["--image", str(image), "--inline"])
+    assert isinstance(served, VirtioBlk) and served.inline
+    served.close()
+    r = make(sock_dir, image, fd_backed=fd_backed, sealed=fd_backed, queues=1, inline=True)
+    try:
+        assert r.dev.inline
+        r.ready(1)
+        data = os.urandom(4096)
+        assert r.write(8, data) == OK
+        assert r.read(8, 4096) == (OK, data)
+        assert host(image, 8 * 512, 4096) == data
+    finally:
+        r.close()
+        r.dev.close()

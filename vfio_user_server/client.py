@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import mmap
 import os
@@ -288,12 +289,19 @@ class Client:
         return server_caps
 
     def add_memory(self, iova: int, size: int, *, fd_backed: bool = True,
-                   writable: bool = True, file_offset: int = 0) -> MemoryRegion:
-        """Create memory (a memfd, or anonymous when ``fd_backed`` is false) and DMA_MAP it."""
+                   writable: bool = True, file_offset: int = 0,
+                   sealed: bool = False) -> MemoryRegion:
+        """Create memory (a memfd, or anonymous when ``fd_backed`` is false) and DMA_MAP it.
+
+        ``sealed``: seal the memfd against shrinking and growing, as QEMU's
+        ``memory-backend-memfd`` does by default (the server then uses it zero-copy)."""
         prot = DmaMapFlag.READ | (DmaMapFlag.WRITE if writable else 0)
         if fd_backed:
-            fd = os.memfd_create("vfio-user-client-ram", os.MFD_CLOEXEC)
+            flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealed else 0)
+            fd = os.memfd_create("vfio-user-client-ram", flags)
             os.ftruncate(fd, file_offset + size)
+            if sealed:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             mem = mmap.mmap(fd, file_offset + size)
             region = MemoryRegion(iova, size, fd, mem, int(prot), file_offset)
             self.dma_map(iova, size, int(prot), fd=fd, offset=file_offset)

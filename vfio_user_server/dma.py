@@ -55,6 +55,7 @@ __all__ = [
     "DmaMapTable",
     "DmaMapping",
     "DmaProt",
+    "DmaWindow",
     "MessageDma",
     "Segment",
 ]
@@ -202,6 +203,9 @@ class DmaMapTable:
         self.on_unmap = on_unmap
         self.unmap_timeout = unmap_timeout
         self.max_maps = max_maps
+        #: Bumped whenever a map is added or removed: a :meth:`window` is valid while this
+        #: is unchanged.
+        self.generation = 0
         #: Guarded copies for maps that are not zero-copy (the C shim or the Python path).
         self._copy = copy if copy is not None else default_copy()
 
@@ -255,6 +259,7 @@ class DmaMapTable:
             mapping = DmaMapping(iova, size, prot, offset if mfile else 0, mfile)
             bisect.insort(self._starts, iova)
             self._maps[iova] = mapping
+            self.generation += 1
         log.debug("DMA map %r", mapping)
         return mapping
 
@@ -384,6 +389,7 @@ class DmaMapTable:
         del self._maps[mapping.iova]
         del self._starts[bisect.bisect_left(self._starts, mapping.iova)]
         mapping._removed = True
+        self.generation += 1
 
     def _drain(self, maps: list[DmaMapping]) -> None:
         deadline = time.monotonic() + self.unmap_timeout
@@ -532,6 +538,25 @@ class DmaMapTable:
                 return False
             return all(test(m) for _, _, m in pieces)
 
+    def window(self, iova: int) -> DmaWindow | None:
+        """The zero-copy map containing ``iova`` as a :class:`DmaWindow`, or None (not
+        mapped, no fd, or a file not sealed against shrinking: those need guarded copies).
+
+        For hot paths that touch the same small areas again and again (virtqueue rings): the
+        caller keeps the window while :attr:`generation` is unchanged and copies through it
+        with slices of :attr:`DmaWindow.mm` (never a memoryview kept past one call). No
+        reference is held, so :meth:`remove` does not wait for such accesses: a copy that
+        races with the unmap of its map reads or writes the file the map had (still mapped
+        here, Python's mmap cannot be closed under a running slice) or raises ValueError
+        once the mmap is closed.
+        """
+        with self._lock:
+            m = self._find(iova)
+            if m is None or m._file is None or not m.zero_copy:
+                return None
+            return DmaWindow(m.iova, m.end, m._file.mm, m.offset - m.iova, m.readable,
+                             m.writable)
+
     def _put(self, mapping: DmaMapping) -> None:
         with self._lock:
             mapping._refs -= 1
@@ -551,3 +576,19 @@ class DmaMapTable:
             hook(mapping)
         except Exception:
             log.exception("DMA hook %r failed for %r", hook, mapping)
+
+
+class DmaWindow:
+    """One mmapped map seen by :meth:`DmaMapTable.window`: IOVA ``[start, end)`` is
+    ``mm[iova + delta]``."""
+
+    __slots__ = ("delta", "end", "mm", "readable", "start", "writable")
+
+    def __init__(self, start: int, end: int, mm: mmap.mmap, delta: int, readable: bool,
+                 writable: bool) -> None:
+        self.start = start
+        self.end = end
+        self.mm = mm
+        self.delta = delta
+        self.readable = readable
+        self.writable = writable

@@ -118,6 +118,8 @@ class VirtioBlk(VirtioPciDevice):
         Option("--serial", "serial number (GET_ID; default: derived from the image)"),
         Option("--packed", "offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)",
                switch=True),
+        Option("--inline", "run requests in fd-backed guest RAM on the loop thread, inside "
+               "the notify write (off: handed to the worker thread)", switch=True),
     )
 
     def __init__(
@@ -130,6 +132,7 @@ class VirtioBlk(VirtioPciDevice):
         serial: str | None = None,
         backend: FileBackend | None = None,
         packed: bool = False,
+        inline: bool = False,
     ) -> None:
         if not 1 <= queues <= MAX_QUEUES:
             raise DeviceDefinitionError(f"virtio-blk: queues must be 1..{MAX_QUEUES}")
@@ -143,6 +146,7 @@ class VirtioBlk(VirtioPciDevice):
         self.sectors = backend.size // SECTOR
         self.num_queues = queues
         self.ring_packed = packed
+        self.inline = inline
         features = bit(F_SEG_MAX) | bit(F_BLK_SIZE) | bit(F_FLUSH) | bit(F_MQ)
         if read_only:
             features |= bit(F_RO)

@@ -10,9 +10,10 @@ Nothing here knows the vfio-user wire format: guest memory is reached through
 :mod:`vfio_user_server.dma`.
 """
 
+from .packed import PackedVirtqueue
 from .pci import VirtioPciDevice
 from .spec import DeviceId, Status
-from .virtqueue import Chain, PackedVirtqueue, Virtqueue, VirtqueueError
+from .virtqueue import Chain, Virtqueue, VirtqueueError
 
 __all__ = ["Chain", "DeviceId", "PackedVirtqueue", "Status", "VirtioPciDevice", "Virtqueue",
            "VirtqueueError"]

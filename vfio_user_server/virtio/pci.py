@@ -56,6 +56,7 @@ from ..errors import DeviceDefinitionError, DmaError
 from ..irq import IrqIndex
 from ..pci import Bar, Capability
 from ..pci.config import Field
+from .packed import PackedVirtqueue
 from .spec import (
     COMMON_CFG_SIZE,
     COMMON_CFG_SIZES,
@@ -75,7 +76,7 @@ from .spec import (
     Status,
     bit,
 )
-from .virtqueue import NeedsWorker, PackedVirtqueue, Virtqueue, VirtqueueError
+from .virtqueue import NeedsWorker, Virtqueue, VirtqueueError
 
 __all__ = ["VirtioPciCap", "VirtioPciCfgCap", "VirtioPciDevice", "VirtioPciNotifyCap"]
 
@@ -236,7 +237,8 @@ class VirtioPciDevice(PciDevice):
     #: worker is idle? Only for handlers that touch guest memory through the chain and the
     #: DMA layer (no threads of their own) and whose work is short (a file read or write is
     #: fine). Requests in memory without fds are still handed to the worker. Off by default:
-    #: in a TCG guest, virtio-blk measured slower with it (BENCHMARKS.md).
+    #: it measured slower before the queues cached their windows onto guest RAM, level or
+    #: faster since, with a wide spread on a loaded machine (BENCHMARKS.md).
     inline: bool = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -566,13 +568,9 @@ class VirtioPciDevice(PciDevice):
     def _service_inline(self, vq: Virtqueue) -> bool:
         """Run the queue here, on the loop thread (lock held, worker idle); True if done,
         False if something needs message DMA (it is then left, unconsumed, to the worker)."""
-        try:
-            table = self.dma.table
-        except DmaError:
-            return False
         # the rings must be fd-backed all through: after a request is consumed, nothing may
         # need the worker any more
-        if not all(table.is_direct(addr, n) for addr, n in vq.ring_areas()):
+        if vq.dma is None or not vq.rings_direct():
             return False
         vq.kicked = False
         vq.inline = True

@@ -17,9 +17,7 @@ access goes through the DMA layer, which checks each byte.
 
 from __future__ import annotations
 
-import struct
-
-from ..dma import DmaAccessor
+from ..dma import DmaAccessor, DmaWindow
 from ..errors import DmaError
 from .spec import (
     AVAIL_ALIGN,
@@ -30,16 +28,7 @@ from .spec import (
     DESC_F_NEXT,
     DESC_F_WRITE,
     DESC_SIZE,
-    EVENT_FLAGS_DESC,
-    EVENT_FLAGS_DISABLE,
-    EVENT_FLAGS_ENABLE,
-    EVENT_SUPPRESS_SIZE,
     MAX_QUEUE_SIZE,
-    PACKED_DESC,
-    PACKED_DESC_ALIGN,
-    PACKED_DESC_F_AVAIL,
-    PACKED_DESC_F_USED,
-    PACKED_EVENT_ALIGN,
     USED_ALIGN,
     USED_ELEM,
     USED_ELEM_SIZE,
@@ -47,13 +36,15 @@ from .spec import (
     need_event,
 )
 
-__all__ = ["MAX_INDIRECT", "Chain", "NeedsWorker", "PackedVirtqueue", "Virtqueue",
+__all__ = ["MAX_INDIRECT", "Chain", "NeedsWorker", "Virtqueue",
            "VirtqueueError"]
 
 #: Most descriptors an indirect table may hold (QEMU's limit too).
 MAX_INDIRECT = 1024
 
 _U64_END = 1 << 64
+#: Windows a queue keeps (rings, indirect tables, headers: usually all in one map)
+_MAX_WINDOWS = 4
 
 Buffer = tuple[int, int]  # (guest address, length)
 
@@ -75,11 +66,12 @@ class Chain:
     (for example to translate them to memoryviews for ``preadv``/``pwritev``).
     """
 
-    __slots__ = ("dma", "head", "readable", "slots", "writable")
+    __slots__ = ("_vq", "dma", "head", "readable", "slots", "writable")
 
     def __init__(self, dma: DmaAccessor, head: int, readable: list[Buffer],
-                 writable: list[Buffer], slots: int = 1) -> None:
+                 writable: list[Buffer], slots: int = 1, vq: Virtqueue | None = None) -> None:
         self.dma = dma
+        self._vq = vq  # its cached windows onto guest memory, if any
         #: the split ring's head index, or the packed ring's buffer ID
         self.head = head
         self.readable = readable
@@ -89,11 +81,13 @@ class Chain:
 
     @property
     def readable_length(self) -> int:
-        return sum(n for _, n in self.readable)
+        r = self.readable
+        return r[0][1] if len(r) == 1 else sum(n for _, n in r)
 
     @property
     def writable_length(self) -> int:
-        return sum(n for _, n in self.writable)
+        w = self.writable
+        return w[0][1] if len(w) == 1 else sum(n for _, n in w)
 
     def readable_slice(self, offset: int, length: int) -> list[Buffer]:
         """The ``(address, length)`` pieces of readable bytes ``[offset, offset + length)``."""
@@ -110,10 +104,15 @@ class Chain:
             length = max(0, total - offset)
         if offset < 0 or length < 0 or offset + length > total:
             raise VirtqueueError(f"read of {offset}+{length} beyond the {total} readable bytes")
+        pieces = _slice(self.readable, offset, length)
+        vq = self._vq
+        if vq is not None and len(pieces) == 1:
+            addr, n = pieces[0]
+            return vq._read(addr, n)
         out = bytearray()
         try:
-            for addr, n in _slice(self.readable, offset, length):
-                out += self.dma.read(addr, n)
+            for addr, n in pieces:
+                out += vq._read(addr, n) if vq is not None else self.dma.read(addr, n)
         except DmaError as exc:
             raise VirtqueueError(f"readable buffer: {exc}") from exc
         return bytes(out)
@@ -126,9 +125,13 @@ class Chain:
             raise VirtqueueError(
                 f"write of {offset}+{view.nbytes} beyond the {total} writable bytes")
         pos = 0
+        vq = self._vq
         try:
             for addr, n in _slice(self.writable, offset, view.nbytes):
-                self.dma.write(addr, view[pos:pos + n])
+                if vq is not None:
+                    vq._write(addr, view[pos:pos + n])
+                else:
+                    self.dma.write(addr, view[pos:pos + n])
                 pos += n
         except DmaError as exc:
             raise VirtqueueError(f"writable buffer: {exc}") from exc
@@ -192,6 +195,11 @@ class Virtqueue:
         #: set by the transport while it runs the queue on the loop thread: every access must
         #: be to fd-backed memory, else :class:`NeedsWorker` (before anything is consumed)
         self.inline = False
+        # windows onto the mmapped maps this queue touched (rings, tables, headers), valid
+        # while the DMA table's generation is _window_gen: one lookup per map change instead
+        # of a translation per access
+        self._windows: list[DmaWindow] = []
+        self._window_gen = -1
 
     def __repr__(self) -> str:
         return (f"Virtqueue({self.index}, size={self.size}, enabled={self.enabled}, "
@@ -219,6 +227,10 @@ class Virtqueue:
         return ((self.desc, DESC_SIZE * self.size), (self.driver, 6 + 2 * self.size),
                 (self.device, 6 + USED_ELEM_SIZE * self.size))
 
+    def rings_direct(self) -> bool:
+        """Are all three ring areas in mmapped (fd-backed) memory, each within one map?"""
+        return all(self._window(addr, n, False) is not None for addr, n in self.ring_areas())
+
     def start(self, dma: DmaAccessor, *, event_idx: bool, indirect: bool) -> None:
         """The driver enabled the queue: begin at index 0 with the negotiated features."""
         self.dma = dma
@@ -227,6 +239,8 @@ class Virtqueue:
         self.last_avail = self.used_idx = self._avail_idx = 0
         self._signalled_used = 0
         self._signalled_valid = False
+        self._windows = []
+        self._window_gen = -1
         self.enabled = True
 
     # --- guest memory helpers -----------------------------------------------------------------
@@ -235,7 +249,35 @@ class Virtqueue:
             raise VirtqueueError(f"queue {self.index} is not enabled")
         return self.dma
 
+    def _window(self, addr: int, length: int, write: bool) -> DmaWindow | None:
+        """The cached mmapped window holding all of ``[addr, addr + length)`` with the
+        permission asked for, or None (then the DMA layer decides: message DMA, or an
+        error)."""
+        table = self._dma().table
+        gen = table.generation
+        if gen != self._window_gen:
+            self._windows = []
+            self._window_gen = gen
+        end = addr + length
+        for w in self._windows:
+            if w.start <= addr and end <= w.end:
+                return w if (w.writable if write else w.readable) else None
+        new = table.window(addr)
+        if new is None or end > new.end:
+            return None
+        if len(self._windows) >= _MAX_WINDOWS:
+            del self._windows[0]
+        self._windows.append(new)
+        return new if (new.writable if write else new.readable) else None
+
     def _read(self, addr: int, length: int) -> bytes:
+        w = self._window(addr, length, False)
+        if w is not None:
+            at = addr + w.delta
+            try:
+                return w.mm[at:at + length]
+            except ValueError:
+                pass  # the mmap was closed under us (unmapped): the DMA layer says why
         if self.inline:
             return self._inline_access(addr, length, None)
         try:
@@ -243,7 +285,8 @@ class Virtqueue:
         except DmaError as exc:
             raise VirtqueueError(f"queue {self.index}: {exc}") from exc
 
-    def _inline_access(self, addr: int, length: int, data: bytes | None) -> bytes:
+    def _inline_access(self, addr: int, length: int,
+                       data: bytes | memoryview | None) -> bytes:
         """Read (``data`` None) or write through the mmapped guest memory only."""
         try:
             segs = self._dma().table.translate(addr, length, write=data is not None)
@@ -267,14 +310,24 @@ class Virtqueue:
     def _check_inline(self, chain: Chain) -> None:
         """In inline mode: every buffer of ``chain`` must be fd-backed."""
         table = self._dma().table
-        for addr, n in chain.readable + chain.writable:
-            if n and not table.is_direct(addr, n):
-                raise NeedsWorker
+        for bufs, write in ((chain.readable, False), (chain.writable, True)):
+            for addr, n in bufs:
+                if n and self._window(addr, n, write) is None and not table.is_direct(addr, n):
+                    raise NeedsWorker
 
     def _read_u16(self, addr: int) -> int:
         return int.from_bytes(self._read(addr, 2), "little")
 
-    def _write(self, addr: int, data: bytes) -> None:
+    def _write(self, addr: int, data: bytes | memoryview) -> None:
+        length = len(data)
+        w = self._window(addr, length, True)
+        if w is not None:
+            at = addr + w.delta
+            try:
+                w.mm[at:at + length] = data
+                return
+            except ValueError:
+                pass  # the mmap was closed under us (unmapped): the DMA layer says why
         if self.inline:
             self._inline_access(addr, len(data), data)
             return
@@ -360,7 +413,7 @@ class Virtqueue:
             if nxt >= limit:
                 raise VirtqueueError(f"queue {self.index}: next {nxt} >= {limit}")
             i = nxt
-        return Chain(self._dma(), head, readable, writable)
+        return Chain(self._dma(), head, readable, writable, 1, self)
 
     def push(self, chain: Chain, written: int) -> None:
         """Return ``chain`` to the driver; ``written`` bytes went into its writable buffers."""
@@ -401,166 +454,3 @@ class Virtqueue:
             return not valid or need_event(used_event, self.used_idx, old)
         self._signalled_used, self._signalled_valid = self.used_idx, True
         return not self._read_u16(self.driver) & AVAIL_F_NO_INTERRUPT
-
-
-class PackedVirtqueue(Virtqueue):
-    """A packed virtqueue (VIRTIO_F_RING_PACKED, 2.8): one descriptor ring that the driver
-    fills (AVAIL/USED flags against its wrap counter) and the device overwrites with used
-    descriptors, plus an event suppression structure each way (``driver`` and ``device``).
-
-    The same checks as the split ring apply: a chain longer than the ring, an indirect
-    descriptor with NEXT or inside a chain, a table whose length is not a multiple of 16, a
-    readable buffer after a writable one and memory that is not mapped raise
-    :class:`VirtqueueError`.
-    """
-
-    packed = True
-
-    def __init__(self, index: int, max_size: int) -> None:
-        super().__init__(index, max_size)
-        self.avail_wrap = 1
-        self.used_wrap = 1
-        self._signalled_pushed = 0
-
-    @classmethod
-    def configured_like(cls, vq: Virtqueue) -> PackedVirtqueue:
-        """A packed queue with the driver's configuration of ``vq``."""
-        new = cls(vq.index, vq.max_size)
-        new.size, new.vector = vq.size, vq.vector
-        new.desc, new.driver, new.device = vq.desc, vq.driver, vq.device
-        return new
-
-    def check_config(self) -> str | None:
-        if not 1 <= self.size <= self.max_size:
-            return f"queue {self.index}: size {self.size} not in 1..{self.max_size}"
-        for name, addr, align, length in (
-            ("descriptor ring", self.desc, PACKED_DESC_ALIGN, PACKED_DESC.size * self.size),
-            ("driver area", self.driver, PACKED_EVENT_ALIGN, EVENT_SUPPRESS_SIZE),
-            ("device area", self.device, PACKED_EVENT_ALIGN, EVENT_SUPPRESS_SIZE),
-        ):
-            if addr % align:
-                return f"queue {self.index}: {name} at {addr:#x} is not {align}-byte aligned"
-            if addr + length > _U64_END:
-                return f"queue {self.index}: {name} at {addr:#x} wraps the address space"
-        return None
-
-    def ring_areas(self) -> tuple[tuple[int, int], ...]:
-        return ((self.desc, PACKED_DESC.size * self.size), (self.driver, EVENT_SUPPRESS_SIZE),
-                (self.device, EVENT_SUPPRESS_SIZE))
-
-    def start(self, dma: DmaAccessor, *, event_idx: bool, indirect: bool) -> None:
-        super().start(dma, event_idx=event_idx, indirect=indirect)
-        self.avail_wrap = self.used_wrap = 1
-        self._signalled_pushed = self.pushed
-
-    def _available(self, slot: int) -> bool:
-        flags = self._read_u16(self.desc + PACKED_DESC.size * slot + 14)
-        avail = bool(flags & PACKED_DESC_F_AVAIL)
-        used = bool(flags & PACKED_DESC_F_USED)
-        return avail == bool(self.avail_wrap) and used != bool(self.avail_wrap)
-
-    def avail_count(self) -> int:
-        """1 if a request is available at the next position, else 0."""
-        return int(self._available(self.last_avail))
-
-    def pop(self) -> Chain | None:
-        if self.dead or not self._available(self.last_avail):
-            return None
-        readable: list[Buffer] = []
-        writable: list[Buffer] = []
-        slot = self.last_avail
-        count = 0
-        buffer_id = 0
-        while True:
-            # the flags were seen first (in _available): the rest was written before them
-            addr, length, buffer_id, flags = PACKED_DESC.unpack(
-                self._read(self.desc + PACKED_DESC.size * slot, PACKED_DESC.size))
-            count += 1
-            if flags & DESC_F_INDIRECT:
-                if count != 1 or flags & DESC_F_NEXT:
-                    raise VirtqueueError(
-                        f"queue {self.index}: indirect descriptor inside a chain or with NEXT")
-                if not self.indirect:
-                    raise VirtqueueError(
-                        f"queue {self.index}: indirect descriptor without VIRTIO_F_INDIRECT_DESC")
-                if not length or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
-                    raise VirtqueueError(f"queue {self.index}: indirect table of {length} bytes")
-                if addr + length > _U64_END:
-                    raise VirtqueueError(f"queue {self.index}: indirect table wraps")
-                table = self._read(addr, length)
-                for i in range(length // DESC_SIZE):
-                    a, n, _id, f = PACKED_DESC.unpack_from(table, i * DESC_SIZE)
-                    if f & DESC_F_INDIRECT:
-                        raise VirtqueueError(f"queue {self.index}: nested indirect table")
-                    self._add_buffer(readable, writable, a, n, f)
-                break
-            self._add_buffer(readable, writable, addr, length, flags)
-            if not flags & DESC_F_NEXT:
-                break
-            if count >= self.size:
-                raise VirtqueueError(f"queue {self.index}: descriptor chain longer than the ring")
-            slot = slot + 1 if slot + 1 < self.size else 0
-        chain = Chain(self._dma(), buffer_id, readable, writable, count)
-        if self.inline:
-            self._check_inline(chain)
-        self.last_avail += count
-        if self.last_avail >= self.size:
-            self.last_avail -= self.size
-            self.avail_wrap ^= 1
-        self.popped += 1
-        return chain
-
-    def _add_buffer(self, readable: list[Buffer], writable: list[Buffer], addr: int,
-                    length: int, flags: int) -> None:
-        if addr + length > _U64_END:
-            raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} wraps")
-        if flags & DESC_F_WRITE:
-            writable.append((addr, length))
-        elif writable:
-            raise VirtqueueError(
-                f"queue {self.index}: device-readable buffer after a writable one")
-        else:
-            readable.append((addr, length))
-
-    def push(self, chain: Chain, written: int) -> None:
-        if not 0 <= written <= chain.writable_length:
-            raise ValueError(f"{written} bytes written into {chain.writable_length} writable")
-        if self.dead:
-            return
-        at = self.desc + PACKED_DESC.size * self.used_idx
-        # length and ID first, the flags that hand the entry over last
-        self._write(at + 8, struct.pack("<IH", written, chain.head))
-        flags = PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED if self.used_wrap else 0
-        self._write(at + 14, flags.to_bytes(2, "little"))
-        self.used_idx += chain.slots
-        if self.used_idx >= self.size:
-            self.used_idx -= self.size
-            self.used_wrap ^= 1
-        self.pushed += 1
-
-    def suppress_notifications(self) -> None:
-        self._write(self.device + 2, EVENT_FLAGS_DISABLE.to_bytes(2, "little"))
-
-    def enable_notifications(self) -> bool:
-        if self.event_idx:
-            off_wrap = self.last_avail | self.avail_wrap << 15
-            self._write(self.device, struct.pack("<HH", off_wrap, EVENT_FLAGS_DESC))
-        else:
-            self._write(self.device + 2, EVENT_FLAGS_ENABLE.to_bytes(2, "little"))
-        return self._available(self.last_avail)
-
-    def needs_interrupt(self) -> bool:
-        if self.pushed == self._signalled_pushed:
-            return False
-        self._signalled_pushed = self.pushed
-        off_wrap, flags = struct.unpack("<HH", self._read(self.driver, EVENT_SUPPRESS_SIZE))
-        old, new = self._signalled_used, self.used_idx
-        self._signalled_used = new
-        if flags == EVENT_FLAGS_DISABLE:
-            return False
-        if flags != EVENT_FLAGS_DESC or not self.event_idx:
-            return True
-        off = off_wrap & 0x7FFF
-        if off_wrap >> 15 != self.used_wrap:
-            off -= self.size
-        return need_event(off, new, old)
