@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import device_dma
 from serverproc import WAIT, Resources, ServerProcess, wait_for
 
 from vfio_user_server.client import Client
@@ -27,10 +28,6 @@ from vfio_user_server.sample import (
     DMA_FROM_DEVICE,
     DMA_TO_DEVICE,
     ID_VALUE,
-    REG_DMA_ADDR,
-    REG_DMA_CMD,
-    REG_DMA_LEN,
-    REG_DMA_STAT,
     REG_ID,
     REG_SCRATCH,
     STAT_DONE,
@@ -58,21 +55,6 @@ def sample_process() -> Iterator[ServerProcess]:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def dma(c: Client, addr: int, length: int, cmd: int) -> int:
-    c.bar_write(0, REG_DMA_ADDR, 8, addr)
-    c.bar_write(0, REG_DMA_LEN, 4, length)
-    c.bar_write(0, REG_DMA_CMD, 4, cmd)
-    stat = 0
-
-    def done() -> bool:
-        nonlocal stat
-        stat = c.bar_read(0, REG_DMA_STAT, 4)
-        return stat in (STAT_DONE, STAT_ERROR)
-
-    wait_for(done, "the device's DMA")
-    return stat
-
-
 def one_session(srv: ServerProcess, i: int) -> None:
     c = srv.connect()
     try:
@@ -88,10 +70,10 @@ def one_session(srv: ServerProcess, i: int) -> None:
             c.bar_write(0, REG_SCRATCH, 4, i, posted=True)
             assert c.bar_read(0, REG_SCRATCH, 4) == i
             c.write_memory(0x200000, i.to_bytes(4, "little") * 16)
-            assert dma(c, 0x200000, 64, DMA_TO_DEVICE) == STAT_DONE
-            assert dma(c, 0x100000 + 0x100, 64, DMA_FROM_DEVICE) == STAT_DONE
+            assert device_dma(c, 0x200000, 64, DMA_TO_DEVICE) == STAT_DONE
+            assert device_dma(c, 0x100000 + 0x100, 64, DMA_FROM_DEVICE) == STAT_DONE
             assert c.read_memory(0x100000 + 0x100, 64) == i.to_bytes(4, "little") * 16
-            assert dma(c, 0x200000, 64, DMA_FROM_DEVICE) == STAT_ERROR  # read-only map
+            assert device_dma(c, 0x200000, 64, DMA_FROM_DEVICE) == STAT_ERROR  # read-only map
             if i % 2:
                 c.dma_unmap(0x100000, 0x10000)
             c.reset()
