@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from helpers import device_dma
-from serverproc import WAIT, Resources, ServerProcess, wait_for
+from supervised import DEADLINE, Resources, ServerProcess, wait_for
 
 from vfio_user_server.client import Client
 from vfio_user_server.sample import (
@@ -44,15 +44,16 @@ RSS_GROWTH_LIMIT_KIB = 1024
 @pytest.fixture
 def sample_process() -> Iterator[ServerProcess]:
     d = Path(tempfile.mkdtemp(prefix="vfu-soak-", dir="/tmp"))
-    srv = ServerProcess(d / "soak.sock", "sample")
     try:
-        yield srv
-    finally:
+        srv = ServerProcess.serving(d / "soak.sock", "sample")
         try:
+            yield srv
             status = srv.stop()
-            assert status == 0, srv.log_text()
+            assert status == 0, srv.stderr()
         finally:
-            shutil.rmtree(d, ignore_errors=True)
+            srv.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def one_session(srv: ServerProcess, i: int) -> None:
@@ -136,9 +137,9 @@ def test_the_sample_device_keeps_a_bounded_access_log() -> None:
 def test_a_server_that_releases_memory_still_counts_its_clients(make_server: Any) -> None:
     srv = make_server(release_memory=True)
     for n in range(1, 4):
-        c = Client.connect(srv.path, timeout=WAIT)
+        c = Client.connect(srv.path, timeout=DEADLINE)
         c.negotiate()
-        assert srv.wait_for_client(WAIT) is not None
+        assert srv.wait_for_client(DEADLINE) is not None
         c.close()
-        srv.wait_for_disconnect(n, WAIT)
+        srv.wait_for_disconnect(n, DEADLINE)
         assert srv.connection is None and srv.connections_served == n

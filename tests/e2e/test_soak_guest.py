@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from serverproc import Resources, ServerProcess, wait_for
+from supervised import Resources, ServerProcess, wait_for
 
 from vfio_user_server.sample import ID_VALUE
 from vfio_user_server.testing.guest import QemuMachine, VfioUserDevice
@@ -67,7 +67,7 @@ def check(baseline: Resources, after: Resources) -> None:
 
 def test_guest_reboots_leave_the_server_as_it_was(vfio_user_provisioned: Provisioned,
                                                   tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path / "reboot.sock", "sample")
+    srv = ServerProcess.serving(tmp_path / "reboot.sock", "sample")
     try:
         with QemuMachine(vfio_user_provisioned, sockets=[str(srv.sock)], no_reboot=False,
                          workdir=tmp_path / "guest", name="soak-reboot") as guest:
@@ -86,13 +86,16 @@ def test_guest_reboots_leave_the_server_as_it_was(vfio_user_provisioned: Provisi
             report("guest reboots", REBOOTS, baseline, after)
             check(baseline, after)
     finally:
-        assert srv.stop() == 0, srv.log_text()
+        try:
+            assert srv.stop() == 0, srv.stderr()
+        finally:
+            srv.close()
 
 
 def test_hot_unplug_replug_cycles_leave_the_server_as_it_was(
         vfio_user_provisioned: Provisioned, tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path / "plug.sock", "soak_devices:NoMsixSample",
-                        env={"PYTHONPATH": str(HERE)})
+    srv = ServerProcess.serving(tmp_path / "plug.sock", "soak_devices:NoMsixSample",
+                                env={"PYTHONPATH": str(HERE)})
     try:
         with QemuMachine(
             vfio_user_provisioned,
@@ -125,4 +128,7 @@ def test_hot_unplug_replug_cycles_leave_the_server_as_it_was(
             report("hot-unplug/re-plug cycles", PLUGS, baseline, after)
             check(baseline, after)
     finally:
-        assert srv.stop() == 0, srv.log_text()
+        try:
+            assert srv.stop() == 0, srv.stderr()
+        finally:
+            srv.close()
