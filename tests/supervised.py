@@ -152,6 +152,9 @@ class ServerProcess:
         p.sock = sock
         try:
             p.ready()
+            # it sends READY=1 and then closes the datagram socket it sent it on: what it
+            # holds is measured (``resources``) once that socket is gone
+            wait_for(lambda: not p.datagram_sockets(), "the server to close its notify socket")
         except BaseException:
             p.close()
             raise
@@ -160,6 +163,23 @@ class ServerProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def datagram_sockets(self) -> set[int]:
+        """The inodes of the AF_UNIX datagram sockets the server holds."""
+        mine = set()
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue
+            if target.startswith("socket:["):
+                mine.add(int(target[8:-1]))
+        dgram = set()
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[4], 16) == socket.SOCK_DGRAM:
+                dgram.add(int(fields[6]))
+        return mine & dgram
 
     def resources(self) -> Resources:
         return Resources.of(self.pid)
@@ -197,6 +217,14 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.wait()
+
+    def finish(self) -> None:
+        """Stop it with SIGTERM, check it exited with 0, and close it."""
+        try:
+            status = self.stop()
+            assert status == 0, self.stderr()
+        finally:
+            self.close()
 
     def wait(self) -> int:
         try:

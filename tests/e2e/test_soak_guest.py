@@ -54,12 +54,12 @@ def guest_sees(guest: QemuMachine, present: bool) -> Callable[[], bool]:
     return lambda: ("0x7000" in sample_ids(guest)) is present
 
 
-def report(what: str, n: int, baseline: Resources, after: Resources) -> None:
+def check(srv: ServerProcess, what: str, n: int, baseline: Resources) -> None:
+    """Once the server settles after ``n`` ``what``: print its figures, and check its fds, maps
+    and threads are back to ``baseline`` and its RSS grew less than the limit."""
+    after = srv.settle(baseline)
     print(f"\nsoak: {n} {what}; server before {baseline}, after {after}; RSS growth "
           f"{after.rss_kib - baseline.rss_kib} KiB", flush=True)
-
-
-def check(baseline: Resources, after: Resources) -> None:
     assert (after.fds, after.maps, after.threads) == (baseline.fds, baseline.maps,
                                                        baseline.threads), (baseline, after)
     assert after.rss_kib - baseline.rss_kib < RSS_GROWTH_LIMIT_KIB, (baseline, after)
@@ -82,14 +82,9 @@ def test_guest_reboots_leave_the_server_as_it_was(vfio_user_provisioned: Provisi
                 if LONG and i % 10 == 9:
                     print(f"\nsoak: {i + 1} reboots in {time.monotonic() - t0:.0f} s, "
                           f"{srv.resources()}", flush=True)
-            after = srv.settle(baseline)
-            report("guest reboots", REBOOTS, baseline, after)
-            check(baseline, after)
+            check(srv, "guest reboots", REBOOTS, baseline)
     finally:
-        try:
-            assert srv.stop() == 0, srv.stderr()
-        finally:
-            srv.close()
+        srv.finish()
 
 
 def test_hot_unplug_replug_cycles_leave_the_server_as_it_was(
@@ -124,11 +119,6 @@ def test_hot_unplug_replug_cycles_leave_the_server_as_it_was(
                 if LONG and i % 10 == 0:
                     print(f"\nsoak: {i} plug cycles in {time.monotonic() - t0:.0f} s, "
                           f"{srv.resources()}", flush=True)
-            after = srv.settle(baseline)
-            report("hot-unplug/re-plug cycles", PLUGS, baseline, after)
-            check(baseline, after)
+            check(srv, "hot-unplug/re-plug cycles", PLUGS, baseline)
     finally:
-        try:
-            assert srv.stop() == 0, srv.stderr()
-        finally:
-            srv.close()
+        srv.finish()
