@@ -27,13 +27,14 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from . import __version__, systemd
+from . import __version__, control, systemd
 from . import server as server_mod
 from .endpoint import VfioDevice
 from .errors import VfioUserError
 from .options import build_device
 from .protocol.constants import DmaLayout
 from .server import Server
+from .upgrade import receive_and_resume
 
 #: Built-in devices: name -> "module:Class".
 BUILTIN_DEVICES: dict[str, str] = {
@@ -208,8 +209,28 @@ def _describe(source: Source) -> str:
     return f"fd {source}" if isinstance(source, int) else source
 
 
+def upgrade_main(argv: Sequence[str]) -> int:
+    """``vfio-user-server upgrade --socket PATH``: 0 once the new process serves."""
+    p = argparse.ArgumentParser(prog="vfio-user-server upgrade",
+                                description="Replace the server of a socket by a new process "
+                                "running the code now on disk; the client stays connected.")
+    p.add_argument("--socket", "-s", required=True, help="the device's socket path")
+    args = p.parse_args(argv)
+    try:
+        pid = control.request_upgrade(args.socket)
+    except (VfioUserError, OSError) as exc:
+        print(f"vfio-user-server: {exc}", file=sys.stderr)
+        return EXIT_DEVICE
+    print(f"vfio-user-server: {args.socket} upgraded, now served by pid {pid}", flush=True)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    groups = split_groups(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["upgrade"]:
+        return upgrade_main(argv[1:])
+    handover_fd = os.environ.pop(control.HANDOVER_ENV, None)
+    groups = split_groups(argv)
     args = build_parser().parse_args(groups[0])
     if args.list:
         for name, target in sorted(BUILTIN_DEVICES.items()):
@@ -227,8 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spec.mode_bits = int(spec.mode, 8)
             except ValueError:
                 raise UsageError(f"--mode {spec.mode!r} is not an octal mode") from None
+        if handover_fd is not None and (len(specs) != 1 or specs[0].socket is None):
+            raise UsageError(f"{control.HANDOVER_ENV}: one device with --socket only")
         try:
-            activated = systemd.listen_fds()
+            activated = (systemd.ActivatedFds() if handover_fd is not None
+                         else systemd.listen_fds())
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         sources = assign_sources(specs, activated)
@@ -265,14 +289,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # before the sockets appear: whoever sees one may signal us at once
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # a live upgrade needs one device on a --socket path: its control socket is PATH.ctl
+    upgradable = len(specs) == 1 and isinstance(sources[0], str)
+    ctl: control.ControlSocket | None = None
     try:
-        for spec, device, source in zip(specs, devices, sources, strict=True):
-            where: str | socket.socket = (server_mod.listening_socket(source)
-                                          if isinstance(source, int) else source)
-            srv = Server(device, where, mode=spec.mode_bits, trace=spec.trace,
-                         dma_layout=DmaLayout(spec.dma_layout), release_memory=True)
+        if handover_fd is not None:  # a new process of a live upgrade: take over, serve, ack
+            spec = specs[0]
+            with socket.socket(fileno=int(handover_fd)) as chan:
+                srv = receive_and_resume(chan, devices[0], mode=spec.mode_bits,
+                                         trace=spec.trace, release_memory=True,
+                                         upgradable=True)
             servers.append(srv)
-            srv.listen()
+        else:
+            for spec, device, source in zip(specs, devices, sources, strict=True):
+                where: str | socket.socket = (server_mod.listening_socket(source)
+                                              if isinstance(source, int) else source)
+                srv = Server(device, where, mode=spec.mode_bits, trace=spec.trace,
+                             dma_layout=DmaLayout(spec.dma_layout), release_memory=True,
+                             upgradable=upgradable)
+                servers.append(srv)
+                srv.listen()
+        if upgradable:
+            ctl = control.ControlSocket(servers[0], control.control_path(str(sources[0])), argv)
     except (VfioUserError, OSError) as exc:
         for srv in servers:
             srv.close()
@@ -291,7 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             threading.Thread(target=stop_after_first_client, daemon=True).start()
         try:
-            srv.serve_forever()
+            if srv.started:  # handed over: resumed and already serving
+                srv.join()
+            else:
+                srv.serve_forever()
         except Exception:
             log.exception("serving %s failed", srv.path)
             status = EXIT_SOCKET
@@ -313,7 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for t in threads:
             t.join()
+        if ctl is not None and servers[0].handed_over:
+            ctl.upgraded.wait(control.UPGRADE_TIMEOUT)  # the requester has its answer
     finally:
+        if ctl is not None:
+            ctl.close()
         for srv in servers:
             srv.close()
     return status

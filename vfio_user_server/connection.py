@@ -142,3 +142,24 @@ class Connection:
                         self.device.vfio_detach()
                 except Exception:
                     log.exception("device vfio_detach failed")
+
+    @loop_thread
+    def abandon(self) -> None:
+        """After a live upgrade handed this connection to another process: close this
+        process's copies of its fds and stop its threads, but tear down nothing the new owner
+        uses: no socket shutdown, no device detach (NVMe would reset), nothing told to the
+        client. The device stays quiesced: it is the old process's, and no longer serves."""
+        if self.closed:
+            return
+        with self._send_lock:
+            self.closed = True
+        self.requester.close()
+        self.reader.close()  # our copies of the fds of a message not yet whole
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.table.remove_all()  # munmap and close our copies; the maps live on over there
+        finally:
+            try:
+                self.device.irqs.close()  # our copies of the eventfds
+            finally:
+                self.sock.close()  # close(), not shutdown(): the socket is the new process's

@@ -427,6 +427,16 @@ class DmaMapTable:
         with self._lock:
             return len(self._maps)
 
+    def map_fds(self) -> list[tuple[DmaMapping, int | None]]:
+        """Each map with the fd of its mmapped file (None: message DMA), by IOVA, for a live
+        upgrade; the table still owns the fds."""
+        with self._lock:
+            out: list[tuple[DmaMapping, int | None]] = []
+            for start in self._starts:
+                m = self._maps[start]
+                out.append((m, m._file.fd if m._file is not None else None))
+            return out
+
     def mapped_file_count(self) -> int:
         """How many files are mmapped now (including ones kept alive by deferred unmaps)."""
         with self._lock:

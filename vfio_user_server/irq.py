@@ -561,3 +561,31 @@ class _ResampleWatcher:
                 p = select.poll()
                 p.register(wake, select.POLLIN)
                 p.poll(50)
+
+
+# --- live upgrade (vfio_user_server.upgrade): outside the class, beside it ---------------------
+def eventfds(ctl: IrqController) -> tuple[list[tuple[int, int, int]], int | None]:
+    """The fds ``ctl`` holds now: ``([(index, vector, fd), ...], resample_fd)``; still its own."""
+    with ctl._lock:
+        fds = [(int(idx), v, vec.fd) for idx, vecs in ctl._vecs.items()
+               for v, vec in enumerate(vecs) if vec.fd is not None]
+        return fds, ctl._resample_fd
+
+
+def adopt_eventfds(ctl: IrqController, fds: Sequence[tuple[int, int, int]],
+                   resample_fd: int | None) -> None:
+    """``ctl`` takes over the fds another process held (a live upgrade), silently: nothing
+    fires. It owns them from here on (also when this raises: they are closed)."""
+    with ctl._lock:
+        try:
+            targets = [ctl._vector(index, vector) for index, vector, _fd in fds]
+        except BaseException:
+            for _i, _v, fd in fds:
+                close_fd(fd, "IRQ fd")
+            close_fd(resample_fd, "IRQ fd")
+            raise
+        for (_idx, vec), (_i, _v, fd) in zip(targets, fds, strict=True):
+            old, vec.fd = vec.fd, fd
+            if old is not None and old != fd:
+                close_fd(old, "IRQ fd")
+        ctl._set_resample_fd(resample_fd)

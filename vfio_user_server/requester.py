@@ -81,6 +81,30 @@ class ClientRequester:
         for fut in pending.values():
             fut.set_exception(ConnectionClosed("client disconnected"))
 
+    # --- live upgrade -----------------------------------------------------------------------
+    @loop_thread
+    def export(self) -> dict[str, object]:
+        """What a new process needs to go on: the next request id and the probed layout.
+        Refuses (RuntimeError) while a request waits for its reply: that reply would be lost."""
+        with self._pending_lock:
+            if self._pending:
+                raise RuntimeError(f"{len(self._pending)} DMA request(s) wait for a reply")
+            nxt = next(self._ids)
+            self._ids = itertools.count(nxt)
+        return {"next_id": nxt, "layout": None if self._layout is None else self._layout.value,
+                "negotiated": self._negotiated.is_set()}
+
+    @loop_thread
+    def restore(self, saved: dict[str, object]) -> None:
+        """Go on from :meth:`export`'s record."""
+        nxt, layout = saved["next_id"], saved["layout"]
+        if not isinstance(nxt, int) or not (layout is None or isinstance(layout, str)):
+            raise ValueError("bad requester record")
+        self._ids = itertools.count(nxt)
+        self._layout = None if layout is None else DmaLayout(layout)
+        if saved.get("negotiated"):
+            self._negotiated.set()
+
     # --- the device threads' side -----------------------------------------------------------
     @device_thread
     def request(self, command: Command, payload: bytes) -> codec.Message:

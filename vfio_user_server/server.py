@@ -30,7 +30,7 @@ from .errors import ConnectionClosed, FramingError, VfioUserError
 from .memory import release_free_memory
 from .protocol.constants import DmaLayout
 from .protocol.session import ServerCapabilities
-from .threads import loop_thread
+from .threads import any_thread, loop_thread
 
 __all__ = ["Connection", "Server"]
 
@@ -136,6 +136,7 @@ class Server:
         trace: bool | TraceSink = False,
         trace_file: TextIO | None = None,
         release_memory: bool = False,
+        upgradable: bool = False,
     ) -> None:
         self.device = device
         # chosen (and said) before the socket listens: a signal right after finds it done
@@ -172,6 +173,16 @@ class Server:
         self._listener_lock = threading.Lock()
         self._serving = False
         self._handover: socket.socket | None = None  # a client the refuser accepted
+        #: live upgrade (vfio_user_server.upgrade): the loop thread also watches a pipe
+        #: between messages, so a hand-over happens with no message half-handled
+        self.upgradable = upgradable
+        self._upgrade_r, self._upgrade_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._upgrade_job: Callable[[Connection | None], bool] | None = None
+        self._upgrade_done = threading.Condition()
+        self._upgrade_result: bool | BaseException | None = None
+        #: set once the listener and client went to another process: nothing is torn down
+        self.handed_over = False
+        self._first: Connection | None = None  # a connection rebuilt from a hand-over
 
     @property
     def tracing(self) -> bool:
@@ -244,6 +255,9 @@ class Server:
             # from here on only this thread closes the listener (stop() just wakes it)
             self._serving = True
         try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                self._serve_client(first)
             while not self._stopping.is_set():
                 client = self._accept()
                 if client is None:
@@ -262,7 +276,12 @@ class Server:
                 client.close()
                 return None
             return client
-        r, _, _ = select.select([self._listener.fileno(), self._wake_r], [], [])
+        watched = [self._listener.fileno(), self._wake_r]
+        if self.upgradable:
+            watched.append(self._upgrade_r)
+        r, _, _ = select.select(watched, [], [])
+        if self._upgrade_r in r and self._run_upgrade_job(None):
+            return None
         if self._wake_r in r:
             # stop(), or an IRQ-watch wake-up left over from the last connection: drain it,
             # or select() returns at once forever and no client is ever accepted again
@@ -278,8 +297,9 @@ class Server:
         return client
 
     @loop_thread
-    def _serve_client(self, client: socket.socket) -> None:
-        conn = Connection(self, client, self.device)
+    def _serve_client(self, client: socket.socket | Connection) -> None:
+        conn = (client if isinstance(client, Connection)
+                else Connection(self, client, self.device))
         conn.bind_loop_thread(threading.current_thread())
         with self._connected:
             self.connection = conn
@@ -296,6 +316,13 @@ class Server:
         refuser.start()
         try:
             while not self._stopping.is_set():
+                if self.upgradable:  # a hand-over between two messages, even inside a burst
+                    if self._upgrade_job is not None and self._run_upgrade_job(conn):
+                        break
+                    if not conn.reader.reader.has_message():
+                        r, _, _ = select.select([conn.sock.fileno(), self._upgrade_r], [], [])
+                        if conn.sock.fileno() not in r:
+                            continue  # the hand-over is taken at the top
                 conn.handle_one()
         except ConnectionClosed:
             log.info("client disconnected from %s", self.path)
@@ -313,7 +340,10 @@ class Server:
             os.close(done_r)
             os.close(done_w)
             try:
-                conn.close()
+                if self.handed_over:
+                    conn.abandon()
+                else:
+                    conn.close()
             finally:
                 if self.release_memory:
                     with self._connected:
@@ -325,6 +355,58 @@ class Server:
                     self.connection = None
                     self.connections_served += 1
                     self._connected.notify_all()
+
+    # --- live upgrade -------------------------------------------------------------------------
+    @loop_thread
+    def _run_upgrade_job(self, conn: Connection | None) -> bool:
+        """Run the hand-over asked for by :meth:`run_between_messages`; True if this process
+        no longer serves (the loop ends, tearing down nothing)."""
+        with contextlib.suppress(OSError):
+            os.read(self._upgrade_r, 4096)
+        with self._upgrade_done:  # a job its caller gave up on is gone from here
+            job, self._upgrade_job = self._upgrade_job, None
+        if job is None:
+            return False
+        result: bool | BaseException
+        try:
+            result = job(conn)
+        except BaseException as exc:  # the caller gets it; this process serves on
+            result = exc
+        if result is True:
+            self.handed_over = True
+            self._stopping.set()
+        with self._upgrade_done:
+            self._upgrade_result = result
+            self._upgrade_done.notify_all()
+        return result is True
+
+    @any_thread
+    def run_between_messages(self, job: Callable[[Connection | None], bool],
+                             timeout: float | None = None) -> bool:
+        """Run ``job(connection or None)`` on the loop thread between two messages (the
+        server must be ``upgradable``); its True means the process handed everything over and
+        stops serving without tearing anything down. Returns the job's result or raises what
+        it raised; TimeoutError if the loop did not run it in time."""
+        if not self.upgradable:
+            raise VfioUserError("this server was not started upgradable", errno=errno.EINVAL)
+        with self._upgrade_done:
+            self._upgrade_result = None
+            self._upgrade_job = job
+            os.write(self._upgrade_w, b"u")
+            if not self._upgrade_done.wait_for(lambda: self._upgrade_result is not None,
+                                               timeout):
+                if self._upgrade_job is job:  # not started: withdraw it
+                    self._upgrade_job = None
+                    raise TimeoutError("the server loop did not take the hand-over in time")
+                self._upgrade_done.wait_for(lambda: self._upgrade_result is not None)
+            result, self._upgrade_result = self._upgrade_result, None
+        if isinstance(result, BaseException):
+            raise result
+        return bool(result)
+
+    def adopt(self, conn: Connection) -> None:
+        """Serve ``conn`` (rebuilt from a hand-over) first, then accept clients as usual."""
+        self._first = conn
 
     def _refuse_others(self, done_r: int, current: socket.socket) -> None:
         """While a client is served, accept and close any other (one client at a time).
@@ -358,6 +440,16 @@ class Server:
         self._thread.start()
         return self
 
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` runs the loop in a background thread."""
+        return self._thread is not None
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the loop started by :meth:`start` to end."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def wait_for_client(self, timeout: float | None = None) -> Connection:
         with self._connected:
             if not self._connected.wait_for(lambda: self.connection is not None, timeout):
@@ -376,7 +468,7 @@ class Server:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         conn = self.connection
-        if conn is not None:  # wakes the loop thread blocked in recvmsg
+        if conn is not None and not self.handed_over:  # wakes the loop thread in recvmsg
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -389,7 +481,7 @@ class Server:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            if self.owns_path:
+            if self.owns_path and not self.handed_over:
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
 
@@ -399,6 +491,8 @@ class Server:
             self._closed_pipes = True
             os.close(self._wake_r)
             os.close(self._wake_w)
+            os.close(self._upgrade_r)
+            os.close(self._upgrade_w)
 
     def __enter__(self) -> Server:
         return self.start()

@@ -146,6 +146,34 @@ class MessageReader:
         """Bytes fed but not yet taken as a message (a partial message at EOF)."""
         return len(self._buf) - self._pos
 
+    def has_message(self) -> bool:
+        """Whether a whole message (or a framing error) is waiting: next_message() returns
+        without more being fed."""
+        avail = len(self._buf) - self._pos
+        if avail < HEADER_SIZE:
+            return self._error is not None
+        size: int = _HEADER.unpack_from(self._buf, self._pos)[2]
+        return avail >= size or size < HEADER_SIZE
+
+    def export_pending(self) -> tuple[bytes, list[tuple[int, int, list[int]]]]:
+        """The unparsed bytes and each pending read's fds as ``(first, last, fds)`` offsets
+        into those bytes (a live upgrade carries them to a new reader: :meth:`import_pending`).
+        The reader keeps owning the fds; the caller duplicates or sends them."""
+        pos = self._pos
+        marks = [(max(first - pos, 0), last - pos, list(fds)) for first, last, fds in self._marks]
+        return bytes(self._buf[pos:]), marks
+
+    def import_pending(self, data: bytes, marks: list[tuple[int, int, list[int]]]) -> None:
+        """Start from what :meth:`export_pending` gave in another reader: the same messages,
+        with the same fds, come out. Only on a fresh reader; it owns the fds from here on."""
+        if self._buf or self._marks or self._error is not None:
+            raise ValueError("import_pending needs a fresh reader")
+        for first, last, _fds in marks:
+            if not 0 <= first < last <= len(data):
+                raise FramingError(f"pending read {first}..{last} outside {len(data)} bytes")
+        self._buf += data
+        self._marks = [(first, last, list(fds)) for first, last, fds in marks]
+
     def take_fds(self) -> list[int]:
         """Every fd the reader still holds (of unfinished or refused messages); the caller
         closes them. The buffer is emptied: the reader is done with this stream."""
