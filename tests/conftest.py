@@ -44,6 +44,15 @@ def sock_path(sock_dir: Path) -> Path:
 
 
 @pytest.fixture
+def image(sock_dir: Path) -> Path:
+    """An 8 MiB disk image file (all zeros) for a block device's backing store."""
+    p = sock_dir / "disk.img"
+    with open(p, "wb") as f:
+        f.truncate(8 << 20)
+    return p
+
+
+@pytest.fixture
 def make_server(sock_dir: Path) -> Iterator[ServerFactory]:
     """Start Servers: ``make_server(device=None, name="dev.sock", **server_kwargs)``."""
     servers: list[Server] = []

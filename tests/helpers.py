@@ -70,11 +70,15 @@ def fired(fd: int, timeout: float = 0.0) -> int:
         time.sleep(0.002)
 
 
-def device_dma(c: Client, addr: int, length: int, cmd: int) -> int:
-    """Program the sample device's DMA engine and wait for it; return DMA_STAT."""
+def program_dma(c: Client, addr: int, length: int, cmd: int) -> None:
+    """Start the sample device's DMA engine (address, length, then the command)."""
     c.bar_write(0, REG_DMA_ADDR, 8, addr)
     c.bar_write(0, REG_DMA_LEN, 4, length)
     c.bar_write(0, REG_DMA_CMD, 4, cmd)
+
+
+def wait_dma(c: Client) -> int:
+    """Wait for the sample device's DMA to finish; return DMA_STAT (STAT_DONE or STAT_ERROR)."""
     stat = 0
 
     def done() -> bool:
@@ -84,6 +88,12 @@ def device_dma(c: Client, addr: int, length: int, cmd: int) -> int:
 
     wait_until(done, what="device DMA")
     return stat
+
+
+def device_dma(c: Client, addr: int, length: int, cmd: int) -> int:
+    """Program the sample device's DMA engine and wait for it; return DMA_STAT."""
+    program_dma(c, addr, length, cmd)
+    return wait_dma(c)
 
 
 

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import os
 import queue
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -135,12 +132,9 @@ def test_switch_and_text_options() -> None:
 
 
 @pytest.fixture
-def folder() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="vfu-cli-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def folder(sock_dir: Path) -> Path:
+    """The current folder of the command: a fresh temporary one."""
+    return sock_dir
 
 
 class Served:

@@ -7,9 +7,17 @@ import errno
 import threading
 
 import pytest
-from helpers import WAIT, ClientFactory, RecordingSample, ServerFactory, negotiated, wait_until
+from helpers import (
+    WAIT,
+    ClientFactory,
+    RecordingSample,
+    ServerFactory,
+    negotiated,
+    program_dma,
+    wait_dma,
+    wait_until,
+)
 
-from vfio_user_server.client import Client
 from vfio_user_server.errors import DmaError, DmaTimeoutError
 from vfio_user_server.protocol import codec
 from vfio_user_server.protocol.constants import Command, DmaLayout
@@ -18,13 +26,8 @@ from vfio_user_server.sample import (
     DMA_FROM_DEVICE,
     DMA_TO_DEVICE,
     ID_VALUE,
-    REG_DMA_ADDR,
-    REG_DMA_CMD,
-    REG_DMA_LEN,
-    REG_DMA_STAT,
     REG_ID,
     REG_SCRATCH,
-    STAT_BUSY,
     STAT_DONE,
     STAT_ERROR,
 )
@@ -48,24 +51,6 @@ class LoopDma(RecordingSample):
                 self.loop_results.append(exc)
             return
         super().bar_write(bar, offset, size, value)
-
-
-def program_dma(c: Client, addr: int, length: int, cmd: int) -> None:
-    c.bar_write(0, REG_DMA_ADDR, 8, addr)
-    c.bar_write(0, REG_DMA_LEN, 4, length)
-    c.bar_write(0, REG_DMA_CMD, 4, cmd)
-
-
-def wait_dma(c: Client) -> int:
-    stat = STAT_BUSY
-
-    def done() -> bool:
-        nonlocal stat
-        stat = c.bar_read(0, REG_DMA_STAT, 4)
-        return stat in (STAT_DONE, STAT_ERROR)
-
-    wait_until(done, what="device DMA to finish")
-    return stat
 
 
 @pytest.mark.parametrize("layout", [DmaLayout.AUTO, DmaLayout.SPEC, DmaLayout.LEGACY])

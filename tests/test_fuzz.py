@@ -36,7 +36,7 @@ from fuzzing import (
     check_session,
     make_fd,
 )
-from helpers import WAIT, RawPeer, negotiated, run_in_thread, wait_until
+from helpers import WAIT, RawPeer, device_dma, negotiated, run_in_thread, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -57,10 +57,6 @@ from vfio_user_server.sample import (
     DMA_FROM_DEVICE,
     DMA_TO_DEVICE,
     ID_VALUE,
-    REG_DMA_ADDR,
-    REG_DMA_CMD,
-    REG_DMA_LEN,
-    REG_DMA_STAT,
     REG_ID,
     REG_SCRATCH,
     STAT_DONE,
@@ -302,21 +298,6 @@ class ClientServerMachine(RuleBasedStateMachine):
             fn()
         assert info.value.errno == err
 
-    def _device_dma(self, iova: int, length: int, cmd: int) -> int:
-        c = self.c
-        c.bar_write(0, REG_DMA_ADDR, 8, iova)
-        c.bar_write(0, REG_DMA_LEN, 4, length)
-        c.bar_write(0, REG_DMA_CMD, 4, cmd)
-        stat = 0
-
-        def done() -> bool:
-            nonlocal stat
-            stat = c.bar_read(0, REG_DMA_STAT, 4)
-            return stat in (STAT_DONE, STAT_ERROR)
-
-        wait_until(done, what="device DMA")
-        return stat
-
     # --- connection
     @precondition(lambda self: self.client is None)
     @rule()
@@ -393,7 +374,7 @@ class ClientServerMachine(RuleBasedStateMachine):
         for addr, n, m in pieces:
             off = addr - m
             self.maps[m][2][off:off + n] = data[addr - start:addr - start + n]
-        stat = self._device_dma(start, length, DMA_TO_DEVICE)
+        stat = device_dma(self.c, start, length, DMA_TO_DEVICE)
         assert stat == (STAT_DONE if pieces else STAT_ERROR)
         if pieces:
             self.buffer[:length] = data[:length]
@@ -402,7 +383,7 @@ class ClientServerMachine(RuleBasedStateMachine):
     @rule(start=st.integers(0, SLOTS * PAGE - 1), length=st.integers(1, BUFFER_SIZE))
     def dma_from_device(self, start: int, length: int) -> None:
         pieces = self._covering(start, length, write=True)
-        stat = self._device_dma(start, length, DMA_FROM_DEVICE)
+        stat = device_dma(self.c, start, length, DMA_FROM_DEVICE)
         assert stat == (STAT_DONE if pieces else STAT_ERROR)
         for addr, n, m in pieces:
             off = addr - m

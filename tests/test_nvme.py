@@ -270,14 +270,6 @@ def tmp() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def image(tmp: Path) -> Path:
-    p = tmp / "disk.img"
-    with open(p, "wb") as f:
-        f.truncate(8 << 20)
-    return p
-
-
 def map_sealed_ram(c: Client) -> None:
     """Guest RAM at IOVA 0 as QEMU's memfd backend makes it: sealed against shrinking, so the
     controller reaches it zero-copy (an unsealed memfd goes through guarded copies)."""

@@ -9,8 +9,6 @@ durable was already written.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,16 +52,6 @@ class SyncRecorder:
     def wait_entered(self, count: int) -> None:
         with self.lock:
             assert self.lock.wait_for(lambda: self.entered >= count, WAIT), "no sync started"
-
-
-@pytest.fixture
-def image() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="nvme-dur-", dir="/tmp"))
-    p = d / "disk.img"
-    with open(p, "wb") as f:
-        f.truncate(8 << 20)
-    yield p
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(params=["memfd", "message"])

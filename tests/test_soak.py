@@ -20,17 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serverproc import WAIT, Resources, ServerProcess, wait_for
+from helpers import device_dma
+from supervised import DEADLINE, Resources, ServerProcess, wait_for
 
 from vfio_user_server.client import Client
 from vfio_user_server.sample import (
     DMA_FROM_DEVICE,
     DMA_TO_DEVICE,
     ID_VALUE,
-    REG_DMA_ADDR,
-    REG_DMA_CMD,
-    REG_DMA_LEN,
-    REG_DMA_STAT,
     REG_ID,
     REG_SCRATCH,
     STAT_DONE,
@@ -47,30 +44,14 @@ RSS_GROWTH_LIMIT_KIB = 1024
 @pytest.fixture
 def sample_process() -> Iterator[ServerProcess]:
     d = Path(tempfile.mkdtemp(prefix="vfu-soak-", dir="/tmp"))
-    srv = ServerProcess(d / "soak.sock", "sample")
     try:
-        yield srv
-    finally:
+        srv = ServerProcess.serving(d / "soak.sock", "sample")
         try:
-            status = srv.stop()
-            assert status == 0, srv.log_text()
+            yield srv
         finally:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def dma(c: Client, addr: int, length: int, cmd: int) -> int:
-    c.bar_write(0, REG_DMA_ADDR, 8, addr)
-    c.bar_write(0, REG_DMA_LEN, 4, length)
-    c.bar_write(0, REG_DMA_CMD, 4, cmd)
-    stat = 0
-
-    def done() -> bool:
-        nonlocal stat
-        stat = c.bar_read(0, REG_DMA_STAT, 4)
-        return stat in (STAT_DONE, STAT_ERROR)
-
-    wait_for(done, "the device's DMA")
-    return stat
+            srv.finish()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def one_session(srv: ServerProcess, i: int) -> None:
@@ -88,10 +69,10 @@ def one_session(srv: ServerProcess, i: int) -> None:
             c.bar_write(0, REG_SCRATCH, 4, i, posted=True)
             assert c.bar_read(0, REG_SCRATCH, 4) == i
             c.write_memory(0x200000, i.to_bytes(4, "little") * 16)
-            assert dma(c, 0x200000, 64, DMA_TO_DEVICE) == STAT_DONE
-            assert dma(c, 0x100000 + 0x100, 64, DMA_FROM_DEVICE) == STAT_DONE
+            assert device_dma(c, 0x200000, 64, DMA_TO_DEVICE) == STAT_DONE
+            assert device_dma(c, 0x100000 + 0x100, 64, DMA_FROM_DEVICE) == STAT_DONE
             assert c.read_memory(0x100000 + 0x100, 64) == i.to_bytes(4, "little") * 16
-            assert dma(c, 0x200000, 64, DMA_FROM_DEVICE) == STAT_ERROR  # read-only map
+            assert device_dma(c, 0x200000, 64, DMA_FROM_DEVICE) == STAT_ERROR  # read-only map
             if i % 2:
                 c.dma_unmap(0x100000, 0x10000)
             c.reset()
@@ -154,9 +135,9 @@ def test_the_sample_device_keeps_a_bounded_access_log() -> None:
 def test_a_server_that_releases_memory_still_counts_its_clients(make_server: Any) -> None:
     srv = make_server(release_memory=True)
     for n in range(1, 4):
-        c = Client.connect(srv.path, timeout=WAIT)
+        c = Client.connect(srv.path, timeout=DEADLINE)
         c.negotiate()
-        assert srv.wait_for_client(WAIT) is not None
+        assert srv.wait_for_client(DEADLINE) is not None
         c.close()
-        srv.wait_for_disconnect(n, WAIT)
+        srv.wait_for_disconnect(n, DEADLINE)
         assert srv.connection is None and srv.connections_served == n

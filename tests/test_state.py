@@ -6,9 +6,6 @@ import contextlib
 import json
 import mmap
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -227,16 +224,6 @@ def test_idio16_after_load() -> None:
 
 
 # --------------------------------------------------------------------------------- NVMe
-
-@pytest.fixture
-def image() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="nvst-", dir="/tmp"))
-    p = d / "disk.img"
-    with open(p, "wb") as f:
-        f.truncate(8 << 20)
-    yield p
-    shutil.rmtree(d, ignore_errors=True)
-
 
 def test_nvme_io_continues_on_restored_queues(image: Path) -> None:
     """Save with a write submitted but not fetched; the loading controller, on the same guest

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from serverproc import ServerProcess, installed_command
+from supervised import ServerProcess, installed_command
 
 from vfio_user_server.sample import ID_VALUE, REG_SCRATCH
 from vfio_user_server.testing.guest import QemuMachine
@@ -33,7 +33,7 @@ def sample_bar0(guest: QemuMachine) -> int:
 
 def test_qemu_attaches_to_the_installed_vfio_user_server(
         vfio_user_provisioned: Provisioned, tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path / "sample.sock", "sample", log_level="INFO")
+    srv = ServerProcess.serving(tmp_path / "sample.sock", "sample", log_level="INFO")
     try:
         with QemuMachine(vfio_user_provisioned, sockets=[str(srv.sock)],
                          workdir=tmp_path / "guest", name="installed-server") as guest:
@@ -43,10 +43,11 @@ def test_qemu_attaches_to_the_installed_vfio_user_server(
             out = guest.run(f"devmem {base + REG_SCRATCH:#x} 32", check=True).output
             assert int(out, 16) == 0x1234ABCD
         # QEMU is gone: the server saw its client leave and still runs
-        assert srv.proc.poll() is None, srv.log_text()
-    finally:
+        assert srv.proc.poll() is None, srv.stderr()
         status = srv.stop()
-    log = srv.log_text()
+        log = srv.stderr()
+    finally:
+        srv.close()
     assert status == 0, log
     assert "client connected" in log and "client disconnected" in log, log
     assert "Traceback" not in log, log

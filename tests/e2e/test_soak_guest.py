@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from serverproc import Resources, ServerProcess, wait_for
+from supervised import Resources, ServerProcess, wait_for
 
 from vfio_user_server.sample import ID_VALUE
 from vfio_user_server.testing.guest import QemuMachine, VfioUserDevice
@@ -54,12 +54,12 @@ def guest_sees(guest: QemuMachine, present: bool) -> Callable[[], bool]:
     return lambda: ("0x7000" in sample_ids(guest)) is present
 
 
-def report(what: str, n: int, baseline: Resources, after: Resources) -> None:
+def check(srv: ServerProcess, what: str, n: int, baseline: Resources) -> None:
+    """Once the server settles after ``n`` ``what``: print its figures, and check its fds, maps
+    and threads are back to ``baseline`` and its RSS grew less than the limit."""
+    after = srv.settle(baseline)
     print(f"\nsoak: {n} {what}; server before {baseline}, after {after}; RSS growth "
           f"{after.rss_kib - baseline.rss_kib} KiB", flush=True)
-
-
-def check(baseline: Resources, after: Resources) -> None:
     assert (after.fds, after.maps, after.threads) == (baseline.fds, baseline.maps,
                                                        baseline.threads), (baseline, after)
     assert after.rss_kib - baseline.rss_kib < RSS_GROWTH_LIMIT_KIB, (baseline, after)
@@ -67,7 +67,7 @@ def check(baseline: Resources, after: Resources) -> None:
 
 def test_guest_reboots_leave_the_server_as_it_was(vfio_user_provisioned: Provisioned,
                                                   tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path / "reboot.sock", "sample")
+    srv = ServerProcess.serving(tmp_path / "reboot.sock", "sample")
     try:
         with QemuMachine(vfio_user_provisioned, sockets=[str(srv.sock)], no_reboot=False,
                          workdir=tmp_path / "guest", name="soak-reboot") as guest:
@@ -82,17 +82,15 @@ def test_guest_reboots_leave_the_server_as_it_was(vfio_user_provisioned: Provisi
                 if LONG and i % 10 == 9:
                     print(f"\nsoak: {i + 1} reboots in {time.monotonic() - t0:.0f} s, "
                           f"{srv.resources()}", flush=True)
-            after = srv.settle(baseline)
-            report("guest reboots", REBOOTS, baseline, after)
-            check(baseline, after)
+            check(srv, "guest reboots", REBOOTS, baseline)
     finally:
-        assert srv.stop() == 0, srv.log_text()
+        srv.finish()
 
 
 def test_hot_unplug_replug_cycles_leave_the_server_as_it_was(
         vfio_user_provisioned: Provisioned, tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path / "plug.sock", "soak_devices:NoMsixSample",
-                        env={"PYTHONPATH": str(HERE)})
+    srv = ServerProcess.serving(tmp_path / "plug.sock", "soak_devices:NoMsixSample",
+                                env={"PYTHONPATH": str(HERE)})
     try:
         with QemuMachine(
             vfio_user_provisioned,
@@ -121,8 +119,6 @@ def test_hot_unplug_replug_cycles_leave_the_server_as_it_was(
                 if LONG and i % 10 == 0:
                     print(f"\nsoak: {i} plug cycles in {time.monotonic() - t0:.0f} s, "
                           f"{srv.resources()}", flush=True)
-            after = srv.settle(baseline)
-            report("hot-unplug/re-plug cycles", PLUGS, baseline, after)
-            check(baseline, after)
+            check(srv, "hot-unplug/re-plug cycles", PLUGS, baseline)
     finally:
-        assert srv.stop() == 0, srv.log_text()
+        srv.finish()

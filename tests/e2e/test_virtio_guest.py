@@ -10,13 +10,21 @@ DMA_READ/DMA_WRITE messages).
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from blockdev_checks import (
+    DiskGuest,
+    check_flush_makes_writes_durable,
+    check_guest_writes_land_in_the_file,
+    check_host_writes_are_read_by_the_guest,
+    check_mkfs_mount_and_use,
+    check_read_after_reboot,
+    write_for_reboot,
+)
 
 from vfio_user_devices.virtio_blk import VirtioBlk
 from vfio_user_devices.virtio_rng import VirtioRng
@@ -33,31 +41,12 @@ DISK = "/dev/vda"
 BLK_MODULES = [*VirtioBlk.guest_modules, "ext4", "crc32c_generic"]
 
 
-class BlkGuest:
-    def __init__(self, harness: DeviceGuest, image: Path) -> None:
-        self.h = harness
-        self.image = image
-
+class BlkGuest(DiskGuest):
     @property
     def dev(self) -> VirtioBlk:
         dev = self.h.device
         assert isinstance(dev, VirtioBlk)
         return dev
-
-    def run(self, command: str, timeout: float = 120.0) -> str:
-        return self.h.run(command, timeout, check=True).output
-
-    def host_bytes(self, offset: int, length: int) -> bytes:
-        with open(self.image, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-
-    def guest_sha256(self, command: str) -> str:
-        return self.run(f"{command} | sha256sum").split()[0]
-
-    def wait_disk(self) -> None:
-        self.run(f"for i in $(seq 100); do [ -b {DISK} ] && break; sleep 0.1; done; "
-                 f"[ -b {DISK} ]", timeout=60)
 
 
 def boot_blk(prov: Provisioned, *, shared_memory: bool, name: str, smp: int = 1
@@ -71,7 +60,7 @@ def boot_blk(prov: Provisioned, *, shared_memory: bool, name: str, smp: int = 1
                           shared_memory=shared_memory, no_reboot=False, name=name, smp=smp)
     try:
         harness.start()
-        g = BlkGuest(harness, image)
+        g = BlkGuest(harness, image, DISK)
         g.wait_disk()
         yield g
     finally:
@@ -131,67 +120,26 @@ def test_blk_binds_and_sizes(blk_guest: BlkGuest) -> None:
 
 
 def test_blk_guest_writes_land_in_the_file(blk_guest: BlkGuest) -> None:
-    g = blk_guest
-    g.run("dd if=/dev/urandom of=/tmp/r bs=4096 count=300 2>/dev/null")
-    want = g.guest_sha256("cat /tmp/r")
-    g.run(f"dd if=/tmp/r of={DISK} bs=4096 seek=77 oflag=direct 2>&1")
-    assert hashlib.sha256(g.host_bytes(77 * 4096, 300 * 4096)).hexdigest() == want
-    assert g.guest_sha256(f"dd if={DISK} bs=4096 skip=77 count=300 iflag=direct 2>/dev/null") \
-        == want
+    check_guest_writes_land_in_the_file(blk_guest)
 
 
 def test_blk_host_writes_are_read_by_the_guest(blk_guest: BlkGuest) -> None:
-    g = blk_guest
-    data = os.urandom(512 * 1000 + 512)
-    with open(g.image, "r+b") as f:
-        f.seek(5 << 20)
-        f.write(data)
-    want = hashlib.sha256(data).hexdigest()
-    got = g.guest_sha256(f"dd if={DISK} bs=512 skip={(5 << 20) // 512} count=1001 "
-                         "iflag=direct 2>/dev/null")
-    assert got == want
-    g.run("sync; echo 3 > /proc/sys/vm/drop_caches")
-    got = g.guest_sha256(f"dd if={DISK} bs=512 skip={(5 << 20) // 512} count=1001 2>/dev/null")
-    assert got == want
+    check_host_writes_are_read_by_the_guest(blk_guest)
 
 
 def test_blk_flush(blk_guest: BlkGuest) -> None:
-    g = blk_guest
-    before = g.dev.stats["flush"]
-    g.run(f"dd if=/dev/urandom of={DISK} bs=4096 seek=500 count=4 conv=fsync 2>&1")
-    assert g.dev.stats["flush"] > before
-    g.run("dd if=/dev/urandom of=/tmp/w bs=4096 count=8 2>/dev/null")
-    want = g.guest_sha256("cat /tmp/w")
-    before = g.dev.stats["flush"]
-    g.run(f"dd if=/tmp/w of={DISK} bs=4096 seek=600 2>&1 && sync -d {DISK}")
-    assert g.dev.stats["flush"] > before
-    assert hashlib.sha256(g.host_bytes(600 * 4096, 8 * 4096)).hexdigest() == want
+    check_flush_makes_writes_durable(blk_guest, lambda: blk_guest.dev.stats["flush"])
 
 
 def test_blk_mkfs_mount_and_use(blk_guest: BlkGuest) -> None:
-    g = blk_guest
-    g.run(f"mke2fs -q {DISK} 2>&1 || mke2fs {DISK} 2>&1")
-    assert g.host_bytes(1024 + 56, 2) == b"\x53\xef"  # ext2 superblock magic, durable
-    g.run(f"mkdir -p /mnt && mount -t ext2 {DISK} /mnt")
-    g.run("dd if=/dev/urandom of=/mnt/blob bs=1024 count=777 2>/dev/null && "
-          "mkdir /mnt/d && echo hello > /mnt/d/file")
-    want = g.guest_sha256("cat /mnt/blob")
-    g.run("umount /mnt && echo 3 > /proc/sys/vm/drop_caches")
-    g.run(f"mount -t ext2 {DISK} /mnt")
-    assert g.guest_sha256("cat /mnt/blob") == want
-    assert g.run("cat /mnt/d/file").strip() == "hello"
-    g.run("umount /mnt")
+    check_mkfs_mount_and_use(blk_guest)
 
 
 def test_blk_reboot_reattaches(blk_guest: BlkGuest) -> None:
     g = blk_guest
-    g.run(f"dd if=/dev/urandom of=/tmp/r bs=4096 count=16 2>/dev/null && "
-          f"dd if=/tmp/r of={DISK} bs=4096 seek=1000 oflag=direct 2>&1")
-    want = g.guest_sha256("cat /tmp/r")
+    want = write_for_reboot(g)
     g.h.guest.reboot()
-    g.wait_disk()
-    assert g.guest_sha256(f"dd if={DISK} bs=4096 skip=1000 count=16 iflag=direct 2>/dev/null") \
-        == want
+    check_read_after_reboot(g, want)
     assert g.dev.status & Status.DRIVER_OK
 
 
@@ -236,7 +184,7 @@ def test_blk_packed_ring(vfio_user_provisioned: Provisioned) -> None:
     try:
         with DeviceGuest([dev], prov=vfio_user_provisioned, workdir=tmp / "work",
                          modules=BLK_MODULES, name="virtio-blk-packed", smp=2) as h:
-            g = BlkGuest(h, image)
+            g = BlkGuest(h, image, DISK)
             g.wait_disk()
             assert dev.has_feature(F_RING_PACKED)
             assert all(q.packed for q in dev.queues[:2])
