@@ -60,8 +60,7 @@ def check(srv: ServerProcess, what: str, n: int, baseline: Resources) -> None:
     after = srv.settle(baseline)
     print(f"\nsoak: {n} {what}; server before {baseline}, after {after}; RSS growth "
           f"{after.rss_kib - baseline.rss_kib} KiB", flush=True)
-    assert (after.fds, after.maps, after.threads) == (baseline.fds, baseline.maps,
-                                                       baseline.threads), (baseline, after)
+    assert after.back_to(baseline), (baseline, after)
     assert after.rss_kib - baseline.rss_kib < RSS_GROWTH_LIMIT_KIB, (baseline, after)
 
 
