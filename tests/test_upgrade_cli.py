@@ -31,13 +31,15 @@ def gone(pid: int) -> bool:
 
 
 def fd_kinds(pid: int) -> list[str]:
-    """What the process's fds are, with socket and pipe numbers blanked: comparable."""
+    """What the process's fds are, with socket and pipe numbers and the process's own pid
+    (the pure-Python DMA copier holds ``/proc/PID/mem``) blanked: comparable."""
     out = []
     for name in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{name}")
         except OSError:
             continue
+        target = target.replace(f"/proc/{pid}/", "/proc/PID/")
         out.append(target.split("[")[0] if "[" in target else target)
     return sorted(out)
 
