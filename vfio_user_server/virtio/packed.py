@@ -10,7 +10,6 @@ from ..dma import DmaAccessor
 from .spec import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
-    DESC_F_WRITE,
     DESC_SIZE,
     EVENT_FLAGS_DESC,
     EVENT_FLAGS_DISABLE,
@@ -134,18 +133,6 @@ class PackedVirtqueue(Virtqueue):
             self.avail_wrap ^= 1
         self.popped += 1
         return chain
-
-    def _add_buffer(self, readable: list[Buffer], writable: list[Buffer], addr: int,
-                    length: int, flags: int) -> None:
-        if addr + length > _U64_END:
-            raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} wraps")
-        if flags & DESC_F_WRITE:
-            writable.append((addr, length))
-        elif writable:
-            raise VirtqueueError(
-                f"queue {self.index}: device-readable buffer after a writable one")
-        else:
-            readable.append((addr, length))
 
     def push(self, chain: Chain, written: int) -> None:
         if not 0 <= written <= chain.writable_length:

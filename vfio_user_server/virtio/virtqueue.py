@@ -270,6 +270,19 @@ class Virtqueue:
         self._windows.append(new)
         return new if (new.writable if write else new.readable) else None
 
+    def _add_buffer(self, readable: list[Buffer], writable: list[Buffer], addr: int,
+                    length: int, flags: int) -> None:
+        """Check one descriptor's buffer and file it: device-readable ones come first."""
+        if addr + length > _U64_END:
+            raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} wraps")
+        if flags & DESC_F_WRITE:
+            writable.append((addr, length))
+        elif writable:
+            raise VirtqueueError(
+                f"queue {self.index}: device-readable buffer after a writable one")
+        else:
+            readable.append((addr, length))
+
     def _read(self, addr: int, length: int) -> bytes:
         w = self._window(addr, length, False)
         if w is not None:
@@ -396,15 +409,7 @@ class Virtqueue:
                 limit = length // DESC_SIZE
                 i = 0
                 continue
-            if addr + length > _U64_END:
-                raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} wraps")
-            if flags & DESC_F_WRITE:
-                writable.append((addr, length))
-            elif writable:
-                raise VirtqueueError(
-                    f"queue {self.index}: device-readable buffer after a writable one")
-            else:
-                readable.append((addr, length))
+            self._add_buffer(readable, writable, addr, length, flags)
             count += 1
             if not flags & DESC_F_NEXT:
                 break
