@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from . import __version__, control, systemd
+from . import __version__, control, supervised, supervisor, systemd
 from . import server as server_mod
 from .endpoint import VfioDevice
 from .errors import VfioUserError
@@ -150,6 +150,9 @@ def build_parser(process: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
         p.add_argument("--list", action="store_true", help="list built-in devices and exit")
         p.add_argument("--version", action="version", version=f"pyvfio-user {__version__}")
+        p.add_argument("--supervise", action="store_true",
+                       help="crash recovery: a parent process holds the client's socket and "
+                       "fds and starts a new device process when this one dies (one device)")
     p.add_argument("device", nargs="?", help="built-in device name or module:Class")
     p.add_argument("device_args", nargs=argparse.REMAINDER, help="options for the device")
     return p
@@ -230,8 +233,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["upgrade"]:
         return upgrade_main(argv[1:])
     handover_fd = os.environ.pop(control.HANDOVER_ENV, None)
+    child = supervised.SupervisedChild.from_environment()
+    recover_fd = os.environ.pop(supervised.RECOVER_ENV, None)
     groups = split_groups(argv)
     args = build_parser().parse_args(groups[0])
+    if args.supervise:
+        if len(groups) != 1 or not args.device or (args.socket is None and args.fd is None):
+            print("vfio-user-server: --supervise serves one device on --socket or --fd",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        at = argv.index("--supervise")
+        return supervisor.main(argv[:at] + argv[at + 1:])
     if args.list:
         for name, target in sorted(BUILTIN_DEVICES.items()):
             print(f"{name:20} {target}")
@@ -290,10 +302,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # a live upgrade needs one device on a --socket path: its control socket is PATH.ctl
-    upgradable = len(specs) == 1 and isinstance(sources[0], str)
+    upgradable = len(specs) == 1 and isinstance(sources[0], str) and child is None
+    factory = None if child is None else child.connection_factory
     ctl: control.ControlSocket | None = None
     try:
-        if handover_fd is not None:  # a new process of a live upgrade: take over, serve, ack
+        if recover_fd is not None and child is not None:  # after a crash (supervised)
+            spec = specs[0]
+            with socket.socket(fileno=int(recover_fd)) as chan:
+                srv = supervised.receive_recovery(chan, devices[0], child, mode=spec.mode_bits,
+                                                  trace=spec.trace, release_memory=True)
+            servers.append(srv)
+        elif handover_fd is not None:  # a new process of a live upgrade: take over, serve, ack
             spec = specs[0]
             with socket.socket(fileno=int(handover_fd)) as chan:
                 srv = receive_and_resume(chan, devices[0], mode=spec.mode_bits,
@@ -306,9 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               if isinstance(source, int) else source)
                 srv = Server(device, where, mode=spec.mode_bits, trace=spec.trace,
                              dma_layout=DmaLayout(spec.dma_layout), release_memory=True,
-                             upgradable=upgradable)
+                             upgradable=upgradable, connection_factory=factory)
                 servers.append(srv)
                 srv.listen()
+                if child is not None:
+                    child.report_server(srv)
         if upgradable:
             ctl = control.ControlSocket(servers[0], control.control_path(str(sources[0])), argv)
     except (VfioUserError, OSError) as exc:
@@ -351,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = ", ".join(f"{spec.device} on {_describe(source)}"
                       for spec, source in zip(specs, sources, strict=True))
     systemd.notify(f"READY=1\nSTATUS=serving {names}\nMAINPID={os.getpid()}")
+    if child is not None:
+        child.report_ready()
     try:
         for t in threads:
             t.join()

@@ -89,6 +89,7 @@ _SERVER_SIDE = {
     "vfio_reset": "reset",
     "vfio_attach": "on_connect",
     "vfio_detach": "on_disconnect",
+    "vfio_recover": "recovered",
     "device_reset": "reset",
     "client_connected": "on_connect",
     "client_disconnected": "on_disconnect",
@@ -251,6 +252,13 @@ class PciDevice(VfioDevice):
 
     def state_loaded(self) -> None:
         """A state was just loaded (lock held): re-derive what is not in the fields."""
+
+    def recovered(self) -> None:
+        """The server process died and a new one took its client over (supervised mode,
+        docs/state.md, "Crash recovery"): the device's own state is lost, the PCI state the
+        client programmed is back. Lock held. Default: :meth:`reset`; a device whose driver can
+        be told to reset it (NVMe: CSTS.CFS) says so here."""
+        self.reset()
 
     # --- services for device authors ---------------------------------------------------------
     @property
@@ -507,6 +515,17 @@ class PciDevice(VfioDevice):
     def vfio_reset(self) -> None:
         with self.lock:
             self._reset_all()
+
+    @final
+    def vfio_recover(self, config: bytes | None) -> None:
+        """Crash recovery: the config space the client programmed (as the supervisor kept
+        it; checked as a loaded state is), then :meth:`recovered`."""
+        with self.lock:
+            if config is not None:
+                body = self._capture()
+                body["config"]["bytes"] = _b64(config)
+                self._apply(self._validate(_state.decode(_state.encode(body))))
+            self.recovered()
 
     @final
     def vfio_attach(self, ctx: DeviceContext) -> None:

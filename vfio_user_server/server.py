@@ -37,6 +37,8 @@ __all__ = ["Connection", "Server"]
 log = logging.getLogger(__name__)
 
 TraceSink = Callable[[str], None]
+#: ``factory(server, client_socket, device)``: the Connection serving one client.
+ConnectionFactory = Callable[["Server", socket.socket, VfioDevice], Connection]
 
 
 def _socket_is_live(path: Path) -> bool:
@@ -137,6 +139,7 @@ class Server:
         trace_file: TextIO | None = None,
         release_memory: bool = False,
         upgradable: bool = False,
+        connection_factory: ConnectionFactory | None = None,
     ) -> None:
         self.device = device
         # chosen (and said) before the socket listens: a signal right after finds it done
@@ -176,6 +179,8 @@ class Server:
         #: live upgrade (vfio_user_server.upgrade): the loop thread also watches a pipe
         #: between messages, so a hand-over happens with no message half-handled
         self.upgradable = upgradable
+        #: builds the Connection of each client (crash recovery's supervised mode has its own)
+        self.connection_factory: ConnectionFactory = connection_factory or Connection
         self._upgrade_r, self._upgrade_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._upgrade_job: Callable[[Connection | None], bool] | None = None
         self._upgrade_done = threading.Condition()
@@ -299,7 +304,7 @@ class Server:
     @loop_thread
     def _serve_client(self, client: socket.socket | Connection) -> None:
         conn = (client if isinstance(client, Connection)
-                else Connection(self, client, self.device))
+                else self.connection_factory(self, client, self.device))
         conn.bind_loop_thread(threading.current_thread())
         with self._connected:
             self.connection = conn

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,12 +274,19 @@ def _get(d: Any, key: str, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
+#: ``restore(device, server, connection or None, manifest)``: what a hand-over without a device
+#: state applies instead (crash recovery: vfio_user_server.supervised).
+Restore = Callable[[Any, Server, "Connection | None", dict[str, Any]], None]
+
+
 @any_thread
-def resume(device: Any, handover: Handover, **server_kwargs: Any) -> Server:
+def resume(device: Any, handover: Handover, *, restore: Restore | None = None,
+           **server_kwargs: Any) -> Server:
     """Rebuild the server of a hand-over around ``device`` (a fresh instance of the same
     class): the listener, the connection with its session, maps, eventfds and unread bytes,
     and the device state. Returns the server, not yet started (``start()`` serves where the
-    old process stopped). ``handover``'s fds are consumed (closed here, duplicates kept)."""
+    old process stopped). ``handover``'s fds are consumed (closed here, duplicates kept).
+    ``restore``, when given, replaces loading the manifest's device state."""
     m = handover.manifest
     fds = handover.fds
 
@@ -295,7 +303,8 @@ def resume(device: Any, handover: Handover, **server_kwargs: Any) -> Server:
             layout = DmaLayout(_get(m, "dma_layout", str))
         except (TypeError, ValueError) as exc:
             raise HandoverError(f"hand-over manifest: bad capabilities: {exc}") from None
-        state = base64.b64decode(_get(m, "device_state", str), validate=True)
+        state = (None if restore is not None
+                 else base64.b64decode(_get(m, "device_state", str), validate=True))
         listener = listening_socket(dup(_get(m, "listener", int)))
         server_kwargs.setdefault("upgradable", True)
         server = Server(device, listener, caps=caps, dma_layout=layout, **server_kwargs)
@@ -305,7 +314,7 @@ def resume(device: Any, handover: Handover, **server_kwargs: Any) -> Server:
         if c is not None:
             sock = socket.socket(fileno=dup(_get(c, "socket", int)))
             sock.setblocking(True)
-            conn = Connection(server, sock, device)
+            conn = server.connection_factory(server, sock, device)
             s = _get(c, "session", dict)
             try:
                 conn.session.state = SessionState(_get(s, "state", str))
@@ -347,7 +356,10 @@ def resume(device: Any, handover: Handover, **server_kwargs: Any) -> Server:
             if _get(c, "device_connected", bool):
                 conn.device_connected = True
                 device.vfio_attach(conn.ctx)
-        device.load_state(state)
+        if restore is not None:
+            restore(device, server, conn, m)
+        else:
+            device.load_state(state)
         if conn is not None:
             server.adopt(conn)
         return server

@@ -241,6 +241,13 @@ class NvmeController(PciDevice):
             self._disable_pending = False
             self.csts &= ~(CSTS_RDY | CSTS_CFS | CSTS_SHST_MASK)
 
+    def recovered(self) -> None:
+        """After a crash of the server (supervised mode): power-on registers with Controller
+        Fatal Status set, so the host's driver resets the controller (Linux's nvme does when a
+        command times out) and resubmits what was in flight."""
+        self.reset()
+        self.csts |= CSTS_CFS
+
     def fatal(self, gen: int) -> None:
         """Controller Fatal Status, for a queue the controller cannot reach (any thread)."""
         with self.lock:
