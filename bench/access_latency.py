@@ -8,6 +8,7 @@ vfio-user server given with --socket (e.g. QEMU's x-vfio-user-server exporting `
     python bench/access_latency.py                    # our sample device
     python bench/access_latency.py --device edu       # our edu device
     python bench/access_latency.py --socket /tmp/peer.sock --offset 0 --label qemu-edu
+    python bench/access_latency.py --supervise        # ours in crash-recovery mode
 
 Every run also measures a peer in the same run: ``floor``, a server that answers each message
 with a well-formed reply without decoding it (the cost of the socket round trip alone in
@@ -158,6 +159,9 @@ def main() -> int:
     ap.add_argument("--label", default=None)
     ap.add_argument("--pid", type=int, default=None,
                     help="pid of the --socket server, to report its CPU time per message")
+    ap.add_argument("--supervise", action="store_true",
+                    help="start our server with --supervise (crash recovery); the CPU time "
+                    "reported is the device process's")
     ap.add_argument("--floor-server", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor_server:
@@ -175,15 +179,22 @@ def main() -> int:
     path = args.socket
     if path is None:
         path = os.path.join(tmp, "bench.sock")
-        proc = start([sys.executable, "-m", "vfio_user_server.cli", "--socket", path,
+        proc = start([sys.executable, "-m", "vfio_user_server.cli",
+                      *(["--supervise"] if args.supervise else []), "--socket", path,
                       "--log-level", "WARNING", args.device], path)
+    pid = proc.pid if proc is not None else args.pid
+    if proc is not None and args.supervise:  # the device process, the supervisor's child
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            pid = int(f.read().split()[0])
     try:
-        ours = measure(path, args, proc.pid if proc is not None else args.pid)
+        ours = measure(path, args, pid)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(10)
     label = args.label or (args.device if args.socket is None else path)
+    if args.supervise:
+        label += " (supervised)"
     out = {"server": label, "n": args.n}
     for op in ("read", "write"):
         out[f"{op}_us"] = round(ours[op], 2)

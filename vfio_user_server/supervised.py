@@ -282,6 +282,8 @@ class SupervisedConnection(Connection):
             except Exception:
                 log.exception("device vfio_attach failed")
         self._report(msg)
+        if self.session.state is not first:  # VERSION, DEVICE_GET_INFO
+            self._report_session()
         self._finish(msg, head, reply)
         if connected:
             self.requester.negotiated()
@@ -332,12 +334,9 @@ class SupervisedConnection(Connection):
         elif cmd == Command.DEVICE_SET_IRQS or cmd == Command.DEVICE_RESET:
             self._report_irqs()
             self._report_config()
-        elif cmd == Command.REGION_WRITE:
-            if (len(msg.payload) >= RegionAccess.SIZE
-                    and RegionAccess.unpack(msg.payload).region == RegionIndex.CONFIG):
-                self._report_config()
-        elif cmd == Command.VERSION:
-            self._report_session()
+        elif (cmd == Command.REGION_WRITE and len(msg.payload) >= RegionAccess.SIZE
+              and RegionAccess.unpack(msg.payload).region == RegionIndex.CONFIG):
+            self._report_config()
 
     def _report_session(self) -> None:
         s = self.session
@@ -441,6 +440,8 @@ def settle(conn: SupervisedConnection, state: int, head: bytes, reply: bytes) ->
             at = conn.sock.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             at = b""
+        finally:  # that peek moved the peek offset: the reader starts at the first byte
+            conn.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         if at == head:
             conn.reader.consume(_HDR.unpack(head)[2])
     msg_id, command, _size, flags, _err = _HDR.unpack(head)
