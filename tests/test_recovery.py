@@ -220,3 +220,29 @@ def test_supervise_needs_one_device_on_a_socket(tmp_path: Path) -> None:
     done = run_cli(["--supervise", "--socket", str(tmp_path / "a"), "sample", "--",
                     "--socket", str(tmp_path / "b"), "sample"])
     assert done.returncode == 2 and "--supervise serves one device" in done.stderr
+
+
+def test_supervise_a_listening_fd(tmp_path: Path) -> None:
+    import socket
+
+    sock = tmp_path / "fd.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(1)
+    server = ServerProcess(["--supervise", "--fd", str(listener.fileno()),
+                            "--log-level", "WARNING", "sample"], tmp_path,
+                           pass_fds=[listener.fileno()])
+    listener.close()
+    server.sock = sock
+    try:
+        server.ready()
+        c = connect(server)
+        try:
+            c.bar_write(0, REG_SCRATCH, 4, 9)
+            kill_device(server)
+            assert c.bar_read(0, REG_SCRATCH, 4) == 0
+        finally:
+            c.close()
+        assert server.stop() == 0
+    finally:
+        server.close()

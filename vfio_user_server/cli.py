@@ -243,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
         at = argv.index("--supervise")
-        return supervisor.main(argv[:at] + argv[at + 1:])
+        return supervisor.main(argv[:at] + argv[at + 1:],
+                               pass_fds=() if args.fd is None else (args.fd,))
     if args.list:
         for name, target in sorted(BUILTIN_DEVICES.items()):
             print(f"{name:20} {target}")

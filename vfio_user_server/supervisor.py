@@ -158,6 +158,8 @@ class Held:
             "connection": None,
             "recovery": {**record, "config": self.config},
         }
+        if self.client is not None and self.session is None:
+            self.drop_client()  # it died before saying anything of it: the client sees EOF
         if self.client is not None and self.session is not None:
             manifest["connection"] = {
                 "socket": index(self.client),
@@ -179,8 +181,10 @@ class Held:
 class Supervisor:
     """Run ``argv`` (the device process's arguments) and bring it back after a crash."""
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str], pass_fds: Sequence[int] = ()) -> None:
         self.argv = list(argv)
+        #: fds the first device process inherits (its --fd listening socket)
+        self.pass_fds = list(pass_fds)
         self.held = Held()
         self.record_fd = Record.create()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -199,7 +203,9 @@ class Supervisor:
         env[EVENTS_ENV] = str(theirs.fileno())
         env[RECORD_ENV] = str(self.record_fd)
         passed = [theirs.fileno(), self.record_fd]
-        if recover is not None:
+        if recover is None:
+            passed += self.pass_fds
+        else:
             env[RECOVER_ENV] = str(recover.fileno())
             passed.append(recover.fileno())
             for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
@@ -210,6 +216,8 @@ class Supervisor:
                 pass_fds=passed, env=env)
         finally:
             theirs.close()
+        close_fds(self.pass_fds, "--fd socket")  # the device process reports its copy
+        self.pass_fds = []
         if self.events is not None:
             self.events.close()
         self.events = mine
@@ -343,8 +351,8 @@ class Supervisor:
         return None
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], pass_fds: Sequence[int] = ()) -> int:
     """``vfio-user-server --supervise ARGS``: ARGS are the device process's."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    return Supervisor(argv).run()
+    return Supervisor(argv, pass_fds).run()
