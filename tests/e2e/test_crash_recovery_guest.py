@@ -111,6 +111,8 @@ def test_guest_io_survives_sigkill_of_the_device_process(rig: SupervisedRig) -> 
     assert "ERROR" not in console, console[-2000:]
     assert not re.search(r"I/O error", console), console[-2000:]
     dmesg = g.run("dmesg", check=True).output
+    print("\nguest's nvme messages:\n" + "\n".join(
+        line for line in dmesg.splitlines() if "nvme" in line))
     assert not re.search(r"I/O error|Buffer I/O", dmesg), dmesg[-3000:]
     # the driver saw the fatal status and reset the controller by itself
     assert "controller is down; will reset" in dmesg, dmesg[-3000:]
