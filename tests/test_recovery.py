@@ -38,12 +38,14 @@ from vfio_user_server.sample import (
 #: A sample device whose read of HANG blocks for ever, after touching the file MARK: the
 #: test kills the device process in the middle of that request.
 HANG_DEVICE = '''
+import ctypes
 import os
 import threading
 
 from vfio_user_server.sample import SampleDevice
 
 HANG = 0x100
+SEGV = 0x104
 
 
 class Hang(SampleDevice):
@@ -52,9 +54,12 @@ class Hang(SampleDevice):
             with open(os.environ["HANG_MARK"], "w") as f:
                 f.write(str(os.getpid()))
             threading.Event().wait()
+        if bar == 0 and offset == SEGV:
+            ctypes.string_at(0)  # a segfault in native code
         return super().bar_read(bar, offset, size)
 '''
 HANG = 0x100
+SEGV = 0x104
 
 
 def device_pid(server: ServerProcess) -> int | None:
@@ -63,11 +68,11 @@ def device_pid(server: ServerProcess) -> int | None:
     return int(kids[0]) if kids else None
 
 
-def kill_device(server: ServerProcess) -> int:
-    """SIGKILL the device process; the pid of the one that took over."""
+def kill_device(server: ServerProcess, sig: int = signal.SIGKILL) -> int:
+    """Kill the device process with ``sig``; the pid of the one that took over."""
     old = device_pid(server)
     assert old is not None
-    os.kill(old, signal.SIGKILL)
+    os.kill(old, sig)
     wait_for(lambda: device_pid(server) not in (None, old), "a new device process")
     new = device_pid(server)
     assert new is not None
@@ -180,6 +185,21 @@ def test_kill_mid_request_answers_it_with_an_error(served: ServerProcess,
         c.bar_write(0, REG_DMA_CMD, 4, DMA_TO_DEVICE)
         wait_for(lambda: c.bar_read(0, REG_DMA_STAT, 4) == STAT_DONE, "DMA to the device")
         assert c.bar_read(0, 0x800, 4) == int.from_bytes(b"abcd", "little")
+    finally:
+        c.close()
+
+
+def test_a_segfault_in_native_code_mid_request(served: ServerProcess) -> None:
+    c = connect(served)
+    try:
+        c.bar_write(0, REG_SCRATCH, 4, 0x77)
+        old = device_pid(served)
+        with pytest.raises(ErrorReply) as exc:
+            c.bar_read(0, SEGV, 4)
+        assert exc.value.errno == errno.EIO
+        assert device_pid(served) not in (None, old)
+        assert c.bar_read(0, REG_SCRATCH, 4) == 0  # reset; the poison request not run again
+        assert "killed by signal 11" in served.stderr()
     finally:
         c.close()
 
