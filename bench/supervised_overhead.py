@@ -42,7 +42,7 @@ def main() -> int:
     fd = Record.create()
     record = Record(fd)
     head = bytes(16)
-    n = args.n
+    n: int = args.n
 
     def normal() -> float:
         t = time.thread_time_ns()

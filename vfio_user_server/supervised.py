@@ -251,6 +251,8 @@ class SupervisedConnection(Connection):
         self.lost: bytes | None = None
         self._maps: dict[int, tuple[int, int, int, bool]] = {}  # what the supervisor has
         self._config: bytes | None = None
+        self._requester: dict[str, object] = {"next_id": 1, "layout": None,
+                                              "negotiated": False}
         self.recovered = recovered
         if not recovered:
             child.reporter.send({"ev": "client"}, [sock.fileno()])
@@ -340,7 +342,11 @@ class SupervisedConnection(Connection):
 
     def _report_session(self) -> None:
         s = self.session
-        requester = self.requester.export()
+        try:
+            requester = self.requester.export()
+            self._requester = requester
+        except RuntimeError:  # a DMA request waits: the last record will do (ids skip ahead)
+            requester = self._requester
         self.child.reporter.send({"ev": "session", "session": {
             "state": s.state.value, "client_max_msg_fds": s.client_max_msg_fds,
             "client_max_data_xfer": s.client_max_data_xfer, "client_caps": s.client_caps},
