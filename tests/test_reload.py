@@ -5,13 +5,17 @@ serving two devices; the guest's view: tests/e2e/test_reload_guest.py)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from helpers import open_fds
 from reload_source import REG_MAGIC, REG_SCRATCH, SPEC, write_device
 from supervised import CLI, DEADLINE, ServerProcess, wait_for
+from test_upgrade import Keeper
 
 from vfio_user_devices.edu import Edu
 from vfio_user_devices.nvme import NvmeController
@@ -24,6 +28,9 @@ from vfio_user_server.device import PciDevice
 from vfio_user_server.errors import StateError
 from vfio_user_server.pci import Bar
 from vfio_user_server.pci.config import COMMAND_MASTER, COMMAND_MEMORY
+from vfio_user_server.sample import SampleDevice
+from vfio_user_server.server import Server
+from vfio_user_server.upgrade import hand_over, receive_and_resume_all
 from vfio_user_server.virtio.spec import Status
 
 # --- the watcher ------------------------------------------------------------------------------
@@ -314,3 +321,75 @@ def test_reload_needs_a_socket_path_for_each_device(tmp_path: Path) -> None:
                           timeout=DEADLINE)
     assert done.returncode == 2
     assert "--reload: every device needs --socket PATH" in done.stderr
+
+
+# --- one hand-over for several servers, in one process ---------------------------------------
+
+
+def _two_servers(tmp_path: Path) -> tuple[list[Server], list[Client]]:
+    servers = [Server(Keeper(), tmp_path / f"{n}.sock", upgradable=True).start()
+               for n in "ab"]
+    clients = []
+    for n, srv in enumerate(servers):
+        c = Client.connect(srv.path)
+        c.negotiate()
+        c.get_device_info()
+        c.add_memory(0x100000, 0x10000)
+        c.bar_write(0, 0x04, 4, 100 + n)
+        clients.append(c)
+    return servers, clients
+
+
+def _hand(servers: list[Any], new_devices: list[Any]) -> tuple[BaseException | None,
+                                                               list[Any]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    new: list[Any] = []
+
+    def new_side() -> None:
+        try:
+            new.extend(receive_and_resume_all(b, [(d, {}) for d in new_devices]))
+        except BaseException as exc:
+            new.append(exc)
+
+    with a, b:
+        t = threading.Thread(target=new_side)
+        t.start()
+        error: BaseException | None = None
+        try:
+            hand_over(servers, a, timeout=DEADLINE)
+        except Exception as exc:
+            error = exc
+        t.join(DEADLINE)
+    return error, new
+
+
+def test_several_servers_go_over_together_or_not_at_all(tmp_path: Path) -> None:
+    before = open_fds()
+    servers, clients = _two_servers(tmp_path)
+    new: list[Any] = []
+    try:
+        # the second new device refuses its state: the first, already rebuilt, is dropped
+        # without tearing anything down, and both old servers serve on
+        error, refused = _hand(servers, [Keeper(), SampleDevice()])
+        assert error is not None and "refused" in str(error), error
+        assert len(refused) == 1 and isinstance(refused[0], StateError), refused
+        assert not any(srv.handed_over for srv in servers)
+        for n, c in enumerate(clients):
+            assert c.bar_read(0, 0x04, 4) == 100 + n
+            c.bar_write(0, 0x04, 4, 200 + n)
+        error, new = _hand(servers, [Keeper(), Keeper()])
+        assert error is None and len(new) == 2, (error, new)
+        assert all(srv.handed_over for srv in servers)
+        for n, c in enumerate(clients):
+            assert c.bar_read(0, 0x04, 4) == 200 + n  # each served by its new server
+        assert [srv.path for srv in new] == [srv.path for srv in servers]
+    finally:
+        for srv in servers:
+            srv.close()
+        for c in clients:
+            c.close()
+        for srv in new:
+            if not isinstance(srv, BaseException):
+                srv.wait_for_disconnect(1, DEADLINE)
+                srv.close()
+    assert open_fds() == before
