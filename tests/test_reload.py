@@ -25,7 +25,7 @@ from vfio_user_server import reload
 from vfio_user_server import state as state_mod
 from vfio_user_server.client import Client
 from vfio_user_server.device import PciDevice
-from vfio_user_server.errors import StateError
+from vfio_user_server.errors import StateError, VfioUserError
 from vfio_user_server.pci import Bar
 from vfio_user_server.pci.config import COMMAND_MASTER, COMMAND_MEMORY
 from vfio_user_server.sample import SampleDevice
@@ -393,3 +393,11 @@ def test_several_servers_go_over_together_or_not_at_all(tmp_path: Path) -> None:
                 srv.wait_for_disconnect(1, DEADLINE)
                 srv.close()
     assert open_fds() == before
+
+
+def test_a_missing_module_is_reported_without_a_misleading_line(tmp_path: Path) -> None:
+    from vfio_user_server.cli import make_device
+    with pytest.raises(VfioUserError) as info:
+        make_device("no_such_module_here:Dev", app_dir=tmp_path)
+    assert reload.describe_load_error(info.value) == (
+        "ModuleNotFoundError: No module named 'no_such_module_here'")

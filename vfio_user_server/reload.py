@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import sysconfig
 import threading
 import traceback
 from collections.abc import Iterable, Mapping
@@ -43,6 +44,8 @@ POLL_INTERVAL = 0.5
 SEEN_ENV = "PYVFIO_RELOAD_SEEN"
 
 _FRAMEWORK = Path(__file__).resolve().parent
+#: Where a device's own code is not: this package and the standard library (importlib).
+_NOT_DEVICE_CODE = (_FRAMEWORK, Path(sysconfig.get_paths()["stdlib"]).resolve())
 
 #: (st_dev, st_ino, st_size, st_mtime_ns), or None while the file is missing
 Signature = tuple[int, int, int, int] | None
@@ -127,15 +130,17 @@ def baseline_from_env() -> dict[str, Any] | None:
 def describe_load_error(exc: BaseException) -> str:
     """``FILE, line N: Type: message`` for what loading or building a device raised: where a
     SyntaxError points, else the innermost frame outside this package and the import
-    machinery (the device's own code), else the innermost frame."""
+    machinery (the device's own code), else the innermost frame (none for an ImportError)."""
     while exc.__cause__ is not None and not isinstance(exc, SyntaxError):
         exc = exc.__cause__  # the ImportError "cannot import" wraps
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"{exc.filename}, line {exc.lineno}: {type(exc).__name__}: {exc.msg}"
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if not f.filename.startswith("<frozen")]
-    own = [f for f in frames if not Path(f.filename).resolve().is_relative_to(_FRAMEWORK)]
-    where = (own or frames)[-1:] if frames else []
+    own = [f for f in frames
+           if not any(Path(f.filename).resolve().is_relative_to(d) for d in _NOT_DEVICE_CODE)]
+    # an import that found nothing has no line of the device's to point at
+    where = (own or ([] if isinstance(exc, ImportError) else frames))[-1:]
     place = f"{where[0].filename}, line {where[0].lineno}: " if where else ""
     return f"{place}{type(exc).__name__}: {exc}"
 
