@@ -241,13 +241,6 @@ class NvmeController(PciDevice):
             self._disable_pending = False
             self.csts &= ~(CSTS_RDY | CSTS_CFS | CSTS_SHST_MASK)
 
-    def recovered(self) -> None:
-        """After a crash of the server (supervised mode): power-on registers with Controller
-        Fatal Status set, so the host's driver resets the controller (Linux's nvme does when a
-        command times out) and resubmits what was in flight."""
-        self.reset()
-        self.csts |= CSTS_CFS
-
     def fatal(self, gen: int) -> None:
         """Controller Fatal Status, for a queue the controller cannot reach (any thread)."""
         with self.lock:
@@ -371,6 +364,12 @@ class NvmeController(PciDevice):
         self._disable_pending = False
         self.nguid, self.eui64, self.uuid = namespace_ids(self.serial)
         self._cond.notify_all()
+
+    def state_lost(self, reason: str) -> None:
+        """A reload could not carry the controller's state: Controller Fatal Status. The
+        guest's driver sees CSTS.CFS when a command times out and resets the controller."""
+        del reason
+        self.csts |= CSTS_CFS
 
     # --- registers ----------------------------------------------------------------------------
     def bar_read(self, bar: int, offset: int, size: int) -> int:
