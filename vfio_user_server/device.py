@@ -548,13 +548,9 @@ class PciDevice(VfioDevice):
             self._reset_all()
 
     @final
-    def vfio_recover(self, config: bytes | None) -> None:
-        """Crash recovery (docs/state.md): this fresh device takes the config space the client
-        programmed (as the supervisor kept it; checked as a loaded state is), and
-        :meth:`state_lost` tells the guest that the device's own state is gone."""
-        body = self._capture()
-        if config is not None:
-            body["config"]["bytes"] = _b64(config)
+    def vfio_recover(self, config: bytes) -> None:
+        """Crash recovery (docs/state.md): the client's config space, guest told (state_lost)."""
+        body = {**self._capture(), "config": {"size": self.config.size, "bytes": _b64(config)}}
         self._lose_state(self._validate(_state.decode(_state.encode(body)), own=False),
                          "the server process died")
 

@@ -414,7 +414,8 @@ def restore(device: Any, server: Server, conn: Connection | None,
     config = rec.get("config")
     recover = getattr(device, "vfio_recover", None)
     if conn is not None and recover is not None:
-        recover(None if config is None else base64.b64decode(config, validate=True))
+        recover(bytes(device.config.space.data) if config is None
+                else base64.b64decode(config, validate=True))
     elif conn is not None:
         with device.lock:
             device.vfio_reset()
