@@ -76,9 +76,9 @@ class _Migratable(Protocol):
 _REGION_COMMANDS = frozenset({int(Command.REGION_READ), int(Command.REGION_WRITE),
                               int(Command.REGION_WRITE_MULTI)})
 #: Operations per migration feature (PROBE is allowed for both).
-_OPERATIONS = {Feature.MIGRATION: FeatureFlag.GET,
-               Feature.MIG_DEVICE_STATE: FeatureFlag.GET | FeatureFlag.SET}
-_ALL_OPS = FeatureFlag.GET | FeatureFlag.SET | FeatureFlag.PROBE
+_OPERATIONS = {Feature.MIGRATION: int(FeatureFlag.GET),
+               Feature.MIG_DEVICE_STATE: int(FeatureFlag.GET | FeatureFlag.SET)}
+_ALL_OPS = int(FeatureFlag.GET | FeatureFlag.SET | FeatureFlag.PROBE)
 
 
 class Migration:
@@ -210,7 +210,7 @@ def device_feature(ep: Endpoint, msg: codec.Message) -> bytes:
         raise ProtocolError(f"{feature.name}: dirty page logging is not supported",
                             errno=errno.ENOTSUP)
     mig = _require(ep, f"DEVICE_FEATURE {feature.name}")
-    asked = ops & ~FeatureFlag.PROBE
+    asked = ops & ~int(FeatureFlag.PROBE)
     if asked & ~_OPERATIONS[feature]:
         raise ProtocolError(f"{feature.name} does not support flags {req.flags:#x}",
                             errno=errno.EINVAL)
