@@ -11,6 +11,7 @@ import errno
 import itertools
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -51,8 +52,10 @@ from vfio_user_server.protocol.constants import (
 from vfio_user_server.protocol.constants import Feature as DevFeature
 from vfio_user_server.protocol.migration import ARCS, STATES, InStream, path, stream
 from vfio_user_server.protocol.structs import MigData, MigDeviceState
-from vfio_user_server.sample import SampleDevice
+from vfio_user_server.sample import REG_SCRATCH, SampleDevice
+from vfio_user_server.server import Server
 from vfio_user_server.testing import serve
+from vfio_user_server.upgrade import HandoverError, hand_over
 
 CLI = Path(sys.executable).parent / "vfio-user-server"
 RAM_IOVA = 0x200000
@@ -274,6 +277,26 @@ def test_a_client_that_leaves_a_stopped_device_leaves_it_running() -> None:
             assert c2.mig_state() is S.RUNNING
             c2.bar_write(0, REG_LIVENESS, 4, 3)
             assert c2.bar_read(0, REG_LIVENESS, 4) == ~3 & 0xFFFFFFFF
+
+
+def test_no_live_upgrade_while_migrating(tmp_path: Path) -> None:
+    class Keeper(SampleDevice):
+        state_fields = ("scratch",)
+
+    server = Server(Keeper(), tmp_path / "k.sock", upgradable=True).start()
+    try:
+        with Client.connect(server.path, timeout=WAIT) as c:
+            c.negotiate()
+            c.set_mig_state(S.STOP)
+            a, b = socket.socketpair()
+            with a, b, pytest.raises(HandoverError, match="migrating"):
+                hand_over(server, a, timeout=WAIT)
+            assert not server.handed_over
+            c.set_mig_state(S.RUNNING)
+            c.bar_write(0, REG_SCRATCH, 4, 1)  # serving on
+            assert c.bar_read(0, REG_SCRATCH, 4) == 1
+    finally:
+        server.close()
 
 
 # ------------------------------------------------------- between two vfio-user-server processes

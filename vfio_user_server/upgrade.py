@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from . import irq
 from .connection import Connection
 from .errors import VfioUserError
 from .fds import close_fds
-from .protocol.constants import DmaLayout
+from .protocol.constants import DmaLayout, MigState
 from .protocol.session import SCM_MAX_FD, ServerCapabilities, SessionState
 from .server import Server, listening_socket
 from .threads import any_thread, loop_thread
@@ -244,6 +245,10 @@ def hand_over(server: Server, chan: socket.socket, *, timeout: float | None = 60
     device = server.device
 
     def job(conn: Connection | None) -> bool:
+        if conn is not None and conn.endpoint.migration.state is not MigState.RUNNING:
+            raise HandoverError("the device is migrating (migration state "
+                                f"{conn.endpoint.migration.state.name}): no hand-over now",
+                                errno=errno.EBUSY)
         stack = contextlib.ExitStack()
         quiesced = getattr(device, "quiesced", None)
         if quiesced is not None:
