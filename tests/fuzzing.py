@@ -281,7 +281,8 @@ def _device_feature(src: Source) -> tuple[bytes, list[str]]:
 
 def _mig_data_read(src: Source) -> tuple[bytes, list[str]]:
     size = _u(src, [4096, 16, 0, 1 << 20, (1 << 20) + 1], 32)
-    return MigData(_u(src, [MigData.SIZE + size, 0xFFFFFFFF, 8], 32), size).pack(), []
+    argsz = _u(src, [(MigData.SIZE + size) & 0xFFFFFFFF, 0xFFFFFFFF, 8], 32)
+    return MigData(argsz, size).pack(), []
 
 
 def _mig_data_write(src: Source) -> tuple[bytes, list[str]]:
