@@ -279,6 +279,53 @@ def test_a_client_that_leaves_a_stopped_device_leaves_it_running() -> None:
             assert c2.bar_read(0, REG_LIVENESS, 4) == ~3 & 0xFFFFFFFF
 
 
+class Fragile(SampleDevice):
+    """A device with state whose hooks fail on demand."""
+
+    state_fields = ("scratch", "thing")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thing: object = 0
+        self.fail_quiesce = self.fail_resume = False
+        self.resumes = 0
+
+    def quiesce(self) -> None:
+        if self.fail_quiesce:
+            raise TimeoutError(errno.ETIMEDOUT, "still busy")
+
+    def resume(self) -> None:
+        self.resumes += 1
+        if self.fail_resume:
+            raise RuntimeError("cannot start")
+
+
+def test_a_failed_arc_leaves_the_last_state_and_error_needs_a_reset() -> None:
+    dev = Fragile()
+    with serve(dev) as s:
+        c = s.client
+        dev.fail_quiesce = True
+        assert refused(c.set_mig_state, S.STOP_COPY) == errno.ETIMEDOUT
+        assert c.mig_state() is S.RUNNING and dev.resumes == 1  # quiesced() resumed it
+        c.bar_write(0, REG_SCRATCH, 4, 9)  # and it runs
+        dev.fail_quiesce = False
+        dev.thing = 1.5  # a float cannot be saved: STOP_COPY fails, STOP was reached
+        assert refused(c.set_mig_state, S.STOP_COPY) == errno.EINVAL
+        assert c.mig_state() is S.STOP
+        dev.thing = 0
+        dev.fail_resume = True  # the device fails to run again: ERROR
+        assert refused(c.set_mig_state, S.RUNNING) == errno.EIO
+        assert c.mig_state() is S.ERROR
+        for target in (S.RUNNING, S.STOP):
+            assert refused(c.set_mig_state, target) == errno.EINVAL
+        assert refused(c.bar_read, 0, REG_SCRATCH, 4) == errno.EBUSY
+        dev.fail_resume = False
+        c.reset()
+        assert c.mig_state() is S.RUNNING
+        c.bar_write(0, REG_SCRATCH, 4, 3)
+        assert c.bar_read(0, REG_SCRATCH, 4) == 3
+
+
 def test_no_live_upgrade_while_migrating(tmp_path: Path) -> None:
     class Keeper(SampleDevice):
         state_fields = ("scratch",)

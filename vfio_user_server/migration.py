@@ -101,28 +101,34 @@ class Migration:
 
     # --- the state machine ------------------------------------------------------------------
     def set_state(self, target: MigState) -> None:
-        """Go to ``target`` arc by arc; on failure the device is in the last state reached
-        (ERROR if an arc failed half-way for a reason other than a refusal)."""
+        """Go to ``target`` arc by arc. When an arc fails the device is in the last state
+        reached (the failed arc undid itself: a failed quiesce resumed the device), except
+        when the device failed to run again: that is ERROR, which only DEVICE_RESET leaves."""
         for nxt in path(self.state, target):
+            here = self.state
             try:
-                self._arc(self.state, nxt)
+                self._arc(here, nxt)
             except VfioUserError:
                 raise
-            except Exception as exc:
-                log.exception("migration arc %s -> %s failed", self.state.name, nxt.name)
-                self._enter(MigState.ERROR)
-                raise VfioUserError(f"migration arc {self.state.name} -> {nxt.name} failed: "
-                                    f"{exc}", errno=errno.EIO) from exc
-            log.info("migration state %s -> %s", self.state.name, nxt.name)
+            except Exception as exc:  # a device hook's own failure
+                log.exception("migration arc %s -> %s failed", here.name, nxt.name)
+                if STATES[nxt].running and not STATES[here].running:
+                    self._enter(MigState.ERROR)  # stopped or running: nobody knows
+                errno_ = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+                raise VfioUserError(f"migration arc {here.name} -> {nxt.name} failed: {exc}",
+                                    errno=errno_) from exc
+            log.info("migration state %s -> %s", here.name, nxt.name)
             self._enter(nxt)
 
     def _arc(self, here: MigState, nxt: MigState) -> None:
+        """What the arc ``here -> nxt`` does, from the columns of the two states."""
         was, will = STATES[here], STATES[nxt]
         if was.writes and not will.writes and (self._in is None or not self._in.loaded):
             got = 0 if self._in is None else self._in.received
             raise ProtocolError(f"the migration stream is incomplete ({got} bytes written): "
                                 "nothing loaded", errno=errno.EINVAL)
         if was.running and not will.running:
+            # quiesced() resumes the device itself when quiesce() fails
             self._stopped.enter_context(self._dev.quiesced())
         if will.reads and not was.reads:
             self._out = OutStream(stream(self._dev.save_state()))
