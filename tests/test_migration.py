@@ -268,6 +268,19 @@ def test_corrupt_or_truncated_data_is_refused_and_nothing_is_applied(
     assert c.bar_read(0, REG_LIVENESS, 4) == ~0xAAAA & 0xFFFFFFFF
 
 
+def test_a_destination_that_refuses_leaves_the_source_running() -> None:
+    with serve(Edu()) as s1, serve(Fragile()) as s2:
+        a, b = s1.client, s2.client
+        a.bar_write(0, REG_LIVENESS, 4, 0x42)
+        with pytest.raises(ErrorReply) as err:
+            a.migrate_to(b)  # another device: its state is refused by the last write
+        assert err.value.errno == errno.EINVAL
+        assert a.mig_state() is S.RUNNING and b.mig_state() is S.RESUMING
+        assert a.bar_read(0, REG_LIVENESS, 4) == ~0x42 & 0xFFFFFFFF
+        b.reset()
+        assert b.mig_state() is S.RUNNING
+
+
 def test_a_client_that_leaves_a_stopped_device_leaves_it_running() -> None:
     with serve(Edu()) as s:
         s.client.set_mig_state(S.STOP_COPY)

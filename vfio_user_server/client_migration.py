@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ProtocolError
 from .protocol import codec
-from .protocol.constants import Command, Feature, FeatureFlag, MigFlag, MigState
+from .protocol.constants import Command, DmaMapFlag, Feature, FeatureFlag, MigFlag, MigState
 from .protocol.session import DEFAULT_MAX_DATA_XFER
 from .protocol.structs import DeviceFeature, MigData, MigDeviceState, MigrationFeature
 
@@ -99,7 +99,8 @@ class MigrationClient:
         """Move this client's running device to the device ``other`` serves (another server,
         same device class), as a VMM migrates: STOP_COPY here, read the state out, RESUMING
         there, write it in, RUNNING there; this device is left in STOP. Returns the stream's
-        size.
+        size. If the destination refuses (another device, a state it cannot take), this device
+        runs again and the error is raised; ``other`` is left where it failed (RESUMING).
 
         Guest memory: ``other`` gets this client's DMA maps at the same IOVAs it has not got
         yet, fd-backed ones shared (the same RAM, as a local migration with shared memory),
@@ -112,11 +113,15 @@ class MigrationClient:
             if not client.migration_flags() & MigFlag.STOP_COPY:
                 raise ProtocolError("the device cannot STOP_COPY")
         self.set_mig_state(MigState.STOP_COPY)
-        data = self.mig_read_all()
-        _share_memory(self.memory, other)
-        other.set_mig_state(MigState.RESUMING)
-        other.mig_write_all(data)
-        other.set_mig_state(MigState.RUNNING)
+        try:
+            data = self.mig_read_all()
+            _share_memory(self.memory, other)
+            other.set_mig_state(MigState.RESUMING)
+            other.mig_write_all(data)
+            other.set_mig_state(MigState.RUNNING)
+        except BaseException:
+            self.set_mig_state(MigState.RUNNING)  # as a VMM does: the source runs on
+            raise
         self.set_mig_state(MigState.STOP)
         return len(data)
 
@@ -136,5 +141,5 @@ def _share_memory(regions: list[MemoryRegion], other: Client) -> None:
             other.memory.append(copy)
         else:
             new = other.add_memory(reg.iova, reg.size, fd_backed=False,
-                                   writable=bool(reg.prot & 2))
+                                   writable=bool(reg.prot & DmaMapFlag.WRITE))
             new.mem[:] = reg.mem[:]
