@@ -89,7 +89,6 @@ _SERVER_SIDE = {
     "vfio_reset": "reset",
     "vfio_attach": "on_connect",
     "vfio_detach": "on_disconnect",
-    "vfio_recover": "state_lost",
     "device_reset": "reset",
     "client_connected": "on_connect",
     "client_disconnected": "on_disconnect",
@@ -550,13 +549,6 @@ class PciDevice(VfioDevice):
     def vfio_reset(self) -> None:
         with self.lock:
             self._reset_all()
-
-    @final
-    def vfio_recover(self, config: bytes) -> None:
-        """Crash recovery (docs/state.md): the client's config space, guest told (state_lost)."""
-        body = {**self._capture(), "config": {"size": self.config.size, "bytes": _b64(config)}}
-        self._lose_state(self._validate(_state.decode(_state.encode(body)), own=False),
-                         "the server process died")
 
     @final
     def vfio_attach(self, ctx: DeviceContext) -> None:

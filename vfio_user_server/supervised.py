@@ -48,6 +48,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from . import irq
+from . import state as _state
 from .connection import Connection
 from .endpoint import VfioDevice
 from .errors import ConnectionClosed
@@ -406,22 +407,16 @@ class SupervisedConnection(Connection):
 def restore(device: Any, server: Server, conn: Connection | None,
             manifest: dict[str, Any]) -> None:
     """:func:`vfio_user_server.upgrade.resume`'s ``restore`` after a crash: settle the
-    message the dead process left (the record), bring the PCI state back and reset the device
-    through its reset path (:meth:`~vfio_user_server.device.PciDevice.recovered`)."""
+    message the dead process left (the record), bring the PCI state back and tell the guest
+    through the device's reset path (:func:`recover_device`)."""
     rec = manifest.get("recovery")
     if not isinstance(rec, dict):
         raise ValueError("hand-over manifest: no recovery record")
-    config = rec.get("config")
-    recover = getattr(device, "vfio_recover", None)
-    if conn is not None and recover is not None:
-        recover(bytes(device.config.space.data) if config is None
-                else base64.b64decode(config, validate=True))
-    elif conn is not None:
-        with device.lock:
-            device.vfio_reset()
-    if conn is None:
+    if conn is None:  # no client: the fresh device is all there is to serve
         return
     assert isinstance(conn, SupervisedConnection)
+    config = rec.get("config")
+    recover_device(device, None if config is None else base64.b64decode(config, validate=True))
     # a late reply to one of the dead process's DMA requests must not match one of ours
     saved = conn.requester.export()
     next_id = saved["next_id"]
@@ -430,6 +425,25 @@ def restore(device: Any, server: Server, conn: Connection | None,
     conn.adopted()
     settle(conn, int(rec.get("state", IDLE)), base64.b64decode(rec.get("head", "")),
            base64.b64decode(rec.get("reply", "")))
+
+
+def recover_device(device: Any, config: bytes | None) -> None:
+    """This fresh device takes the config space the client programmed (as the supervisor
+    kept it), loaded as any state is (checked: same IDs and capability layout), and the
+    device's reset path tells the guest that its own state is gone (``state_lost``: NVMe sets
+    CSTS.CFS), as a hot reload that cannot carry a state does."""
+    if not hasattr(device, "save_state"):
+        with device.lock:
+            device.vfio_reset()
+        return
+    body = _state.decode(device.save_state())
+    if config is not None:
+        body["config"]["bytes"] = base64.b64encode(config).decode()
+    device.load_state(_state.encode(body))
+    log.warning("%s: the server process died; the device's own state is lost: reset, guest "
+                "told", type(device).__name__)
+    with device.lock:
+        device.state_lost("the server process died")
 
 
 @loop_thread
