@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import msgshim
 from .connection import Connection
 from .dmacopy import default_copy
 from .endpoint import VfioDevice
@@ -137,10 +138,15 @@ class Server:
         trace_file: TextIO | None = None,
         release_memory: bool = False,
         upgradable: bool = False,
+        shim: bool | None = None,
     ) -> None:
         self.device = device
+        #: the message path: None the C shim when it is built and PYVFIO_NO_SHIM is not set
+        #: (vfio_user_server.msgshim), False the pure-Python path, True the shim
+        self.shim = shim
         # chosen (and said) before the socket listens: a signal right after finds it done
         log.info("DMA guarded copies: %s", default_copy().name)
+        log.info("message path: %s", msgshim.path_name(shim))
         #: after each client, give its memory back to the system (the CLI's long-lived server)
         self.release_memory = release_memory
         self._listener: socket.socket | None = None
