@@ -41,6 +41,7 @@
 #define PYVFIO_MESSAGE 1
 #define PYVFIO_FAST_READ 2
 #define PYVFIO_FAST_WRITE 3
+#define PYVFIO_SPECIAL 4 /* next_from(): a read for the caller to check */
 #define PYVFIO_ERROR (-1)
 
 /* framing errors (r->err) */
@@ -424,6 +425,27 @@ int pyvfio_next(struct pyvfio_reader *r)
     else
         r->pos = end;
     return kind;
+}
+
+/* next(), reading from `sock` until there is something to say: the next message or fast
+ * access, PYVFIO_ERROR, PYVFIO_SPECIAL (a read with fds, flags or at the end of the stream:
+ * see pyvfio_recv; the caller checks it and calls pyvfio_commit, then this again) or -errno
+ * (-EINTR included: the caller decides whether to go on). One call per message on the fast
+ * path, where a read and a parse would otherwise be two, plus the Python between them. */
+int pyvfio_next_from(struct pyvfio_reader *r, int sock)
+{
+    for (;;) {
+        int kind = pyvfio_next(r);
+        ssize_t n;
+
+        if (kind != PYVFIO_NONE)
+            return kind;
+        n = pyvfio_recv(r, sock);
+        if (n == PYVFIO_RECV_SPECIAL)
+            return PYVFIO_SPECIAL;
+        if (n < 0)
+            return (int)n;
+    }
 }
 
 /* Whether next() returns without more being fed (a whole message or an error is there). */

@@ -75,7 +75,7 @@ class Connection:
         self._csend: Callable[[int, codec.Message], None] | None = None
         if isinstance(reader, ShimMessageReader):
             self._csend = sender(reader)
-            if not server.tracing:
+            if not server.tracing and self.reader.direct:
                 self.fast = FastPath(self, reader)
 
     @loop_thread

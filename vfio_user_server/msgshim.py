@@ -183,6 +183,11 @@ class ShimMessageReader:
         return list(self._ffi.unpack(r.fds, r.nfds)) if r.nfds else []
 
     # --- reading from a socket ------------------------------------------------------------------
+    def special(self) -> tuple[int, list[int], int]:
+        """The read pyvfio_recv / pyvfio_next_from returned as special: (nbytes, fds, flags)."""
+        r = self._r
+        return int(r.rbytes), list(r.rfds[0:r.nrfds]), int(r.rflags)
+
     def recv(self, fd: int) -> tuple[int, list[int], int] | None:
         """One read from the socket ``fd`` into the buffer. None when it brought bytes and
         nothing else (they are taken); else ``(nbytes, fds, flags)`` of a read with fds, flags
@@ -194,7 +199,7 @@ class ShimMessageReader:
             if rc > 0:
                 return None
             if rc == 0:  # PYVFIO_RECV_SPECIAL
-                return int(r.rbytes), list(r.rfds[0:r.nrfds]), int(r.rflags)
+                return self.special()
             if rc != -errno.EINTR:
                 raise _os_error(rc)
 
@@ -205,6 +210,7 @@ class ShimMessageReader:
             self._raise(rc)
 
     def _raise(self, rc: int) -> None:
+        """Raise for a result of the shim: the framing error, MemoryError or OSError."""
         if rc != self._lib.PYVFIO_ERROR:
             raise _os_error(rc)
         if self._error is None:
@@ -255,7 +261,8 @@ class FastPath:
         self._r = r = reader._r
         self._fd = conn.sock.fileno()
         lib = self._lib
-        self._kinds = (lib.PYVFIO_FAST_READ, lib.PYVFIO_FAST_WRITE, lib.PYVFIO_MESSAGE)
+        self._kinds = (lib.PYVFIO_FAST_READ, lib.PYVFIO_FAST_WRITE, lib.PYVFIO_MESSAGE,
+                       lib.PYVFIO_SPECIAL)
         self._reads: list[Any] = [None] * len(r.region_perm)
         self._writes: list[Any] = [None] * len(r.region_perm)
         for index, region in conn.endpoint.regions().items():
@@ -278,10 +285,10 @@ class FastPath:
     def handle_one(self) -> Message | None:
         """Read until one message is there; serve it if it is a fast access (None), else
         return it for the Python path. Raises what the reader raises."""
-        lib, r = self._lib, self._r
-        fast_read, fast_write, message = self._kinds
+        next_from, r, fd = self._lib.pyvfio_next_from, self._r, self._fd
+        fast_read, fast_write, message, special = self._kinds
         while True:
-            kind = lib.pyvfio_next(r)
+            kind = next_from(r, fd)  # reads the socket as needed: one call per message
             if kind == fast_read:
                 self._read()
                 return None
@@ -290,9 +297,10 @@ class FastPath:
                 return None
             if kind == message:
                 return self.reader.message()
-            if kind < 0:
+            if kind == special:  # fds, flags or the end of the stream
+                self.conn.reader.take_special(*self.reader.special())
+            elif kind != -errno.EINTR:  # interrupted: go on, as Python's socket calls do
                 self.reader._raise(kind)
-            self.conn.reader.fill()
 
     def _read(self) -> None:
         r = self._r

@@ -98,8 +98,7 @@ class SocketReader:
             assert isinstance(reader, ShimMessageReader)
             special = reader.recv(self.sock.fileno())
             if special is not None:  # fds, flags or the end of the stream: checked here
-                self._checked_fds(*special)
-                reader.commit()
+                self.take_special(*special)
             return
         view = self._view
         nbytes, ancdata, rflags, _ = self.sock.recvmsg_into([view], _ANCBUF)
@@ -108,6 +107,18 @@ class SocketReader:
             self.reader.feed(view[:nbytes], fds)
         else:
             self.reader.feed(view[:nbytes])
+
+    def take_special(self, nbytes: int, fds: list[int], rflags: int) -> None:
+        """The shim's read with fds, flags or at the end of the stream: checked, then taken."""
+        self._checked_fds(nbytes, fds, rflags)
+        reader = self.reader
+        assert isinstance(reader, ShimMessageReader)
+        reader.commit()
+
+    @property
+    def direct(self) -> bool:
+        """Whether the shim's reader reads the socket itself."""
+        return self._direct
 
     def _checked(self, nbytes: int, ancdata: list[tuple[int, int, bytes]], rflags: int
                  ) -> list[int]:
