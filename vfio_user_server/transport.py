@@ -101,7 +101,9 @@ class SocketReader:
                 self.take_special(*special)
             return
         view = self._view
-        nbytes, ancdata, rflags, _ = self.sock.recvmsg_into([view], _ANCBUF)
+        # CLOEXEC: a client's fds never leak into a program this process starts.
+        nbytes, ancdata, rflags, _ = self.sock.recvmsg_into([view], _ANCBUF,
+                                                            socket.MSG_CMSG_CLOEXEC)
         if ancdata or rflags or not nbytes:
             fds = self._checked(nbytes, ancdata, rflags)
             self.reader.feed(view[:nbytes], fds)
