@@ -233,6 +233,12 @@ class Endpoint:
             return None
         return codec.error_reply(msg, code)
 
+    def ungated(self, command: int) -> bool:
+        """Whether the session state and the migration state let ``command`` through as
+        things stand (the C shim's fast path takes only such commands; both states change
+        only through the messages it hands to :meth:`handle`)."""
+        return self.session.accepts(command) and command not in self.migration.gated
+
     @staticmethod
     def short_read(index: int, got: int, count: int) -> VfioUserError:
         """A region's read handler returned ``got`` bytes where ``count`` were asked for."""

@@ -277,10 +277,11 @@ class FastPath:
         r.fast = 1
 
     def state_changed(self) -> None:
-        """Tell the shim which of the two commands the session's state accepts now (after
-        every message the Python path handled: only those change the state)."""
-        accepts = self.conn.session.accepts
-        self._r.accepts = (accepts(_READ) << _READ) | (accepts(_WRITE) << _WRITE)
+        """Tell the shim which of the two commands the session's and the migration's states
+        let through now (after every message the Python path handled: only those change
+        them); a gated access goes to the Python path, which says what to do with it."""
+        ungated = self.conn.endpoint.ungated
+        self._r.accepts = (ungated(_READ) << _READ) | (ungated(_WRITE) << _WRITE)
 
     def handle_one(self) -> Message | None:
         """Read until one message is there; serve it if it is a fast access (None), else
