@@ -1,6 +1,6 @@
-"""Only the C shim's cffi build lives here (setuptools reads ``cffi_modules`` from setup());
+"""Only the C shim's cffi builds live here (setuptools reads ``cffi_modules`` from setup());
 everything else is in pyproject.toml."""
 
 from setuptools import setup
 
-setup(cffi_modules=["c_shim/build_dma.py:ffibuilder"])
+setup(cffi_modules=["c_shim/build_dma.py:ffibuilder", "c_shim/build_msg.py:ffibuilder"])

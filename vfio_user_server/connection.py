@@ -19,12 +19,14 @@ import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .dma import DmaAccessor, DmaMapTable
 from .endpoint import DeviceContext, Endpoint, VfioDevice
 from .errors import ConnectionClosed
+from .msgshim import FastPath, ShimMessageReader, sender
 from .protocol import codec
 from .protocol.constants import Command
 from .protocol.session import Session
@@ -52,18 +54,29 @@ class Connection:
         self.table = DmaMapTable(max_maps=server.caps.max_dma_maps)  # what VERSION advertised
         self.endpoint = Endpoint(device, self.session, self.table)
         #: framing: the one reader, limited to what the server advertises
-        self.reader = SocketReader(sock, server.caps.max_message_size, peer="client")
+        self.reader = SocketReader(sock, server.caps.max_message_size, peer="client",
+                                   shim=server.shim)
         #: DMA_READ / DMA_WRITE to the client, for device threads
         self.requester = ClientRequester(self.send, self.session, server.dma_layout,
                                          server.dma_timeout)
         self.dma = DmaAccessor(self.table, self.requester)
-        self._send_lock = threading.Lock()
+        #: serialises sends (replies, requests of device threads); the shim's fast path too
+        self.send_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="vfio-user-worker")
         self.loop_thread: threading.Thread | None = None
         self.closed = False
         #: the device was told about this client (vfio_attach), so it hears it leave
         self.device_connected = False
         self.ctx = DeviceContext(self.dma, self.table, self._worker.submit, None)
+        #: the C shim (vfio_user_server.msgshim): REGION_READ/WRITE served without a Message,
+        #: replies encoded and sent in C. Not while tracing: the trace describes each Message.
+        reader = self.reader.reader
+        self.fast: FastPath | None = None
+        self._csend: Callable[[int, codec.Message], None] | None = None
+        if isinstance(reader, ShimMessageReader):
+            self._csend = sender(reader)
+            if not server.tracing and self.reader.direct:
+                self.fast = FastPath(self, reader)
 
     @loop_thread
     def bind_loop_thread(self, thread: threading.Thread) -> None:
@@ -76,13 +89,15 @@ class Connection:
     @any_thread
     def send(self, msg: codec.Message) -> None:
         """Write one message (a reply, or a request to the client) with its fds."""
-        data = codec.encode(msg)
         if self.server.tracing:
             self.server._trace(describe(msg, direction="->"))
-        with self._send_lock:
+        with self.send_lock:
             if self.closed:
                 raise ConnectionClosed("connection is closed")
-            send_bytes(self.sock, data, msg.fds)  # the fds travel with the header
+            if self._csend is not None:
+                self._csend(self.sock.fileno(), msg)
+            else:
+                send_bytes(self.sock, codec.encode(msg), msg.fds)  # fds travel with the header
 
     # --- receiving and dispatch -------------------------------------------------------------
     @loop_thread
@@ -91,7 +106,12 @@ class Connection:
 
         Raises what the reader raises: FramingError (drop the client), ConnectionClosed, OSError.
         """
-        msg = self.reader.read_message()
+        if self.fast is not None:
+            msg = self.fast.handle_one()  # serves REGION_READ/WRITE itself
+            if msg is None:
+                return
+        else:
+            msg = self.reader.read_message()
         if self.server.tracing:
             self.server._trace(describe(msg, direction="<-"))
         if msg.is_reply:
@@ -99,6 +119,8 @@ class Connection:
             return
         first = self.session.state
         reply = self.endpoint.handle(msg)
+        if self.fast is not None:
+            self.fast.state_changed()
         connected = msg.command == _VERSION and first is not self.session.state
         if connected:
             # before the reply: once the client has it, the device must know its client
@@ -123,7 +145,7 @@ class Connection:
         """
         if self.closed:
             return
-        with self._send_lock:
+        with self.send_lock:
             self.closed = True
         self.session.close()
         self.requester.close()
@@ -152,7 +174,7 @@ class Connection:
         client. The device stays quiesced: it is the old process's, and no longer serves."""
         if self.closed:
             return
-        with self._send_lock:
+        with self.send_lock:
             self.closed = True
         self.requester.close()
         self.reader.close()  # our copies of the fds of a message not yet whole

@@ -203,21 +203,8 @@ class Endpoint:
                 )
             result = _HANDLERS[cmd](self, msg)
             self.session.completed(cmd)
-        except VfioUserError as exc:
-            msg.close_fds()
-            if isinstance(exc, EncodeError):  # our own bug, not the client's: EIO, traceback
-                log.exception("%s #%d: reply not encodable", msg.command_name(), msg.msg_id)
-            else:
-                log.warning("%s #%d failed: %s", msg.command_name(), msg.msg_id, exc)
-            if msg.no_reply:
-                return None
-            return codec.error_reply(msg, exc.errno)
         except Exception as exc:  # a bug in a device handler must not kill the server
-            msg.close_fds()
-            log.exception("%s #%d: device error", msg.command_name(), msg.msg_id)
-            if msg.no_reply:
-                return None
-            return codec.error_reply(msg, _errno_of(exc))
+            return self.failed(msg, exc)
         if msg.fds:  # a handler that keeps fds takes them out of msg.fds
             msg.close_fds()
         if msg.no_reply:
@@ -228,9 +215,43 @@ class Endpoint:
             return reply
         return codec.reply_to(msg, result or b"")
 
+    def failed(self, msg: codec.Message, exc: Exception) -> codec.Message | None:
+        """The answer to ``msg`` whose handling raised ``exc``: an error reply (None for
+        NO_REPLY), logged; its fds are closed. Called from the ``except`` block (a bug gets
+        its traceback logged). The C shim's fast path answers its handlers' errors here too."""
+        msg.close_fds()
+        if isinstance(exc, EncodeError):  # our own bug, not the client's: EIO, traceback
+            log.exception("%s #%d: reply not encodable", msg.command_name(), msg.msg_id)
+            code = exc.errno
+        elif isinstance(exc, VfioUserError):
+            log.warning("%s #%d failed: %s", msg.command_name(), msg.msg_id, exc)
+            code = exc.errno
+        else:
+            log.exception("%s #%d: device error", msg.command_name(), msg.msg_id)
+            code = _errno_of(exc)
+        if msg.no_reply:
+            return None
+        return codec.error_reply(msg, code)
+
+    def ungated(self, command: int) -> bool:
+        """Whether the session state and the migration state let ``command`` through as
+        things stand (the C shim's fast path takes only such commands; both states change
+        only through the messages it hands to :meth:`handle`)."""
+        return self.session.accepts(command) and command not in self.migration.gated
+
+    @staticmethod
+    def short_read(index: int, got: int, count: int) -> VfioUserError:
+        """A region's read handler returned ``got`` bytes where ``count`` were asked for."""
+        return VfioUserError(f"region {index} read returned {got} of {count} bytes",
+                             errno=errno.EIO)
+
     # --- helpers
     def region(self, index: int) -> Region | None:
         return self._regions.get(index)
+
+    def regions(self) -> Mapping[int, Region]:
+        """The device's regions by index, as this endpoint serves them."""
+        return self._regions
 
     def _access_region(self, acc: RegionAccess, writing: bool) -> Region:
         if acc.count > self.session.caps.max_data_xfer_size:
@@ -370,8 +391,7 @@ def _region_read(ep: Endpoint, msg: codec.Message) -> bytes:
     assert region.read is not None
     data = region.read(offset, count)
     if len(data) != count:
-        raise VfioUserError(f"region {index} read returned {len(data)} of {count} bytes",
-                            errno=errno.EIO)
+        raise ep.short_read(index, len(data), count)
     return _ACCESS.pack(offset, index, count) + data
 
 

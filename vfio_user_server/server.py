@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import msgshim
+from .between import JobSlot
 from .connection import Connection
 from .dmacopy import default_copy
 from .endpoint import VfioDevice
@@ -140,10 +142,15 @@ class Server:
         release_memory: bool = False,
         upgradable: bool = False,
         connection_factory: ConnectionFactory | None = None,
+        shim: bool | None = None,
     ) -> None:
         self.device = device
+        #: the message path: None the C shim when it is built and PYVFIO_NO_SHIM is not set
+        #: (vfio_user_server.msgshim), False the pure-Python path, True the shim
+        self.shim = shim
         # chosen (and said) before the socket listens: a signal right after finds it done
         log.info("DMA guarded copies: %s", default_copy().name)
+        log.info("message path: %s", msgshim.path_name(shim))
         #: after each client, give its memory back to the system (the CLI's long-lived server)
         self.release_memory = release_memory
         self._listener: socket.socket | None = None
@@ -176,15 +183,13 @@ class Server:
         self._listener_lock = threading.Lock()
         self._serving = False
         self._handover: socket.socket | None = None  # a client the refuser accepted
-        #: live upgrade (vfio_user_server.upgrade): the loop thread also watches a pipe
-        #: between messages, so a hand-over happens with no message half-handled
+        #: live upgrade (vfio_user_server.upgrade): a hand-over job waits in the slot for the
+        #: loop thread, which takes it between two messages (no message half-handled), woken
+        #: from its read by a signal (vfio_user_server.between: no select() per read)
         self.upgradable = upgradable
         #: builds the Connection of each client (crash recovery's supervised mode has its own)
         self.connection_factory: ConnectionFactory = connection_factory or Connection
-        self._upgrade_r, self._upgrade_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._upgrade_job: Callable[[Connection | None], bool] | None = None
-        self._upgrade_done = threading.Condition()
-        self._upgrade_result: bool | BaseException | None = None
+        self._slot = JobSlot(upgradable)  # vfio_user_server.between
         #: set once the listener and client went to another process: nothing is torn down
         self.handed_over = False
         self._first: Connection | None = None  # a connection rebuilt from a hand-over
@@ -283,9 +288,9 @@ class Server:
             return client
         watched = [self._listener.fileno(), self._wake_r]
         if self.upgradable:
-            watched.append(self._upgrade_r)
+            watched.append(self._slot.pipe)
         r, _, _ = select.select(watched, [], [])
-        if self._upgrade_r in r and self._run_upgrade_job(None):
+        if self._slot.pipe in r and self._run_upgrade_job(None):
             return None
         if self._wake_r in r:
             # stop(), or an IRQ-watch wake-up left over from the last connection: drain it,
@@ -322,13 +327,19 @@ class Server:
         try:
             while not self._stopping.is_set():
                 if self.upgradable:  # a hand-over between two messages, even inside a burst
-                    if self._upgrade_job is not None and self._run_upgrade_job(conn):
+                    if self._slot.job is not None and self._run_upgrade_job(conn):
                         break
-                    if not conn.reader.reader.has_message():
-                        r, _, _ = select.select([conn.sock.fileno(), self._upgrade_r], [], [])
+                    if not self._slot.by_signal and not conn.reader.reader.has_message():
+                        r, _, _ = select.select([conn.sock.fileno(), self._slot.pipe], [], [])
                         if conn.sock.fileno() not in r:
                             continue  # the hand-over is taken at the top
-                conn.handle_one()
+                try:
+                    conn.handle_one()
+                except BlockingIOError:  # a read cut short for a hand-over (never otherwise)
+                    if not self._slot.by_signal:
+                        raise
+                    if self._run_upgrade_job(conn):
+                        break
         except ConnectionClosed:
             log.info("client disconnected from %s", self.path)
         except FramingError as exc:  # the stream cannot be cut into messages any more
@@ -366,10 +377,7 @@ class Server:
     def _run_upgrade_job(self, conn: Connection | None) -> bool:
         """Run the hand-over asked for by :meth:`run_between_messages`; True if this process
         no longer serves (the loop ends, tearing down nothing)."""
-        with contextlib.suppress(OSError):
-            os.read(self._upgrade_r, 4096)
-        with self._upgrade_done:  # a job its caller gave up on is gone from here
-            job, self._upgrade_job = self._upgrade_job, None
+        job = self._slot.take(conn)
         if job is None:
             return False
         result: bool | BaseException
@@ -380,9 +388,7 @@ class Server:
         if result is True:
             self.handed_over = True
             self._stopping.set()
-        with self._upgrade_done:
-            self._upgrade_result = result
-            self._upgrade_done.notify_all()
+        self._slot.finish(result)
         return result is True
 
     @any_thread
@@ -394,20 +400,7 @@ class Server:
         it raised; TimeoutError if the loop did not run it in time."""
         if not self.upgradable:
             raise VfioUserError("this server was not started upgradable", errno=errno.EINVAL)
-        with self._upgrade_done:
-            self._upgrade_result = None
-            self._upgrade_job = job
-            os.write(self._upgrade_w, b"u")
-            if not self._upgrade_done.wait_for(lambda: self._upgrade_result is not None,
-                                               timeout):
-                if self._upgrade_job is job:  # not started: withdraw it
-                    self._upgrade_job = None
-                    raise TimeoutError("the server loop did not take the hand-over in time")
-                self._upgrade_done.wait_for(lambda: self._upgrade_result is not None)
-            result, self._upgrade_result = self._upgrade_result, None
-        if isinstance(result, BaseException):
-            raise result
-        return bool(result)
+        return self._slot.post(job, self.connection, timeout)
 
     def adopt(self, conn: Connection) -> None:
         """Serve ``conn`` (rebuilt from a hand-over) first, then accept clients as usual."""
@@ -501,8 +494,7 @@ class Server:
             self._closed_pipes = True
             os.close(self._wake_r)
             os.close(self._wake_w)
-            os.close(self._upgrade_r)
-            os.close(self._upgrade_w)
+            self._slot.close()
 
     def __enter__(self) -> Server:
         return self.start()

@@ -248,6 +248,7 @@ class SupervisedConnection(Connection):
         self.child = child
         self.record = child.record
         self.reader: PeekingReader = PeekingReader(sock, server.caps.max_message_size)
+        self.fast = None  # the C fast path consumes whole reads: here a message is peeked first
         #: the header of the message the dead process was handling (a recovered connection)
         self.lost: bytes | None = None
         self._maps: dict[int, tuple[int, int, int, bool]] = {}  # what the supervisor has

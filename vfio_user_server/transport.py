@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from .errors import ConnectionClosed, FramingError
 from .fds import close_fds
+from .msgshim import ShimMessageReader, new_reader
 from .protocol.codec import Message
-from .protocol.framing import MessageReader
 from .protocol.session import SCM_MAX_FD
 
 #: Most bytes taken from the socket by one read.
@@ -43,7 +43,11 @@ def check_read(nbytes: int, ancdata: list[tuple[int, int, bytes]], rflags: int,
                peer: str = "peer") -> list[int]:
     """The fds of one read, after checking it: ancillary data cut short is a FramingError (its
     fds are lost, so no message can be trusted); no bytes is the peer's end of stream."""
-    fds = fds_from_ancillary(ancdata) if ancdata else []
+    return check_fds(nbytes, fds_from_ancillary(ancdata) if ancdata else [], rflags, peer)
+
+
+def check_fds(nbytes: int, fds: list[int], rflags: int, peer: str = "peer") -> list[int]:
+    """:func:`check_read` once the fds are out of the ancillary data."""
     if rflags & _MSG_CTRUNC:
         close_fds(fds)
         raise FramingError(f"{peer} sent more fds in one message than one read can carry")
@@ -60,14 +64,18 @@ class SocketReader:
     pipelined messages costs one system call. Not thread-safe: one thread reads.
     """
 
-    __slots__ = ("_view", "peer", "reader", "sock")
+    __slots__ = ("_direct", "_view", "peer", "reader", "sock")
 
     def __init__(self, sock: socket.socket, max_size: int, *, peer: str = "peer",
-                 chunk: int = RECV_CHUNK) -> None:
+                 chunk: int = RECV_CHUNK, shim: bool | None = None) -> None:
         self.sock = sock
-        self.reader = MessageReader(max_size)
+        #: the one reader: the C shim's when it runs (vfio_user_server.msgshim), else Python's
+        #: (``shim``: None chooses, False forces Python's, True the shim's)
+        self.reader = new_reader(max_size, shim)
         self.peer = peer
-        self._view = memoryview(bytearray(chunk))
+        # the shim reads a blocking socket itself, straight into its buffer
+        self._direct = isinstance(self.reader, ShimMessageReader) and sock.gettimeout() is None
+        self._view = memoryview(bytearray(0 if self._direct else chunk))
 
     def read_message(self) -> Message:
         """The next message; blocks for more reads as needed.
@@ -85,6 +93,13 @@ class SocketReader:
 
     def fill(self) -> None:
         """One read from the socket into the reader."""
+        if self._direct:
+            reader = self.reader
+            assert isinstance(reader, ShimMessageReader)
+            special = reader.recv(self.sock.fileno())
+            if special is not None:  # fds, flags or the end of the stream: checked here
+                self.take_special(*special)
+            return
         view = self._view
         # CLOEXEC: a client's fds never leak into a program this process starts.
         nbytes, ancdata, rflags, _ = self.sock.recvmsg_into([view], _ANCBUF,
@@ -95,10 +110,25 @@ class SocketReader:
         else:
             self.reader.feed(view[:nbytes])
 
+    def take_special(self, nbytes: int, fds: list[int], rflags: int) -> None:
+        """The shim's read with fds, flags or at the end of the stream: checked, then taken."""
+        self._checked_fds(nbytes, fds, rflags)
+        reader = self.reader
+        assert isinstance(reader, ShimMessageReader)
+        reader.commit()
+
+    @property
+    def direct(self) -> bool:
+        """Whether the shim's reader reads the socket itself."""
+        return self._direct
+
     def _checked(self, nbytes: int, ancdata: list[tuple[int, int, bytes]], rflags: int
                  ) -> list[int]:
+        return self._checked_fds(nbytes, fds_from_ancillary(ancdata) if ancdata else [], rflags)
+
+    def _checked_fds(self, nbytes: int, fds: list[int], rflags: int) -> list[int]:
         try:
-            return check_read(nbytes, ancdata, rflags, self.peer)
+            return check_fds(nbytes, fds, rflags, self.peer)
         except ConnectionClosed:
             if self.reader.pending_bytes():
                 raise ConnectionClosed(f"{self.peer} closed the connection inside a message"

@@ -59,6 +59,25 @@ def header_error(size: int, flags: int, max_size: int) -> FramingError | None:
     return None
 
 
+def middle_error(first: int, last: int, size: int) -> FramingError:
+    """fds of a read of bytes ``first..last`` (from the start of a ``size``-byte message that
+    holds them) in which no message starts."""
+    return FramingError(f"fds arrived in the middle of a message (a read of bytes {first}"
+                        f"..{last} of a {size}-byte message)")
+
+
+def no_data_error() -> FramingError:
+    """fds that came with no bytes (never on a stream socket)."""
+    return FramingError("fds without data")
+
+
+def check_pending(size: int, marks: list[tuple[int, int, list[int]]]) -> None:
+    """Refuse an exported read (``import_pending``) that lies outside the ``size`` bytes."""
+    for first, last, _fds in marks:
+        if not 0 <= first < last <= size:
+            raise FramingError(f"pending read {first}..{last} outside {size} bytes")
+
+
 def decode_header(buf: bytes | bytearray | memoryview, max_size: int = 1 << 32) -> Header:
     """Decode the header at the start of ``buf``, checked as the reader checks it."""
     if len(buf) < HEADER_SIZE:
@@ -105,7 +124,7 @@ class MessageReader:
         if fds:
             if len(buf) == start:  # fds come with at least one byte on a stream socket
                 self._dropped += fds
-                self._fail(FramingError("fds without data"))
+                self._fail(no_data_error())
             self._marks.append((start, len(buf), fds))
 
     def next_message(self) -> Message | None:
@@ -168,9 +187,7 @@ class MessageReader:
         with the same fds, come out. Only on a fresh reader; it owns the fds from here on."""
         if self._buf or self._marks or self._error is not None:
             raise ValueError("import_pending needs a fresh reader")
-        for first, last, _fds in marks:
-            if not 0 <= first < last <= len(data):
-                raise FramingError(f"pending read {first}..{last} outside {len(data)} bytes")
+        check_pending(len(data), marks)
         self._buf += data
         self._marks = [(first, last, list(fds)) for first, last, fds in marks]
 
@@ -208,8 +225,6 @@ class MessageReader:
             elif first <= start < last:  # it ends in this message and holds its start
                 mine += fds
             else:  # it lies inside this message after its first byte: no message starts in it
-                self._fail(FramingError(
-                    f"fds arrived in the middle of a message (a read of bytes {first - start}"
-                    f"..{last - start} of a {end - start}-byte message)"))
+                self._fail(middle_error(first - start, last - start, end - start))
         self._marks = keep
         return mine

@@ -60,6 +60,11 @@ TRANSITIONS: dict[tuple[SessionState, Command], SessionState] = {
 
 _TRANSITION_COMMANDS = frozenset(int(c) for _, c in TRANSITIONS)
 
+
+def may_change_state(command: int) -> bool:
+    """Whether handling ``command`` may move the session to another state."""
+    return command in _TRANSITION_COMMANDS
+
 #: States in which the server may send DMA_READ / DMA_WRITE to the client.
 MAY_REQUEST = frozenset({SessionState.NEGOTIATED, SessionState.RUNNING})
 

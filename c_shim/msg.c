@@ -1,0 +1,595 @@
+/*
+ * The message path in C: the reader of vfio_user_server/protocol/framing.py (MessageReader),
+ * reading straight from the socket into one reused buffer, reply encoding and sending, and the
+ * REGION_READ / REGION_WRITE fast path.
+ *
+ * The Python reference is the specification: every rule here is the one of framing.py (size
+ * limits, which message a read's fds belong to, fds in the middle of a message), and the
+ * hypothesis tests in tests/test_msg_shim.py feed both the same streams. Error texts are
+ * Python's: a framing error is returned as a code with its numbers, and
+ * vfio_user_server/msgshim.py raises the exception framing.py builds from them.
+ *
+ * The wire numbers (header layout, command numbers, flags) come from pyvfio_wire.h, which
+ * c_shim/build_msg.py generates from protocol/constants.py and protocol/structs.py. The
+ * per-connection limits (message size, data per access, which commands the session state
+ * accepts, the regions' sizes and permissions) are passed in by Python from
+ * protocol/session.py and the device.
+ *
+ * Fast path: pyvfio_next() takes a REGION_READ / REGION_WRITE only when the Python path would
+ * run the device's handler for it without an error (a request, no fds, a payload of the exact
+ * shape, a state that accepts it, a region that has the access and holds it whole, no more
+ * data than advertised); anything else comes out as a plain message and Python handles it,
+ * error replies included. The caller then calls the handler with the decoded integers and
+ * answers with pyvfio_reply_access().
+ *
+ * cffi releases the GIL around every call here: a blocking recvmsg or sendmsg does not hold
+ * up other Python threads. One thread reads a reader; sends are serialised by the caller.
+ */
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "pyvfio_wire.h"
+
+/* next() results */
+#define PYVFIO_NONE 0
+#define PYVFIO_MESSAGE 1
+#define PYVFIO_FAST_READ 2
+#define PYVFIO_FAST_WRITE 3
+#define PYVFIO_SPECIAL 4 /* next_from(): a read for the caller to check */
+#define PYVFIO_ERROR (-1)
+
+/* framing errors (r->err) */
+#define PYVFIO_ERR_HEADER 1   /* e1 size, e2 flags, e3 max_size: framing.header_error() */
+#define PYVFIO_ERR_MIDDLE 2   /* e1 first, e2 last (from the message's start), e3 its size */
+#define PYVFIO_ERR_NO_DATA 3  /* fds fed with no bytes */
+
+/* recv() results besides a positive byte count (committed) */
+#define PYVFIO_RECV_SPECIAL 0 /* fds, flags or end of stream: r->rbytes, r->rflags, r->rfds */
+
+#define MAX_REGIONS 16
+#define MIN_ROOM (64 * 1024)
+#define FIRST_CAP (256 * 1024)
+
+struct pyvfio_mark {
+    size_t first, last; /* offsets in buf of the read's first byte and the byte after its last */
+    int nfds;
+    int *fds;
+};
+
+struct pyvfio_reader {
+    /* the message next() returned (PYVFIO_MESSAGE or a fast access) */
+    uint32_t msg_id, command, size, flags, error;
+    size_t payload;   /* offset of its payload in buf */
+    int *fds;         /* its fds (PYVFIO_MESSAGE only) */
+    int nfds;
+    uint64_t offset;  /* a fast access */
+    uint32_t index, count;
+    /* the framing error, once there is one (sticky) */
+    int err;
+    uint64_t e1, e2, e3;
+    /* the last special read (PYVFIO_RECV_SPECIAL) */
+    size_t rbytes;
+    int rflags;
+    int rfds[PYVFIO_SCM_MAX_FD];
+    int nrfds;
+    /* limits */
+    uint64_t max_size;
+    /* the fast path: 0 off; commands accepted (bit per command), data limit, regions */
+    int fast;
+    uint64_t accepts;
+    uint64_t max_xfer;
+    uint64_t region_size[MAX_REGIONS];
+    unsigned char region_perm[MAX_REGIONS]; /* bit 0 readable, bit 1 writable */
+    /* the buffer: bytes [pos, len) not yet taken */
+    unsigned char *buf;
+    size_t cap, pos, len;
+    /* each pending read's fds */
+    struct pyvfio_mark *marks;
+    size_t nmarks, capmarks;
+    /* fds of refused reads, until take */
+    int *dropped;
+    size_t ndropped, capdropped;
+    /* fds of the message out (grown as needed) */
+    int *out;
+    size_t capout;
+};
+
+static uint64_t get_le(const unsigned char *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static void put_le(unsigned char *p, uint64_t v, int n)
+{
+    for (int i = 0; i < n; i++, v >>= 8)
+        p[i] = (unsigned char)v;
+}
+
+struct pyvfio_reader *pyvfio_reader_new(uint64_t max_size)
+{
+    struct pyvfio_reader *r = calloc(1, sizeof(*r));
+
+    if (r == NULL)
+        return NULL;
+    r->max_size = max_size;
+    return r;
+}
+
+static void free_marks(struct pyvfio_reader *r)
+{
+    for (size_t i = 0; i < r->nmarks; i++)
+        free(r->marks[i].fds);
+    r->nmarks = 0;
+}
+
+void pyvfio_reader_free(struct pyvfio_reader *r)
+{
+    if (r == NULL)
+        return;
+    free_marks(r);
+    free(r->marks);
+    free(r->dropped);
+    free(r->out);
+    free(r->buf);
+    free(r);
+}
+
+static int grow(void **p, size_t *cap, size_t need, size_t item)
+{
+    size_t n = *cap ? *cap : 8;
+    void *q;
+
+    if (need <= *cap)
+        return 0;
+    while (n < need)
+        n *= 2;
+    q = realloc(*p, n * item);
+    if (q == NULL)
+        return -1;
+    *p = q;
+    *cap = n;
+    return 0;
+}
+
+static int drop_fds(struct pyvfio_reader *r, const int *fds, int n)
+{
+    if (n <= 0)
+        return 0;
+    if (grow((void **)&r->dropped, &r->capdropped, r->ndropped + n, sizeof(int)) < 0)
+        return -ENOMEM;
+    memcpy(r->dropped + r->ndropped, fds, n * sizeof(int));
+    r->ndropped += n;
+    return 0;
+}
+
+/* Break the reader (framing.py's _fail): the marks' fds are kept for take, the bytes go. */
+static int fail(struct pyvfio_reader *r, int err, uint64_t e1, uint64_t e2, uint64_t e3)
+{
+    for (size_t i = 0; i < r->nmarks; i++)
+        drop_fds(r, r->marks[i].fds, r->marks[i].nfds);
+    free_marks(r);
+    r->pos = r->len = 0;
+    r->err = err;
+    r->e1 = e1;
+    r->e2 = e2;
+    r->e3 = e3;
+    return PYVFIO_ERROR;
+}
+
+/* Room for at least `room` more bytes after len: drop what was taken, then grow. */
+static int make_room(struct pyvfio_reader *r, size_t room)
+{
+    if (r->pos > 0 && r->cap - r->len < room) {
+        size_t shift = r->pos;
+
+        memmove(r->buf, r->buf + shift, r->len - shift);
+        r->len -= shift;
+        r->pos = 0;
+        for (size_t i = 0; i < r->nmarks; i++) {
+            /* a read that began in a taken message keeps its place relative to the rest */
+            r->marks[i].first = r->marks[i].first > shift ? r->marks[i].first - shift : 0;
+            r->marks[i].last -= shift;
+        }
+    }
+    if (r->cap - r->len < room) {
+        size_t cap = r->cap ? r->cap : FIRST_CAP;
+        unsigned char *b;
+
+        while (cap - r->len < room)
+            cap *= 2;
+        b = realloc(r->buf, cap);
+        if (b == NULL)
+            return -ENOMEM;
+        r->buf = b;
+        r->cap = cap;
+    }
+    return 0;
+}
+
+/* The bytes [len, len + n) just landed in buf with `fds`: take them (framing.py's feed). */
+static int commit(struct pyvfio_reader *r, size_t n, const int *fds, int nfds)
+{
+    struct pyvfio_mark *m;
+
+    if (r->err) { /* a broken stream: nothing more is read from it */
+        return drop_fds(r, fds, nfds);
+    }
+    if (nfds > 0 && n == 0) {
+        if (drop_fds(r, fds, nfds) < 0)
+            return -ENOMEM;
+        fail(r, PYVFIO_ERR_NO_DATA, 0, 0, 0);
+        return PYVFIO_ERROR;
+    }
+    if (nfds > 0) {
+        if (grow((void **)&r->marks, &r->capmarks, r->nmarks + 1, sizeof(*m)) < 0)
+            return -ENOMEM;
+        m = &r->marks[r->nmarks];
+        m->fds = malloc(nfds * sizeof(int));
+        if (m->fds == NULL)
+            return -ENOMEM;
+        memcpy(m->fds, fds, nfds * sizeof(int));
+        m->nfds = nfds;
+        m->first = r->len;
+        m->last = r->len + n;
+        r->nmarks++;
+    }
+    r->len += n;
+    return 0;
+}
+
+/* What one read returned. Returns 0, PYVFIO_ERROR (fds without data) or -ENOMEM; the reader
+ * owns the fds from here on (on -ENOMEM the caller still does). */
+int pyvfio_feed(struct pyvfio_reader *r, const char *data, size_t n, const int *fds, int nfds)
+{
+    if (r->err)
+        return drop_fds(r, fds, nfds);
+    if (make_room(r, n) < 0)
+        return -ENOMEM;
+    memcpy(r->buf + r->len, data, n);
+    return commit(r, n, fds, nfds);
+}
+
+/* One recvmsg from `sock` straight into the buffer. Returns the byte count (> 0) when the read
+ * brought bytes and nothing else (they are taken); PYVFIO_RECV_SPECIAL when it brought fds,
+ * flags or the end of the stream (r->rbytes, r->rflags, r->rfds: the caller checks them, then
+ * takes the bytes with pyvfio_commit or leaves them); -errno on failure. */
+ssize_t pyvfio_recv(struct pyvfio_reader *r, int sock)
+{
+    union {
+        char buf[CMSG_SPACE(PYVFIO_SCM_MAX_FD * sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov;
+    struct msghdr mh;
+    struct cmsghdr *c;
+    ssize_t n;
+
+    if (make_room(r, MIN_ROOM) < 0)
+        return -ENOMEM;
+    iov.iov_base = r->buf + r->len;
+    iov.iov_len = r->cap - r->len;
+    memset(&mh, 0, sizeof(mh));
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = control.buf;
+    mh.msg_controllen = sizeof(control.buf);
+    n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC); /* a client's fds never leak into a child */
+    if (n < 0)
+        return -errno;
+    r->nrfds = 0;
+    for (c = CMSG_FIRSTHDR(&mh); c != NULL; c = CMSG_NXTHDR(&mh, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+
+            if (k > PYVFIO_SCM_MAX_FD - r->nrfds)
+                k = PYVFIO_SCM_MAX_FD - r->nrfds;
+            memcpy(r->rfds + r->nrfds, CMSG_DATA(c), k * sizeof(int));
+            r->nrfds += k;
+        }
+    }
+    mh.msg_flags &= ~MSG_CMSG_CLOEXEC; /* our own flag, echoed back */
+    if (n > 0 && r->nrfds == 0 && mh.msg_flags == 0)
+        return commit(r, (size_t)n, NULL, 0) == 0 ? n : -ENOMEM;
+    r->rbytes = (size_t)n;
+    r->rflags = mh.msg_flags;
+    return PYVFIO_RECV_SPECIAL;
+}
+
+/* Take the bytes of the last special read with its fds (after the caller checked them). */
+int pyvfio_commit(struct pyvfio_reader *r)
+{
+    return commit(r, r->rbytes, r->rfds, r->nrfds);
+}
+
+/* framing.py's _bind: the fds of the message at [start, end). */
+static int bind_fds(struct pyvfio_reader *r, size_t start, size_t end)
+{
+    size_t keep = 0, total = 0;
+
+    for (size_t i = 0; i < r->nmarks; i++) {
+        struct pyvfio_mark *m = &r->marks[i];
+
+        if (m->last > end)
+            continue;
+        if (!(m->first <= start && start < m->last))
+            return fail(r, PYVFIO_ERR_MIDDLE, m->first - start, m->last - start, end - start);
+        total += m->nfds;
+    }
+    if (grow((void **)&r->out, &r->capout, total ? total : 1, sizeof(int)) < 0)
+        return -ENOMEM;
+    r->nfds = 0;
+    for (size_t i = 0; i < r->nmarks; i++) {
+        struct pyvfio_mark *m = &r->marks[i];
+
+        if (m->last > end) {
+            r->marks[keep++] = *m;
+        } else {
+            memcpy(r->out + r->nfds, m->fds, m->nfds * sizeof(int));
+            r->nfds += m->nfds;
+            free(m->fds);
+        }
+    }
+    r->nmarks = keep;
+    r->fds = r->out;
+    return 0;
+}
+
+#define HDR(f) get_le(p + PYVFIO_HEADER_##f##_OFF, PYVFIO_HEADER_##f##_LEN)
+#define ACC(f) get_le(q + PYVFIO_ACCESS_##f##_OFF, PYVFIO_ACCESS_##f##_LEN)
+
+/* Is the whole message at p a REGION_READ / REGION_WRITE the Python path would hand to the
+ * device's handler without an error? Then decode it into r and say which. */
+static int fast_access(struct pyvfio_reader *r, const unsigned char *p)
+{
+    const unsigned char *q = p + PYVFIO_HEADER_SIZE;
+    size_t body = r->size - PYVFIO_HEADER_SIZE;
+    uint64_t offset, size;
+    uint32_t index, count;
+    int writing;
+
+    if (r->command == PYVFIO_CMD_REGION_READ)
+        writing = 0;
+    else if (r->command == PYVFIO_CMD_REGION_WRITE)
+        writing = 1;
+    else
+        return 0;
+    if ((r->flags & ~(uint32_t)PYVFIO_FLAG_NO_REPLY) != PYVFIO_TYPE_COMMAND)
+        return 0; /* a reply, an error flag, unknown bits: the Python path says what */
+    if (!(r->accepts >> r->command & 1) || body < PYVFIO_ACCESS_SIZE)
+        return 0;
+    offset = ACC(OFFSET);
+    index = (uint32_t)ACC(REGION);
+    count = (uint32_t)ACC(COUNT);
+    if (writing ? (count == 0 || body - PYVFIO_ACCESS_SIZE != count)
+                : body != PYVFIO_ACCESS_SIZE)
+        return 0;
+    if (index >= MAX_REGIONS || !(r->region_perm[index] >> writing & 1))
+        return 0;
+    size = r->region_size[index];
+    if (count > r->max_xfer || offset > size || count > size - offset)
+        return 0;
+    r->offset = offset;
+    r->index = index;
+    r->count = count;
+    return writing ? PYVFIO_FAST_WRITE : PYVFIO_FAST_READ;
+}
+
+/* framing.py's next_message: the next whole message, or why none. Returns PYVFIO_NONE (feed
+ * more), PYVFIO_MESSAGE, PYVFIO_FAST_READ / PYVFIO_FAST_WRITE (only with r->fast, no fds), or
+ * PYVFIO_ERROR (r->err, now and on every later call); -ENOMEM. */
+int pyvfio_next(struct pyvfio_reader *r)
+{
+    const unsigned char *p;
+    size_t start, end;
+    int kind;
+
+    if (r->len - r->pos < PYVFIO_HEADER_SIZE)
+        return r->err ? PYVFIO_ERROR : PYVFIO_NONE;
+    start = r->pos;
+    p = r->buf + start;
+    r->size = (uint32_t)HDR(SIZE);
+    r->flags = (uint32_t)HDR(FLAGS);
+    if (r->size > r->max_size || r->size < PYVFIO_HEADER_SIZE
+        || (r->flags & PYVFIO_TYPE_MASK) > PYVFIO_TYPE_REPLY)
+        return fail(r, PYVFIO_ERR_HEADER, r->size, r->flags, r->max_size);
+    end = start + r->size;
+    if (r->len < end)
+        return PYVFIO_NONE;
+    r->msg_id = (uint32_t)HDR(MSG_ID);
+    r->command = (uint32_t)HDR(COMMAND);
+    r->error = (uint32_t)HDR(ERROR);
+    r->payload = start + PYVFIO_HEADER_SIZE;
+    r->nfds = 0;
+    kind = PYVFIO_MESSAGE;
+    if (r->nmarks) {
+        int rc = bind_fds(r, start, end);
+
+        if (rc != 0)
+            return rc;
+    } else if (r->fast) {
+        kind = fast_access(r, p);
+        if (kind == 0)
+            kind = PYVFIO_MESSAGE;
+    }
+    if (end == r->len) /* all taken (and every read's fds: each ended by here) */
+        r->pos = r->len = 0;
+    else
+        r->pos = end;
+    return kind;
+}
+
+/* next(), reading from `sock` until there is something to say: the next message or fast
+ * access, PYVFIO_ERROR, PYVFIO_SPECIAL (a read with fds, flags or at the end of the stream:
+ * see pyvfio_recv; the caller checks it and calls pyvfio_commit, then this again) or -errno
+ * (-EINTR included: the caller decides whether to go on). One call per message on the fast
+ * path, where a read and a parse would otherwise be two, plus the Python between them. */
+int pyvfio_next_from(struct pyvfio_reader *r, int sock)
+{
+    for (;;) {
+        int kind = pyvfio_next(r);
+        ssize_t n;
+
+        if (kind != PYVFIO_NONE)
+            return kind;
+        n = pyvfio_recv(r, sock);
+        if (n == PYVFIO_RECV_SPECIAL)
+            return PYVFIO_SPECIAL;
+        if (n < 0)
+            return (int)n;
+    }
+}
+
+/* Whether next() returns without more being fed (a whole message or an error is there). */
+int pyvfio_has_message(const struct pyvfio_reader *r)
+{
+    size_t avail = r->len - r->pos;
+    uint64_t size;
+
+    if (avail < PYVFIO_HEADER_SIZE)
+        return r->err != 0;
+    size = get_le(r->buf + r->pos + PYVFIO_HEADER_SIZE_OFF, PYVFIO_HEADER_SIZE_LEN);
+    return avail >= size || size < PYVFIO_HEADER_SIZE;
+}
+
+/* Every fd the reader still holds into r->out (r->nfds), and the buffer emptied. */
+int pyvfio_take(struct pyvfio_reader *r)
+{
+    size_t total = r->ndropped;
+
+    for (size_t i = 0; i < r->nmarks; i++)
+        total += r->marks[i].nfds;
+    if (grow((void **)&r->out, &r->capout, total ? total : 1, sizeof(int)) < 0)
+        return -ENOMEM;
+    memcpy(r->out, r->dropped, r->ndropped * sizeof(int));
+    r->nfds = (int)r->ndropped;
+    r->ndropped = 0;
+    for (size_t i = 0; i < r->nmarks; i++) {
+        memcpy(r->out + r->nfds, r->marks[i].fds, r->marks[i].nfds * sizeof(int));
+        r->nfds += r->marks[i].nfds;
+    }
+    r->fds = r->out;
+    free_marks(r);
+    r->pos = r->len = 0;
+    return 0;
+}
+
+/* import_pending's marks, one by one (offsets into the bytes fed since the reader was made). */
+int pyvfio_add_mark(struct pyvfio_reader *r, size_t first, size_t last, const int *fds, int n)
+{
+    struct pyvfio_mark *m;
+
+    if (grow((void **)&r->marks, &r->capmarks, r->nmarks + 1, sizeof(*m)) < 0)
+        return -ENOMEM;
+    m = &r->marks[r->nmarks];
+    m->fds = malloc((n ? n : 1) * sizeof(int));
+    if (m->fds == NULL)
+        return -ENOMEM;
+    memcpy(m->fds, fds, n * sizeof(int));
+    m->nfds = n;
+    m->first = r->pos + first;
+    m->last = r->pos + last;
+    r->nmarks++;
+    return 0;
+}
+
+static int send_all(int sock, struct iovec *iov, int n, const int *fds, int nfds)
+{
+    union {
+        char buf[CMSG_SPACE(PYVFIO_SCM_MAX_FD * sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr mh;
+
+    if (nfds < 0 || nfds > PYVFIO_SCM_MAX_FD)
+        return -EINVAL;
+    memset(&mh, 0, sizeof(mh));
+    mh.msg_iov = iov;
+    mh.msg_iovlen = n;
+    if (nfds > 0) { /* the fds travel with the first byte */
+        struct cmsghdr *c;
+
+        memset(&control, 0, sizeof(control));
+        mh.msg_control = control.buf;
+        mh.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
+        c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+        memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
+    }
+    while (mh.msg_iovlen > 0) {
+        ssize_t sent = sendmsg(sock, &mh, MSG_NOSIGNAL);
+
+        if (sent < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        mh.msg_control = NULL;
+        mh.msg_controllen = 0;
+        while (mh.msg_iovlen > 0 && (size_t)sent >= mh.msg_iov->iov_len) {
+            sent -= mh.msg_iov->iov_len;
+            mh.msg_iov++;
+            mh.msg_iovlen--;
+        }
+        if (mh.msg_iovlen > 0) {
+            mh.msg_iov->iov_base = (char *)mh.msg_iov->iov_base + sent;
+            mh.msg_iov->iov_len -= sent;
+        }
+    }
+    return 0;
+}
+
+/* Encode and send one message: header, payload, fds with its first byte. 0 or -errno. */
+int pyvfio_send(int sock, uint32_t msg_id, uint32_t command, uint32_t flags, uint32_t error,
+                const char *payload, size_t n, const int *fds, int nfds)
+{
+    unsigned char hdr[PYVFIO_HEADER_SIZE];
+    struct iovec iov[2];
+
+    if (n > UINT32_MAX - PYVFIO_HEADER_SIZE)
+        return -EMSGSIZE;
+    memset(hdr, 0, sizeof(hdr));
+    put_le(hdr + PYVFIO_HEADER_MSG_ID_OFF, msg_id, PYVFIO_HEADER_MSG_ID_LEN);
+    put_le(hdr + PYVFIO_HEADER_COMMAND_OFF, command, PYVFIO_HEADER_COMMAND_LEN);
+    put_le(hdr + PYVFIO_HEADER_SIZE_OFF, PYVFIO_HEADER_SIZE + n, PYVFIO_HEADER_SIZE_LEN);
+    put_le(hdr + PYVFIO_HEADER_FLAGS_OFF, flags, PYVFIO_HEADER_FLAGS_LEN);
+    put_le(hdr + PYVFIO_HEADER_ERROR_OFF, error, PYVFIO_HEADER_ERROR_LEN);
+    iov[0].iov_base = hdr;
+    iov[0].iov_len = sizeof(hdr);
+    iov[1].iov_base = (void *)payload;
+    iov[1].iov_len = n;
+    return send_all(sock, iov, n ? 2 : 1, fds, nfds);
+}
+
+/* The reply to the fast access next() returned: the access echoed, then `n` bytes of `data`
+ * (a read's; 0 for a write). 0 or -errno. */
+int pyvfio_reply_access(const struct pyvfio_reader *r, int sock, const char *data, size_t n)
+{
+    unsigned char head[PYVFIO_HEADER_SIZE + PYVFIO_ACCESS_SIZE];
+    unsigned char *q = head + PYVFIO_HEADER_SIZE;
+    struct iovec iov[2];
+
+    memset(head, 0, sizeof(head));
+    put_le(head + PYVFIO_HEADER_MSG_ID_OFF, r->msg_id, PYVFIO_HEADER_MSG_ID_LEN);
+    put_le(head + PYVFIO_HEADER_COMMAND_OFF, r->command, PYVFIO_HEADER_COMMAND_LEN);
+    put_le(head + PYVFIO_HEADER_SIZE_OFF, sizeof(head) + n, PYVFIO_HEADER_SIZE_LEN);
+    put_le(head + PYVFIO_HEADER_FLAGS_OFF, PYVFIO_TYPE_REPLY, PYVFIO_HEADER_FLAGS_LEN);
+    put_le(q + PYVFIO_ACCESS_OFFSET_OFF, r->offset, PYVFIO_ACCESS_OFFSET_LEN);
+    put_le(q + PYVFIO_ACCESS_REGION_OFF, r->index, PYVFIO_ACCESS_REGION_LEN);
+    put_le(q + PYVFIO_ACCESS_COUNT_OFF, r->count, PYVFIO_ACCESS_COUNT_LEN);
+    iov[0].iov_base = head;
+    iov[0].iov_len = sizeof(head);
+    iov[1].iov_base = (void *)data;
+    iov[1].iov_len = n;
+    return send_all(sock, iov, n ? 2 : 1, NULL, 0);
+}
