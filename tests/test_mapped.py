@@ -7,6 +7,7 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +70,7 @@ def test_pieces_split_an_access_at_area_edges() -> None:
 def served() -> Iterator[Served[Edu]]:
     with serve(Edu(mapped_scratch=True), memory=1 << 20, enable=True) as s:
         yield s
+    s.device.mapped(0).close()  # not left to the cycle collector (fd baselines)
 
 
 def test_region_info_announces_the_area_and_sends_the_fd(served: Served[Edu]) -> None:
@@ -242,3 +244,29 @@ def test_area_watcher_calls_back_and_honours_what_it_returns(waiter: MemoryWaite
         bar.close()
     with pytest.raises(ValueError):
         AreaWatcher(bar, 0, 8, on_change, name="outside")
+
+
+def test_live_upgrade_of_a_device_with_mapped_areas_is_refused(tmp_path: Path) -> None:
+    """The client keeps the old memfd mapped: handing the device to another process would
+    leave the guest writing memory nobody reads. Refused, and the old server keeps serving."""
+    import socket
+
+    from vfio_user_server.client import Client
+    from vfio_user_server.server import Server
+    from vfio_user_server.upgrade import HandoverError, hand_over
+
+    path = tmp_path / "edu.sock"
+    server = Server(Edu(mapped_scratch=True), path, upgradable=True).start()
+    c = Client.connect(path)
+    try:
+        c.negotiate()
+        a, b = socket.socketpair()
+        with a, b, pytest.raises(HandoverError, match="mapped BAR areas"):
+            hand_over(server, a, timeout=WAIT)
+        assert not server.handed_over
+        assert c.bar_read(0, 0, 4) == EDU_ID
+    finally:
+        c.close()
+        server.wait_for_disconnect(1, WAIT)
+        server.close()
+        server.device.mapped(0).close()  # type: ignore[attr-defined]

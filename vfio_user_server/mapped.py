@@ -116,7 +116,10 @@ class MappedBar:
         self.view[offset:offset + count] = bytes([byte]) * count
 
     def close(self) -> None:
-        """Release the memory (the device is going away; the client may keep its own map)."""
+        """Release the memory (the device is going away; the client may keep its own map).
+        Devices are often freed by the cycle collector, at no set time: close explicitly."""
+        if self._mem.closed:
+            return
         self.view.release()
         self._mem.close()
         os.close(self.fd)

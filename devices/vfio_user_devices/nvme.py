@@ -258,6 +258,8 @@ class NvmeController(PciDevice):
 
     def close(self) -> None:
         """Stop the worker, make the namespace durable and close the backing file."""
+        if self.doorbells is not None:
+            self.doorbells.close()
         self._stop_worker()
         if self.backend.fd >= 0:
             self._sync("close")

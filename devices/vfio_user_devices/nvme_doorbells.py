@@ -66,6 +66,11 @@ class PolledDoorbells:
     def stop(self) -> None:
         self.watcher.stop()
 
+    def close(self) -> None:
+        """Stop polling and release the page (the controller is closed)."""
+        self.watcher.stop()
+        self.mem.close()
+
     def clear(self, qid: int | None = None, is_cq: bool = False) -> None:
         """Zero one queue's doorbell (``qid``), or all of them (lock held)."""
         if qid is None:

@@ -168,6 +168,8 @@ class VirtioBlk(VirtioPciDevice):
         super().__init__()
 
     def close(self) -> None:
+        if self._notify_poller is not None:
+            self._notify_poller.close()
         self.backend.close()
 
     # --- virtio -------------------------------------------------------------------------------

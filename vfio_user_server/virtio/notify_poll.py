@@ -55,6 +55,11 @@ class NotifyPoller:
     def stop(self) -> None:
         self.watcher.stop()
 
+    def close(self) -> None:
+        """Stop polling and release the page (the device is closed)."""
+        self.watcher.stop()
+        self.mem.close()
+
     def _changed(self, before: bytes, after: bytes) -> bytes:
         """Watcher thread: re-arm the notified cells, then kick their queues."""
         del before
