@@ -83,3 +83,24 @@ def test_argsz_checked_before_dispatch(monkeypatch: pytest.MonkeyPatch, cmd: Com
     finally:
         table.remove_all()
         device.irqs.close()
+
+
+def test_a_reply_that_cannot_be_encoded_is_our_bug_eio(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A handler whose reply does not fit its layout gets EIO and a traceback, not EINVAL."""
+    from vfio_user_server.protocol.structs import DeviceInfo
+
+    def handler(ep: Endpoint, msg: codec.Message) -> bytes:
+        return DeviceInfo(DeviceInfo.SIZE, 0, 1 << 32, 0).pack()  # num_regions > u32
+
+    monkeypatch.setitem(endpoint._HANDLERS, int(Command.DEVICE_GET_INFO), handler)
+    table = DmaMapTable()
+    device = SampleDevice()
+    ep = Endpoint(device, Session(state=SessionState.RUNNING), table)
+    try:
+        reply = ep.handle(request_with_argsz(Command.DEVICE_GET_INFO, 16))
+        assert reply is not None and reply.is_error and reply.error == errno.EIO
+        assert any(r.exc_info and "not encodable" in r.getMessage() for r in caplog.records)
+    finally:
+        table.remove_all()
+        device.irqs.close()

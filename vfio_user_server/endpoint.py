@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import ProtocolError, VfioUserError
+from .errors import EncodeError, ProtocolError, VfioUserError
 from .protocol import codec
 from .protocol.constants import (
     PCI_NUM_IRQS,
@@ -195,7 +195,10 @@ class Endpoint:
             self.session.completed(cmd)
         except VfioUserError as exc:
             msg.close_fds()
-            log.warning("%s #%d failed: %s", msg.command_name(), msg.msg_id, exc)
+            if isinstance(exc, EncodeError):  # our own bug, not the client's: EIO, traceback
+                log.exception("%s #%d: reply not encodable", msg.command_name(), msg.msg_id)
+            else:
+                log.warning("%s #%d failed: %s", msg.command_name(), msg.msg_id, exc)
             if msg.no_reply:
                 return None
             return codec.error_reply(msg, exc.errno)

@@ -102,7 +102,8 @@ def send_handover(chan: socket.socket, manifest: dict[str, Any], fds: list[int])
 def _recv_exact(chan: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        data, anc, _flags, _ = chan.recvmsg(n - len(buf), socket.CMSG_SPACE(4 * FDS_PER_SEND))
+        data, anc, _flags, _ = chan.recvmsg(n - len(buf), socket.CMSG_SPACE(4 * FDS_PER_SEND),
+                                             socket.MSG_CMSG_CLOEXEC)
         close_fds(fds_from_ancillary(anc), "stray hand-over fd")
         if not data:
             raise HandoverError("hand-over channel closed early")
@@ -134,7 +135,8 @@ def recv_handover(chan: socket.socket) -> Handover:
     fds: list[int] = []
     try:
         while len(fds) < nfds:
-            data, anc, flags, _ = chan.recvmsg(1, socket.CMSG_SPACE(4 * FDS_PER_SEND))
+            data, anc, flags, _ = chan.recvmsg(1, socket.CMSG_SPACE(4 * FDS_PER_SEND),
+                                                  socket.MSG_CMSG_CLOEXEC)
             fds += fds_from_ancillary(anc)
             if flags & socket.MSG_CTRUNC:
                 raise HandoverError("hand-over fds cut short (out of fds?)")

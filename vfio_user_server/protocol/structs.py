@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from ..errors import ProtocolError
+from ..errors import EncodeError, ProtocolError
 from .constants import Command
 
 
@@ -51,10 +51,11 @@ class WireStruct:
         return cls(*cls.STRUCT.unpack_from(buf, offset))
 
     def pack(self) -> bytes:
+        """Encode; a field value out of its range is an :class:`EncodeError` (a local bug)."""
         try:
             return self.STRUCT.pack(*(getattr(self, n) for n in self._field_names()))
         except struct.error as exc:
-            raise ProtocolError(f"{type(self).__name__}: value out of range: {exc}") from exc
+            raise EncodeError(f"{type(self).__name__}: value out of range: {exc}") from exc
 
 
 # --- The table of layouts --------------------------------------------------------------------
