@@ -72,6 +72,7 @@ def guest() -> Iterator[MappedGuest]:
             yield g
     finally:
         server.close()
+        device.mapped(0).close()
         shutil.rmtree(folder, ignore_errors=True)
 
 
