@@ -86,15 +86,22 @@ class PolledDoorbells:
         for qid, cq in self._ctrl.cqs.items():
             self.mem.set_u32(DOORBELL_BASE + 8 * qid + 4, cq.head)
 
-    def _changed(self, before: bytes, after: bytes) -> None:
-        """Watcher thread: ring the doorbells whose value changed, CQ heads first (they make
-        room for the completions of the new submissions)."""
-        old, new = self._fmt.unpack(before), self._fmt.unpack(after)
+    def _changed(self, before: bytes, after: bytes) -> bytes:
+        """Watcher thread: ring every doorbell whose value differs from its queue's (CQ heads
+        first: they make room for the completions of new submissions). The page is read
+        again under the lock and compared with the queues, not with the watcher's snapshots,
+        so a reset, a queue creation or a state load in between is never undone."""
+        del before, after
         ctrl = self._ctrl
-        changed = [i for i in range(len(new)) if new[i] != old[i]]
-        changed.sort(key=lambda i: not i & 1)
         with ctrl.lock:
-            for i in changed:
-                queues = ctrl.cqs if i & 1 else ctrl.sqs
-                if (i >> 1) in queues:
-                    ctrl._doorbell(DOORBELL_BASE + 4 * i, new[i])
+            now = self._fmt.unpack_from(self.mem.view, DOORBELL_BASE)
+            for i in (*range(1, len(now), 2), *range(0, len(now), 2)):
+                if i & 1:
+                    cq = ctrl.cqs.get(i >> 1)
+                    if cq is not None and now[i] != cq.head:
+                        ctrl._doorbell(DOORBELL_BASE + 4 * i, now[i])
+                else:
+                    sq = ctrl.sqs.get(i >> 1)
+                    if sq is not None and now[i] != sq.tail:
+                        ctrl._doorbell(DOORBELL_BASE + 4 * i, now[i])
+            return self._fmt.pack(*now)
