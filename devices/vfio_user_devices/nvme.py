@@ -387,6 +387,12 @@ class NvmeController(PciDevice):
             return self.bars
         return {**self.bars, 0: bar0(self.bars[0].size)}
 
+    def state_lost(self, reason: str) -> None:
+        """A reload could not carry the controller's state: Controller Fatal Status. The
+        guest's driver sees CSTS.CFS when a command times out and resets the controller."""
+        del reason
+        self.csts |= CSTS_CFS
+
     # --- registers ----------------------------------------------------------------------------
     def bar_read(self, bar: int, offset: int, size: int) -> int:
         if bar != 0 or offset >= DOORBELL_BASE:
