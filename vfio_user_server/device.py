@@ -52,10 +52,10 @@ from typing import Any, ClassVar, final
 
 from . import state as _state
 from .dma import DmaAccessor
-from .endpoint import DeviceContext, MmapSpec, Region, VfioDevice
+from .endpoint import DeviceContext, Region, VfioDevice
 from .errors import DeviceDefinitionError, DmaError, IrqError, StateError
 from .irq import IrqController, IrqIndex
-from .mapped import MappedBar
+from .mapped import MappedBar, MappedBars, map_bar
 from .options import Option
 from .pci import (
     COMMAND,
@@ -207,8 +207,7 @@ class PciDevice(VfioDevice):
 
     # --- hooks for device authors -------------------------------------------------------------
     def bar_layout(self) -> Mapping[int, Bar]:
-        """This instance's BARs (called once, at construction): :attr:`bars`, unless options
-        change them (a mapped area: ``Bar(..., mapped=...)``, :mod:`vfio_user_server.mapped`)."""
+        """This instance's BARs: :attr:`bars` unless options change them (mapped areas)."""
         return self.bars
 
     def capabilities(self) -> list[Capability]:
@@ -269,10 +268,7 @@ class PciDevice(VfioDevice):
     # --- services for device authors ---------------------------------------------------------
     def mapped(self, bar: int) -> MappedBar:
         """The memory of BAR ``bar``'s mapped areas (:mod:`vfio_user_server.mapped`)."""
-        try:
-            return self._mapped[bar]
-        except KeyError:
-            raise DeviceDefinitionError(f"BAR {bar} has no mapped areas") from None
+        return self._mapped[bar]
 
     @property
     def dma(self) -> DmaAccessor:
@@ -632,25 +628,15 @@ class PciDevice(VfioDevice):
 
     def _build_regions(self) -> dict[int, Region]:
         regions: dict[int, Region] = {}
-        self._mapped: dict[int, MappedBar] = {}
+        self._mapped = MappedBars()
         for index in range(NUM_BARS):
             bar = self.config.bars[index]
             if bar is None:
                 continue
-            spec = None
-            if bar.mapped:
-                t = self.msix.table if self.msix is not None else None
-                for offset, size in bar.mapped:
-                    if t is not None and any(
-                            b == index and o < offset + size and offset < o + n
-                            for b, o, n in ((t.table_bar, t.table_offset, t.table_size),
-                                            (t.pba_bar, t.pba_offset, t.pba_size))):
-                        raise DeviceDefinitionError(
-                            f"BAR {index}: mapped area {offset:#x}+{size:#x} overlaps MSI-X")
-                mem = self._mapped[index] = MappedBar(index, bar.size, bar.mapped)
-                spec = MmapSpec(mem.fd, 0, areas=list(bar.mapped))
             regions[index] = Region(bar.size, read=self._bar_reader(index),
-                                    write=self._bar_writer(index), mmap=spec)
+                                    write=self._bar_writer(index))
+            if bar.mapped:  # shared memory in front of the trapped handlers
+                self._mapped[index] = map_bar(index, bar, regions[index], self.msix)
         if self.rom is not None:
             image = self._rom_image
             regions[RegionIndex.ROM] = Region(
@@ -672,9 +658,7 @@ class PciDevice(VfioDevice):
         return self.msix is not None and self.msix.table.owns(bar, offset, count)
 
     def _bar_reader(self, bar: int) -> Callable[[int, int], bytes]:
-        mem = self._mapped.get(bar)
-
-        def trapped(offset: int, count: int) -> bytes:
+        def read(offset: int, count: int) -> bytes:
             with self.lock:
                 if self._msix_owns(bar, offset, count):
                     assert self.msix is not None
@@ -688,20 +672,10 @@ class PciDevice(VfioDevice):
                     out += value.to_bytes(size, "little")
                 return bytes(out)
 
-        if mem is None:
-            return trapped  # no mapped area: nothing in the way of the trapped path
-
-        def read(offset: int, count: int) -> bytes:
-            # a trapped access into a mapped area reads the memory the guest maps
-            return b"".join(mem.read(pos, n) if shared else trapped(pos, n)
-                            for pos, n, shared in mem.pieces(offset, count))
-
         return read
 
     def _bar_writer(self, bar: int) -> Callable[[int, bytes], None]:
-        mem = self._mapped.get(bar)
-
-        def trapped(offset: int, data: bytes) -> None:
+        def write(offset: int, data: bytes) -> None:
             with self.lock:
                 if self._msix_owns(bar, offset, len(data)):
                     assert self.msix is not None
@@ -716,17 +690,6 @@ class PciDevice(VfioDevice):
                 for pos, size in _split(offset, len(data)):
                     chunk = data[pos - offset:pos - offset + size]
                     self.bar_write(bar, pos, size, int.from_bytes(chunk, "little"))
-
-        if mem is None:
-            return trapped
-
-        def write(offset: int, data: bytes) -> None:
-            for pos, n, shared in mem.pieces(offset, len(data)):
-                piece = data[pos - offset:pos - offset + n]
-                if shared:
-                    mem.write(pos, piece)
-                else:
-                    trapped(pos, piece)
 
         return write
 

@@ -38,11 +38,17 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+from .endpoint import MmapSpec, Region
+from .errors import DeviceDefinitionError
 from .mempoll import MemoryWaiter, WaitResult, default_waiter
 from .threads import device_thread
 
-__all__ = ["AreaWatcher", "MappedBar"]
+if TYPE_CHECKING:
+    from .pci import Bar, MsiX
+
+__all__ = ["AreaWatcher", "MappedBar", "MappedBars", "map_bar"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +129,47 @@ class MappedBar:
         self.view.release()
         self._mem.close()
         os.close(self.fd)
+
+
+class MappedBars(dict[int, MappedBar]):
+    """A device's mapped BARs by index; a BAR without mapped areas is a definition error."""
+
+    def __missing__(self, bar: int) -> MappedBar:
+        raise DeviceDefinitionError(f"BAR {bar} has no mapped areas")
+
+
+def map_bar(index: int, bar: Bar, region: Region, msix: MsiX | None) -> MappedBar:
+    """Back BAR ``index``'s mapped areas with memory: announce it in ``region`` (MMAP, the
+    areas, the memfd) and put the memory in front of the region's trapped handlers, so a
+    trapped access into an area reads or writes the same bytes (one across an area's edge is
+    split). Areas over the MSI-X table or PBA are refused."""
+    t = msix.table if msix is not None else None
+    for offset, size in bar.mapped:
+        if t is not None and any(
+                b == index and o < offset + size and offset < o + n
+                for b, o, n in ((t.table_bar, t.table_offset, t.table_size),
+                                (t.pba_bar, t.pba_offset, t.pba_size))):
+            raise DeviceDefinitionError(
+                f"BAR {index}: mapped area {offset:#x}+{size:#x} overlaps MSI-X")
+    mem = MappedBar(index, bar.size, bar.mapped)
+    trapped_read, trapped_write = region.read, region.write
+    assert trapped_read is not None and trapped_write is not None
+
+    def read(offset: int, count: int) -> bytes:
+        return b"".join(mem.read(pos, n) if shared else trapped_read(pos, n)
+                        for pos, n, shared in mem.pieces(offset, count))
+
+    def write(offset: int, data: bytes) -> None:
+        for pos, n, shared in mem.pieces(offset, len(data)):
+            piece = data[pos - offset:pos - offset + n]
+            if shared:
+                mem.write(pos, piece)
+            else:
+                trapped_write(pos, piece)
+
+    region.read, region.write = read, write
+    region.mmap = MmapSpec(mem.fd, 0, areas=list(bar.mapped))
+    return mem
 
 
 class AreaWatcher:
