@@ -38,6 +38,7 @@ def test_argsz_column() -> None:
     assert {c.name for c in ARGSZ_COMMANDS} == {
         "DMA_MAP", "DMA_UNMAP", "DEVICE_GET_INFO", "DEVICE_GET_REGION_INFO",
         "DEVICE_GET_REGION_IO_FDS", "DEVICE_GET_IRQ_INFO", "DEVICE_SET_IRQS",
+        "DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE",
     }
     for cmd, spec in COMMANDS.items():
         if spec.argsz:

@@ -325,6 +325,10 @@ class PciDevice(VfioDevice):
         return bool(self.config.command & COMMAND_MASTER)
 
     # --- device state --------------------------------------------------------------------------
+    def supports_migration(self) -> bool:
+        """Migration v2 (docs/state.md, "Migration"): for a device that declares state."""
+        return bool(self.declared_state_fields())
+
     @classmethod
     def declared_state_fields(cls) -> tuple[str, ...]:
         """Every class's :attr:`state_fields`, base classes first, each name once."""

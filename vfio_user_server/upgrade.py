@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from . import irq
 from .connection import Connection
 from .errors import VfioUserError
 from .fds import close_fds
-from .protocol.constants import DmaLayout
+from .protocol.constants import DmaLayout, MigState
 from .protocol.session import SCM_MAX_FD, ServerCapabilities, SessionState
 from .server import Server, listening_socket
 from .threads import any_thread, loop_thread
@@ -259,6 +260,11 @@ class _Parked:
         stack = contextlib.ExitStack()
         quiesced = getattr(self.server.device, "quiesced", None)
         try:
+            if conn is not None and conn.endpoint.migration.state is not MigState.RUNNING:
+                # the new process would start RUNNING: the client's migration would be lost
+                raise HandoverError("the device is migrating (migration state "
+                                    f"{conn.endpoint.migration.state.name}): no hand-over now",
+                                    errno=errno.EBUSY)
             if quiesced is not None:
                 stack.enter_context(quiesced())
             self.payload = _collect(self.server, conn)

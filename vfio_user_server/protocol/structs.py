@@ -242,6 +242,33 @@ class MigData(WireStruct, fmt="<II"):
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class MigrationFeature(WireStruct, fmt="<Q"):
+    """VFIO_DEVICE_FEATURE_MIGRATION data (GET): ``u64 flags`` (MigFlag)."""
+
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class MigDeviceState(WireStruct, fmt="<II"):
+    """VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE data: ``u32 device_state, u32 data_fd`` (unused)."""
+
+    device_state: int
+    data_fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class MigStreamHeader(WireStruct, fmt="<8sIIQ"):
+    """Our migration data stream (MIG_DATA_READ / MIG_DATA_WRITE carry it in pieces):
+    ``8s magic, u32 version, u32 reserved (0), u64 length``, then ``length`` bytes of device
+    state (docs/state.md). The length tells the destination when the stream is whole."""
+
+    magic: bytes
+    version: int
+    reserved: int
+    length: int
+
+
 class Tail(enum.Enum):
     """What may follow the fixed structure of a message."""
 
@@ -298,8 +325,9 @@ COMMANDS: dict[Command, CommandSpec] = {
         CommandSpec(Command.DEVICE_RESET, None, Tail.NONE, None),
         CommandSpec(Command.DIRTY_PAGES, None, Tail.ANY, None),
         CommandSpec(Command.REGION_WRITE_MULTI, WriteMulti, Tail.ANY, WriteMulti),
-        CommandSpec(Command.DEVICE_FEATURE, DeviceFeature, Tail.ANY, DeviceFeature),
-        CommandSpec(Command.MIG_DATA_READ, MigData, Tail.NONE, MigData),
-        CommandSpec(Command.MIG_DATA_WRITE, MigData, Tail.DATA, None),
+        CommandSpec(Command.DEVICE_FEATURE, DeviceFeature, Tail.ANY, DeviceFeature,
+                    argsz=True),
+        CommandSpec(Command.MIG_DATA_READ, MigData, Tail.NONE, MigData, argsz=True),
+        CommandSpec(Command.MIG_DATA_WRITE, MigData, Tail.DATA, None, argsz=True),
     )
 }
