@@ -3,4 +3,5 @@ everything else is in pyproject.toml."""
 
 from setuptools import setup
 
-setup(cffi_modules=["c_shim/build_dma.py:ffibuilder", "c_shim/build_msg.py:ffibuilder"])
+setup(cffi_modules=["c_shim/build_dma.py:ffibuilder", "c_shim/build_msg.py:ffibuilder",
+                    "c_shim/build_poll.py:ffibuilder"])

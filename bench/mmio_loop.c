@@ -8,7 +8,10 @@
  * CLOCK_MONOTONIC around each loop. Every access exits to QEMU, which forwards it to the
  * vfio-user server (REGION_READ / REGION_WRITE) and waits for the reply.
  *
- *   mmio_loop [-d BDF] [-n N]
+ *   mmio_loop [-d BDF] [-n N] [-o OFFSET]
+ *
+ * -o times the register at OFFSET and writes the one after it instead (default 0: the
+ * identification and liveness registers); bench/mapped_regs.py uses it for a mapped page.
  *
  * Prints one line: "bdf=... n=N read_ns=R write_ns=W id=0x..." (nanoseconds per access).
  */
@@ -77,16 +80,19 @@ int main(int argc, char **argv)
 {
 	char bdf[256] = "", path[512];
 	long n = 20000;
+	unsigned long off = 0;
 	int opt, fd;
 	uint16_t cmd;
 	volatile uint32_t *bar;
 	uint32_t id = 0;
 
-	while ((opt = getopt(argc, argv, "d:n:")) != -1) {
+	while ((opt = getopt(argc, argv, "d:n:o:")) != -1) {
 		if (opt == 'd')
 			snprintf(bdf, sizeof(bdf), "%s", optarg);
 		else if (opt == 'n')
 			n = strtol(optarg, NULL, 0);
+		else if (opt == 'o')
+			off = strtoul(optarg, NULL, 0) & (BAR_SIZE - 8) & ~3UL;
 		else
 			return 2;
 	}
@@ -110,6 +116,7 @@ int main(int argc, char **argv)
 	if (bar == MAP_FAILED)
 		die("mmap resource0");
 	close(fd);
+	bar += off / 4;
 
 	for (long i = 0; i < 100; i++) /* warm up */
 		id ^= bar[0];

@@ -26,7 +26,7 @@ ALLOWED_MODULES = {
     "vfio_user_server/virtio/pci.py": 700,
     # "Sizes": known items for their owners (device state save/load; NVMe flush/FUA), which
     # grew past the limits as they landed.
-    "vfio_user_server/device.py": 760,
+    "vfio_user_server/device.py": 770,
     "devices/vfio_user_devices/nvme.py": 650,
 }
 ALLOWED_CLASSES = {

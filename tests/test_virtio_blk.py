@@ -242,3 +242,44 @@ def test_inline_option(sock_dir: Path, image: Path, fd_backed: bool) -> None:
     finally:
         r.close()
         r.dev.close()
+
+
+@pytest.mark.parametrize("fd_backed", [True, False])
+@pytest.mark.parametrize("shim", [True, False], ids=["c-shim", "python"])
+def test_polled_notify_option(sock_dir: Path, image: Path, fd_backed: bool, shim: bool,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--polled-notify``: the notify page is mapped (sparse mmap, with its fd) and polled; a
+    notification stored there (here by a trapped write into the same memory) kicks the
+    queue, once per store of the same queue index."""
+    from vfio_user_server.protocol.constants import RegionInfoFlag
+    from vfio_user_server.virtio.notify_poll import SENTINEL
+
+    if not shim:
+        monkeypatch.setenv("PYVFIO_NO_SHIM", "1")
+    else:  # CI runs the unit tests again with PYVFIO_NO_SHIM=1: this case wants the shim
+        monkeypatch.delenv("PYVFIO_NO_SHIM", raising=False)
+    served = make_device("virtio-blk", ["--image", str(image), "--polled-notify"])
+    assert isinstance(served, VirtioBlk) and served.polled_notify
+    served.close()
+    r = make(sock_dir, image, fd_backed=fd_backed, sealed=fd_backed, queues=2,
+             polled_notify=True)
+    try:
+        poller = r.dev._notify_poller
+        assert poller is not None and poller.watcher.waiter.name == ("c-shim" if shim
+                                                                     else "python")
+        desc = r.c.get_region_info(4)
+        assert desc.fd is not None and desc.sparse == [(0x3000, 0x1000)]
+        assert desc.flags & RegionInfoFlag.MMAP
+        os.close(desc.fd)
+        r.ready(2)
+        for i in range(20):  # the same queue index stored again and again
+            data = os.urandom(4096)
+            assert r.write(8 + 8 * i, data, q=i % 2) == OK
+            assert r.read(8 + 8 * i, 4096, q=i % 2) == (OK, data)
+            assert host(image, (8 + 8 * i) * 512, 4096) == data
+        assert poller.watcher.changes >= 2
+        r.c.reset()
+        assert r.dev.mapped(4).u32(0x3000) == SENTINEL
+    finally:
+        r.close()
+        r.dev.close()

@@ -55,6 +55,7 @@ from .dma import DmaAccessor
 from .endpoint import DeviceContext, Region, VfioDevice
 from .errors import DeviceDefinitionError, DmaError, IrqError, StateError
 from .irq import IrqController, IrqIndex
+from .mapped import MappedBar, MappedBars, map_bar
 from .options import Option
 from .pci import (
     COMMAND,
@@ -188,7 +189,7 @@ class PciDevice(VfioDevice):
                 subsystem_id=self.subsystem_id,
                 interrupt_pin=self.interrupt_pin,
             ),
-            bars=dict(self.bars),
+            bars=dict(self.bar_layout()),
             rom_size=rom_size,
             capabilities=caps,
             extended_capabilities=self.extended_capabilities(),
@@ -205,6 +206,10 @@ class PciDevice(VfioDevice):
         self._regions = self._build_regions()
 
     # --- hooks for device authors -------------------------------------------------------------
+    def bar_layout(self) -> Mapping[int, Bar]:
+        """This instance's BARs: :attr:`bars` unless options change them (mapped areas)."""
+        return self.bars
+
     def capabilities(self) -> list[Capability]:
         """Extra standard capabilities (vendor-specific, ...), after the declared ones."""
         return []
@@ -261,6 +266,10 @@ class PciDevice(VfioDevice):
         del reason
 
     # --- services for device authors ---------------------------------------------------------
+    def mapped(self, bar: int) -> MappedBar:
+        """The memory of BAR ``bar``'s mapped areas (:mod:`vfio_user_server.mapped`)."""
+        return self._mapped[bar]
+
     @property
     def dma(self) -> DmaAccessor:
         """Guest memory, by IOVA (direct through the client's fds, or by messages)."""
@@ -623,12 +632,15 @@ class PciDevice(VfioDevice):
 
     def _build_regions(self) -> dict[int, Region]:
         regions: dict[int, Region] = {}
+        self._mapped = MappedBars()
         for index in range(NUM_BARS):
             bar = self.config.bars[index]
             if bar is None:
                 continue
             regions[index] = Region(bar.size, read=self._bar_reader(index),
                                     write=self._bar_writer(index))
+            if bar.mapped:  # shared memory in front of the trapped handlers
+                self._mapped[index] = map_bar(index, bar, regions[index], self.msix)
         if self.rom is not None:
             image = self._rom_image
             regions[RegionIndex.ROM] = Region(

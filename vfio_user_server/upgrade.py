@@ -201,6 +201,10 @@ def _collect(server: Server, conn: Connection | None) -> tuple[dict[str, Any], l
     save_state = getattr(device, "save_state", None)
     if save_state is None:
         raise HandoverError(f"{type(device).__name__} cannot save its state")
+    if any(r.mmap is not None for r in device.regions().values()):
+        # the client keeps the old process's memory mapped into the guest (mapped.py)
+        raise HandoverError(f"{type(device).__name__} has mapped BAR areas (sparse mmap): "
+                            "their memory cannot move to another process under the client")
     listener = server._listener
     if listener is None:
         raise HandoverError("the server does not listen")

@@ -18,6 +18,12 @@ Served as ``vfio-user-server --socket S edu``. ID 1234:11e8, class 0xff (other),
     0x98  RW  DMA command: bit 0 start (reads 1 while running), bit 1 direction (0: RAM ->
               device, 1: device -> RAM), bit 2 raise interrupt 0x100 when done
 
+With ``--mapped-scratch``, BAR0 0x1000..0x1fff is a page of plain memory mapped into the guest
+(sparse mmap, :mod:`vfio_user_server.mapped`): the guest reads and writes it without a message
+to the server, the device sees it as :meth:`~vfio_user_server.device.PciDevice.mapped` ``(0)``,
+and a reset clears it. QEMU then sends no posted writes to the device (every trapped write
+waits for its reply).
+
 The device's DMA buffer is 4 KiB at device address 0x40000 (the side of a transfer that is not
 RAM). Registers below 0x80 take 4-byte accesses, the others 4 or 8 bytes; other accesses are
 ignored and read all-ones, as in QEMU. Two liberties: the upper halves of the 64-bit registers
@@ -52,6 +58,9 @@ log = logging.getLogger(__name__)
 
 EDU_ID = 0x010000ED
 BAR_SIZE = 1 << 20
+#: The mapped scratch page (``--mapped-scratch``).
+SCRATCH_OFFSET = 0x1000
+SCRATCH_SIZE = 0x1000
 
 REG_ID = 0x00
 REG_LIVENESS = 0x04
@@ -111,6 +120,8 @@ class Edu(PciDevice):
                type=integer, default=DEFAULT_DMA_MASK),
         Option("--dma-delay-ms", "delay before a DMA transfer runs (QEMU's edu: 100)",
                type=milliseconds, default=0.0, param="dma_delay"),
+        Option("--mapped-scratch", "map a 4 KiB scratch page at BAR0 0x1000 into the guest "
+               "(no message per access; QEMU then posts no writes)", switch=True),
     )
 
     #: The registers and the DMA buffer (docs/state.md). A state is saved between
@@ -119,7 +130,9 @@ class Edu(PciDevice):
                     "dma_count", "dma_cmd", "dma_buffer")
     state_version = 1
 
-    def __init__(self, *, dma_mask: int = DEFAULT_DMA_MASK, dma_delay: float = 0.0) -> None:
+    def __init__(self, *, dma_mask: int = DEFAULT_DMA_MASK, dma_delay: float = 0.0,
+                 mapped_scratch: bool = False) -> None:
+        self.mapped_scratch = mapped_scratch
         super().__init__()
         self.dma_mask = dma_mask
         self.dma_delay = dma_delay
@@ -130,6 +143,11 @@ class Edu(PciDevice):
         self.completed: list[tuple[str, int]] = []
         self._generation = 0
         self.reset()
+
+    def bar_layout(self) -> Mapping[int, Bar]:
+        if not self.mapped_scratch:
+            return self.bars
+        return {0: Bar(BAR_SIZE, kind="mem32", mapped=((SCRATCH_OFFSET, SCRATCH_SIZE),))}
 
     # --- state ------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -144,6 +162,8 @@ class Edu(PciDevice):
             self.dma_count = 0
             self.dma_cmd = 0
             self.dma_buffer = bytearray(DMA_SIZE)
+            if self.mapped_scratch:
+                self.mapped(0).fill(SCRATCH_OFFSET, SCRATCH_SIZE)
             if self.intx_level:
                 self.set_intx(False)
             self._idle.notify_all()

@@ -70,6 +70,7 @@ from .nvme_admin import (
     namespace_ids,
 )
 from .nvme_backend import BLOCK_SIZE, LBA_SHIFT, FileBackend, parse_size
+from .nvme_doorbells import PolledDoorbells, bar0
 from .nvme_io import GuestData, IoCommands
 from .nvme_queues import CompletionQueue, DataPath, HeldPost, SubmissionQueue
 from .nvme_spec import (
@@ -148,6 +149,8 @@ class NvmeController(PciDevice):
         Option("--serial", "serial number (default: derived from the image)"),
         Option("--queues", f"I/O queue pairs offered (1..{MAX_IO_QUEUES}, default 8)", type=int,
                default=8),
+        Option("--polled-doorbells", "doorbells in memory mapped into the guest, polled by a "
+               "thread (no message per doorbell; QEMU then posts no writes)", switch=True),
     )
 
     #: Registers, queues, features and held work (docs/state.md, :mod:`.nvme_state`); the
@@ -167,6 +170,7 @@ class NvmeController(PciDevice):
         serial: str | None = None,
         queues: int = 8,
         backend: FileBackend | None = None,
+        polled_doorbells: bool = False,
     ) -> None:
         if not 1 <= queues <= MAX_IO_QUEUES:
             raise DeviceDefinitionError(f"nvme: queues must be 1..{MAX_IO_QUEUES}")
@@ -181,7 +185,10 @@ class NvmeController(PciDevice):
         self.serial = serial if serial is not None else default_serial(backend.path, id(self))
         self.nguid, self.eui64, self.uuid = namespace_ids(self.serial)
         self.cap = make_cap(MQES, 20)
+        self.polled_doorbells = polled_doorbells
         super().__init__()
+        #: the doorbell page and its poller (``--polled-doorbells``; :mod:`.nvme_doorbells`)
+        self.doorbells = PolledDoorbells(self, self.mapped(0)) if polled_doorbells else None
         guest = GuestData(self)
         self.admin = AdminCommands(self, guest)
         self.datapath = DataPath(self, guest, self.admin, IoCommands(self, guest))
@@ -230,6 +237,8 @@ class NvmeController(PciDevice):
         self.pending_events: deque[int] = deque(maxlen=8)
         #: completions of held commands to post
         self.held_posts: list[HeldPost] = []
+        if self.doorbells is not None:
+            self.doorbells.clear()
         self._shutdown_pending = False
         self._msi_pending = False
         if self._intx_level:
@@ -249,6 +258,8 @@ class NvmeController(PciDevice):
 
     def close(self) -> None:
         """Stop the worker, make the namespace durable and close the backing file."""
+        if self.doorbells is not None:
+            self.doorbells.close()
         self._stop_worker()
         if self.backend.fd >= 0:
             self._sync("close")
@@ -268,11 +279,15 @@ class NvmeController(PciDevice):
                 self._worker = threading.Thread(target=self._run, name=f"nvme-{self.serial}",
                                                 daemon=True)
                 self._worker.start()
+            if self.doorbells is not None:
+                self.doorbells.start()
 
     def on_disconnect(self) -> None:
         # The worker finishes the batch it fetched, then every write that returned is made
         # durable: a client that leaves (QEMU killed, or the server stopping on SIGTERM)
         # loses nothing the controller wrote.
+        if self.doorbells is not None:
+            self.doorbells.stop()
         self._stop_worker()
         self._sync("disconnect")
         with self.lock:
@@ -363,7 +378,14 @@ class NvmeController(PciDevice):
         self.gen += 1
         self._disable_pending = False
         self.nguid, self.eui64, self.uuid = namespace_ids(self.serial)
+        if self.doorbells is not None:
+            self.doorbells.load()
         self._cond.notify_all()
+
+    def bar_layout(self) -> Mapping[int, Bar]:
+        if not self.polled_doorbells:
+            return self.bars
+        return {**self.bars, 0: bar0(self.bars[0].size)}
 
     def state_lost(self, reason: str) -> None:
         """A reload could not carry the controller's state: Controller Fatal Status. The

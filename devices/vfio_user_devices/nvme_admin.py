@@ -239,6 +239,8 @@ class AdminCommands:
                 raise NvmeError(Status.INVALID_VECTOR, f"vector {iv}")
             self._check_base("CQ", cmd, CC_IOCQES_SHIFT, CC_IOCQES_MASK, CQES_LOG2)
             ctrl.cqs[qid] = CompletionQueue(qid, cmd[SQE_PRP1], qsize, iv, cq_interrupts(cmd))
+            if ctrl.doorbells is not None:
+                ctrl.doorbells.clear(qid, is_cq=True)
         return 0
 
     def create_sq(self, cmd: SqeTuple, gen: int) -> int:
@@ -251,6 +253,8 @@ class AdminCommands:
             qsize = self._check_new_queue("SQ", qid, ctrl.io_sq_limit, ctrl.sqs, cmd)
             self._check_base("SQ", cmd, CC_IOSQES_SHIFT, CC_IOSQES_MASK, SQES_LOG2)
             ctrl.sqs[qid] = SubmissionQueue(qid, cmd[SQE_PRP1], qsize, cqid)
+            if ctrl.doorbells is not None:
+                ctrl.doorbells.clear(qid)
             ctrl.cqs[cqid].sqids.add(qid)
         return 0
 

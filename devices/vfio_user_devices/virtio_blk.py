@@ -120,6 +120,8 @@ class VirtioBlk(VirtioPciDevice):
                switch=True),
         Option("--inline", "run requests in fd-backed guest RAM on the loop thread, inside "
                "the notify write (off: handed to the worker thread)", switch=True),
+        Option("--polled-notify", "map the notify area into the guest and poll it with a "
+               "thread (no message per notification; QEMU then posts no writes)", switch=True),
     )
 
     def __init__(
@@ -133,6 +135,7 @@ class VirtioBlk(VirtioPciDevice):
         backend: FileBackend | None = None,
         packed: bool = False,
         inline: bool = False,
+        polled_notify: bool = False,
     ) -> None:
         if not 1 <= queues <= MAX_QUEUES:
             raise DeviceDefinitionError(f"virtio-blk: queues must be 1..{MAX_QUEUES}")
@@ -147,6 +150,7 @@ class VirtioBlk(VirtioPciDevice):
         self.num_queues = queues
         self.ring_packed = packed
         self.inline = inline
+        self.polled_notify = polled_notify
         features = bit(F_SEG_MAX) | bit(F_BLK_SIZE) | bit(F_FLUSH) | bit(F_MQ)
         if read_only:
             features |= bit(F_RO)
@@ -164,6 +168,8 @@ class VirtioBlk(VirtioPciDevice):
         super().__init__()
 
     def close(self) -> None:
+        if self._notify_poller is not None:
+            self._notify_poller.close()
         self.backend.close()
 
     # --- virtio -------------------------------------------------------------------------------

@@ -44,13 +44,13 @@ class NvmeGuest(DiskGuest):
         return dev
 
 
-def boot(prov: Provisioned, *, shared_memory: bool, name: str, smp: int = 1
-         ) -> Iterator[NvmeGuest]:
+def boot(prov: Provisioned, *, shared_memory: bool, name: str, smp: int = 1,
+         polled_doorbells: bool = False) -> Iterator[NvmeGuest]:
     tmp = Path(tempfile.mkdtemp(prefix="nvme-e2e-", dir="/tmp"))
     image = tmp / "disk.img"
     with open(image, "wb") as f:
         f.truncate(SIZE)
-    dev = NvmeController(image)
+    dev = NvmeController(image, polled_doorbells=polled_doorbells)
     harness = Guest([dev], prov=prov, workdir=tmp / "work", modules=MODULES,
                           shared_memory=shared_memory, no_reboot=False, name=name, smp=smp)
     try:
@@ -64,9 +64,12 @@ def boot(prov: Provisioned, *, shared_memory: bool, name: str, smp: int = 1
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def nvme_guest(vfio_user_provisioned: Provisioned) -> Iterator[NvmeGuest]:
-    yield from boot(vfio_user_provisioned, shared_memory=True, name="nvme-memfd", smp=2)
+@pytest.fixture(scope="module", params=[False, True], ids=["trapped", "polled-doorbells"])
+def nvme_guest(request: pytest.FixtureRequest,
+               vfio_user_provisioned: Provisioned) -> Iterator[NvmeGuest]:
+    polled: bool = request.param
+    yield from boot(vfio_user_provisioned, shared_memory=True, smp=2, polled_doorbells=polled,
+                    name="nvme-memfd-polled" if polled else "nvme-memfd")
 
 
 def test_driver_binds_and_sizes(nvme_guest: NvmeGuest) -> None:
@@ -84,6 +87,8 @@ def test_driver_binds_and_sizes(nvme_guest: NvmeGuest) -> None:
     assert set(g.dev.sqs) == {0, 1, 2}
     assert sorted(cq.iv for cq in g.dev.cqs.values()) == [0, 1, 2]
     assert g.dev.msix is not None and g.dev.msix.enabled
+    if g.dev.doorbells is not None:  # --polled-doorbells: the watcher rang them
+        assert g.dev.doorbells.watcher.running and g.dev.doorbells.watcher.changes > 0
 
 
 def test_guest_writes_land_in_the_file(nvme_guest: NvmeGuest) -> None:
@@ -129,7 +134,8 @@ def test_qd1_latency(nvme_guest: NvmeGuest) -> None:
         assert stats[what + "s"] - before[what + "s"] == n
         assert stats[what + "_bytes"] - before[what + "_bytes"] == n * bs
         accel = g.h.started_machine.accel
-        print(f"\nnvme guest ({accel}): {n / r.duration:.0f} 4 KiB {what}s/s at QD1")
+        mode = "polled doorbells" if g.dev.doorbells is not None else "trapped doorbells"
+        print(f"\nnvme guest ({accel}, {mode}): {n / r.duration:.0f} 4 KiB {what}s/s at QD1")
     assert hashlib.sha256(g.host_bytes(start * bs, n * bs)).hexdigest() == want
     assert g.guest_sha256(f"dd if={DISK} bs={bs} skip={start} count={n} iflag=direct "
                           "2>/dev/null") == want

@@ -49,13 +49,13 @@ class BlkGuest(DiskGuest):
         return dev
 
 
-def boot_blk(prov: Provisioned, *, shared_memory: bool, name: str, smp: int = 1
-             ) -> Iterator[BlkGuest]:
+def boot_blk(prov: Provisioned, *, shared_memory: bool, name: str, smp: int = 1,
+             polled_notify: bool = False) -> Iterator[BlkGuest]:
     tmp = Path(tempfile.mkdtemp(prefix="virtio-blk-e2e-", dir="/tmp"))
     image = tmp / "disk.img"
     with open(image, "wb") as f:
         f.truncate(SIZE)
-    dev = VirtioBlk(image, queues=4)
+    dev = VirtioBlk(image, queues=4, polled_notify=polled_notify)
     harness = DeviceGuest([dev], prov=prov, workdir=tmp / "work", modules=BLK_MODULES,
                           shared_memory=shared_memory, no_reboot=False, name=name, smp=smp)
     try:
@@ -69,10 +69,12 @@ def boot_blk(prov: Provisioned, *, shared_memory: bool, name: str, smp: int = 1
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def blk_guest(vfio_user_provisioned: Provisioned) -> Iterator[BlkGuest]:
-    yield from boot_blk(vfio_user_provisioned, shared_memory=True, name="virtio-blk-memfd",
-                        smp=2)
+@pytest.fixture(scope="module", params=[False, True], ids=["trapped", "polled-notify"])
+def blk_guest(request: pytest.FixtureRequest,
+              vfio_user_provisioned: Provisioned) -> Iterator[BlkGuest]:
+    polled: bool = request.param
+    yield from boot_blk(vfio_user_provisioned, shared_memory=True, smp=2, polled_notify=polled,
+                        name="virtio-blk-memfd-polled" if polled else "virtio-blk-memfd")
 
 
 # --- virtio-rng -------------------------------------------------------------------------------
@@ -117,6 +119,9 @@ def test_blk_binds_and_sizes(blk_guest: BlkGuest) -> None:
     assert len(set(vectors)) == 2 and g.dev.config_vector not in vectors
     assert g.dev.msix is not None and g.dev.msix.enabled
     assert g.dev.status & Status.DRIVER_OK and not g.dev.status & Status.DEVICE_NEEDS_RESET
+    poller = g.dev._notify_poller
+    if g.dev.polled_notify:  # the notifications came through the polled notify page
+        assert poller is not None and poller.watcher.running and poller.watcher.changes > 0
 
 
 def test_blk_guest_writes_land_in_the_file(blk_guest: BlkGuest) -> None:

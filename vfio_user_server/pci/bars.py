@@ -54,6 +54,8 @@ MIN_MEM_SIZE = 16
 MAX_MEM32_SIZE = 1 << 31
 MAX_MEM64_SIZE = 1 << 63
 MIN_ROM_SIZE = 2048
+#: Mapped areas are whole pages (the client mmaps them).
+MAP_PAGE = 4096
 MAX_ROM_SIZE = 1 << 24
 
 
@@ -68,11 +70,19 @@ class Bar:
     ``kind`` is ``"mem32"``, ``"mem64"`` (occupies this slot and the next) or ``"io"``.
     Memory BARs are at least 16 bytes; QEMU maps BARs on page granularity, so a memory BAR
     smaller than 4096 bytes works but cannot be mmapped. I/O BARs are 4 bytes to 64 KiB.
+
+    ``mapped`` lists ``(offset, size)`` areas of a memory BAR backed by shared memory that the
+    client maps straight into the guest (sparse mmap): page-aligned, inside the BAR, not
+    overlapping. The guest reads and writes them without a message; the device sees them as
+    memory (:meth:`PciDevice.mapped <vfio_user_server.device.PciDevice.mapped>`). A client
+    turns off posted writes for the whole device once a BAR has a mapped area (see
+    :mod:`vfio_user_server.mapped`).
     """
 
     size: int
     kind: BarKind = field(default="mem32", kw_only=True)
     prefetchable: bool = field(default=False, kw_only=True)
+    mapped: tuple[tuple[int, int], ...] = field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         if self.kind not in ("mem32", "mem64", "io"):
@@ -92,6 +102,26 @@ class Bar:
                 raise DeviceDefinitionError(
                     f"{self.kind} BAR size {self.size:#x} not in [{MIN_MEM_SIZE}, {limit:#x}]"
                 )
+        self._check_mapped()
+
+    def _check_mapped(self) -> None:
+        areas = tuple((int(o), int(s)) for o, s in self.mapped)
+        object.__setattr__(self, "mapped", areas)
+        if not areas:
+            return
+        if self.is_io:
+            raise DeviceDefinitionError("an I/O BAR cannot have mapped areas")
+        end = 0
+        for offset, size in sorted(areas):
+            if offset % MAP_PAGE or size % MAP_PAGE or size <= 0:
+                raise DeviceDefinitionError(
+                    f"mapped area {offset:#x}+{size:#x}: offset and size must be multiples of "
+                    f"{MAP_PAGE:#x}")
+            if offset < end or offset + size > self.size:
+                raise DeviceDefinitionError(
+                    f"mapped area {offset:#x}+{size:#x} overlaps another or leaves the BAR "
+                    f"({self.size:#x} bytes)")
+            end = offset + size
 
     @property
     def is_io(self) -> bool:

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from ..device import PciDevice
@@ -56,6 +56,7 @@ from ..errors import DeviceDefinitionError, DmaError
 from ..irq import IrqIndex
 from ..pci import Bar, Capability
 from ..pci.config import Field
+from .notify_poll import NotifyPoller
 from .packed import PackedVirtqueue
 from .spec import (
     COMMON_CFG_SIZE,
@@ -240,6 +241,10 @@ class VirtioPciDevice(PciDevice):
     #: it measured slower before the queues cached their windows onto guest RAM, level or
     #: faster since, with a wide spread on a loaded machine (BENCHMARKS.md).
     inline: bool = False
+    #: Map the notify area into the guest and poll it (:mod:`.notify_poll`): no message per
+    #: notification, a thread polling instead, and no posted writes from QEMU. Off by default.
+    polled_notify: bool = False
+    _notify_poller: NotifyPoller | None = None
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -267,6 +272,8 @@ class VirtioPciDevice(PciDevice):
         self.config_generation = 0
         self._virtio_state()
         super().__init__()
+        self._notify_poller = (NotifyPoller(self, self.mapped(VIRTIO_BAR), NOTIFY_OFFSET,
+                                            NOTIFY_MULTIPLIER) if self.polled_notify else None)
         self._cfg_cap.on_read = self._bar_read_locked
         self._cfg_cap.on_write = self._bar_write_locked
 
@@ -364,9 +371,23 @@ class VirtioPciDevice(PciDevice):
             self._virtio_state()
             if self.intx_level:
                 self.set_intx(False)
+            if self._notify_poller is not None:
+                self._notify_poller.arm()
             self.virtio_reset()
 
+    def bar_layout(self) -> Mapping[int, Bar]:
+        if not self.polled_notify:
+            return self.bars
+        return {**self.bars, VIRTIO_BAR: Bar(VIRTIO_BAR_SIZE, kind="mem64", prefetchable=True,
+                                             mapped=((NOTIFY_OFFSET, STRUCTURE_SIZE),))}
+
+    def on_connect(self) -> None:
+        if self._notify_poller is not None:
+            self._notify_poller.start()
+
     def on_disconnect(self) -> None:
+        if self._notify_poller is not None:
+            self._notify_poller.stop()
         # the rings are in memory that is gone; the worker has stopped already
         self._virtio_reset()
         with self.lock:

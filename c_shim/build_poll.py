@@ -1,0 +1,28 @@
+"""cffi builder (out-of-line API mode) of ``vfio_user_server._poll_shim``: waiting for a change
+in mapped memory without holding the GIL (``vfio_user_server.mempoll``).
+
+Built by setuptools through ``cffi_modules`` in setup.py; optional like the DMA shim (without a
+C compiler ``vfio_user_server.mempoll`` uses its pure-Python path).
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+ffibuilder = FFI()
+ffibuilder.cdef(
+    """
+    int pyvfio_wait_change(uintptr_t addr, const char *expected, size_t len,
+                           int64_t timeout_ns, const uint32_t *stop, int64_t spin_ns,
+                           int64_t max_sleep_ns);
+    """
+)
+ffibuilder.set_source(
+    "vfio_user_server._poll_shim",
+    (Path(__file__).parent / "mem_poll.c").read_text(),
+    extra_compile_args=["-O2", "-Wall", "-Wextra"],
+    optional=True,
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
