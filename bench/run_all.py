@@ -1,28 +1,42 @@
-"""Our server against a C peer, in the same run: the figures of BENCHMARKS.md.
+"""Our server against its peers, in the same run: the figures of BENCHMARKS.md.
 
-The C peer is QEMU's own vfio-user server (``-machine x-remote,vfio-user=on`` plus an
-``x-vfio-user-server`` object, libvfio-user inside) exporting QEMU's ``edu`` device; ours is
-``vfio-user-server edu`` (devices/edu.py). Build the peer once with ``bash
-bench/build_c_peer.sh`` (or point ``$PYVFIO_CPEER`` at such a ``qemu-system-x86_64``); without
-it the C columns are skipped with a message.
+One command, one table. Every figure of ours is measured twice, with the C shim and with the
+pure-Python path (``PYVFIO_NO_SHIM=1`` in the server's environment), and divided by its peer
+measured in the same repetition; the table gives the medians and the median of the per-run
+ratios. Peers: QEMU's own vfio-user server (``-machine x-remote,vfio-user=on`` plus an
+``x-vfio-user-server`` object, libvfio-user inside) exporting QEMU's ``edu`` or ``nvme``;
+QEMU's in-process ``nvme``; memcpy in the same process; the issue's RSS targets. Build the C
+peer once with ``bash bench/build_c_peer.sh`` (or point ``$PYVFIO_CPEER`` at such a
+``qemu-system-x86_64``); without it its columns are skipped with a message.
 
-    python bench/run_all.py                       # everything, 3 repetitions, medians
+    python bench/run_all.py                       # everything, 3 repetitions
     python bench/run_all.py --only raw --reps 5   # only the raw-client round trips
-    python bench/run_all.py --only guest,memory
+    python bench/run_all.py --only nvme --nvme-configs ours-msix,qemu-msix
+    python bench/run_all.py --short               # CI: proves every section still works
 
-Benchmarks (each repeated ``--reps`` times, servers interleaved, the median reported):
+Sections (each repeated ``--reps`` times, servers interleaved within a repetition):
 
-* ``raw``: round trip of a 4-byte REGION_READ / REGION_WRITE on BAR0 offset 4 (liveness)
-  from a raw blocking client (bench/access_latency.py), each server freshly started; also the
+* ``raw``: round trip of a 4-byte REGION_READ / REGION_WRITE on edu's BAR0 offset 4 from a
+  raw blocking client (bench/access_latency.py), each server freshly started; also the
   transport floor (a Python server that answers without decoding).
-* ``guest``: a Linux guest (QEMU 11.1, TCG, from ``vfio_user_server.testing.provision``) runs
-  bench/mmio_loop.c, which times trapped 4-byte reads and writes of BAR0 through
-  ``resource0``; plus QEMU's in-process ``edu`` (``-device edu`` in the guest's own QEMU) as
-  the no-vfio-user reference.
-* ``memory``: VmRSS and PSS of the server process idle (before a client), and after the
-  guest attached and ran the loop.
+* ``guest``: a Linux guest (QEMU 11.1, TCG) runs bench/mmio_loop.c, which times trapped
+  4-byte reads and writes of edu's BAR0 through ``resource0`` (writes posted, and again with
+  ``x-no-posted-writes=on``); QEMU's in-process ``edu`` is the no-vfio-user note.
+* ``memory``: VmRSS and PSS of the edu server idle, attached, and after the loop.
+* ``nvme``: bench/nvme_bench.py: 4 KiB random reads and writes at QD1 and QD32 (IOPS) and
+  128 KiB sequential reads and writes (MB/s) in a guest through bench/aio_qd.c (native AIO,
+  O_DIRECT); ours with INTx against QEMU's x-vfio-user-server ``nvme`` (INTx: its MSI-X never
+  fires with QEMU's client) and ours with MSI-X against QEMU's in-process ``nvme``; the same
+  writeback cache mode on every side.
+* ``dma``: bench/dma_bench.py: DmaAccessor reads and writes of 4 KiB, 128 KiB and 1 MiB
+  against memcpy in the same process, through guarded copies and zero-copy views.
+* ``rss``: bench/multi_device_rss.py: RSS idle with one edu device, and per extra device
+  (idle, and with a client connected to each).
 
-Output: one JSON line per figure (each repetition, then the medians), then a markdown table.
+``--short`` (CI, no timing is asserted anywhere): one repetition, tiny counts, ours only (no C
+peer), no edu guest loops, one NVMe guest (ours, MSI-X).
+
+Output: one JSON line per figure and repetition, then the medians, then a markdown table.
 """
 
 from __future__ import annotations
@@ -47,6 +61,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import access_latency  # noqa: E402
+import dma_bench  # noqa: E402
+import nvme_bench  # noqa: E402
 
 from vfio_user_server.testing.provision import cache_root  # noqa: E402
 
@@ -82,10 +98,11 @@ def cpeer_argv(binary: Path, sock: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def server(argv: list[str], sock: str) -> Iterator[subprocess.Popen[bytes]]:
+def server(argv: list[str], sock: str, env: dict[str, str] | None = None
+           ) -> Iterator[subprocess.Popen[bytes]]:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     try:
         for _ in range(800):
             if os.path.exists(sock):
@@ -160,8 +177,10 @@ def guest_session(sockets: list[str], extra_args: list[str], loop: Path, n: int,
 
     devs = [VfioUserDevice(s, props=props or {}) for s in sockets]
     result: dict[str, Any] = {"read_ns": [], "write_ns": []}
+    # booted cold: a restored template hot-plugs its devices, and the in-process reference
+    # (-device edu on QEMU's command line) is not in the template
     with QemuMachine(sockets=devs, extra_args=extra_args, files={"/bin/mmio_loop": loop},
-                     name="bench") as vm:
+                     cold_boot=True, name="bench") as vm:
         if server_pid is not None:
             result["attached"] = memory_kib(server_pid)
         for _ in range(runs):
@@ -185,8 +204,99 @@ def check_id(read: str) -> None:
                            "this run is refused")
 
 
+def shim_env(shim: bool) -> dict[str, str]:
+    """The server's environment: the C shim (the default) or the pure-Python path."""
+    env = dict(os.environ)
+    env.pop("PYVFIO_NO_SHIM", None)
+    if not shim:
+        env["PYVFIO_NO_SHIM"] = "1"
+    return env
+
+
+def rss_per_device(tmp: str, shim: bool, counts: tuple[int, int]) -> dict[str, float]:
+    """RSS idle with ``counts[0]`` and ``counts[1]`` edu devices in one process (MiB), and the
+    cost per extra device, idle and with a client on each (bench/multi_device_rss.py)."""
+    import multi_device_rss
+
+    saved = os.environ.get("PYVFIO_NO_SHIM")
+    os.environ.pop("PYVFIO_NO_SHIM", None)
+    if not shim:
+        os.environ["PYVFIO_NO_SHIM"] = "1"
+    try:
+        a, b = (multi_device_rss.measure(n, "edu", Path(tempfile.mkdtemp(dir=tmp)))
+                for n in counts)
+    finally:
+        os.environ.pop("PYVFIO_NO_SHIM", None)
+        if saved is not None:
+            os.environ["PYVFIO_NO_SHIM"] = saved
+    extra = counts[1] - counts[0]
+
+    def kib(rec: dict[str, object], key: str) -> int:
+        return int(str(rec[key]))
+
+    return {"idle": kib(a, "rss_idle_kib") / 1024,
+            "per_device_idle": (kib(b, "rss_idle_kib") - kib(a, "rss_idle_kib")) / extra / 1024,
+            "per_device_connected":
+                (kib(b, "rss_connected_kib") - kib(a, "rss_connected_kib")) / extra / 1024}
+
+
+# --------------------------------------------------------------------------------------------
+# The table: every figure of ours (C shim and pure Python) against its peer of the same run
+
+
+class Row:
+    """One measurement: per-run values of ours with the shim, without it, and of the peer."""
+
+    def __init__(self, label: str, unit: str, peer: str, note: str = "") -> None:
+        self.label, self.unit, self.peer, self.note = label, unit, peer, note
+        self.runs: dict[str, list[float]] = {"shim": [], "python": [], "peer": []}
+
+    def add(self, column: str, value: float | None) -> None:
+        if value is not None:
+            self.runs[column].append(value)
+
+    def median(self, column: str) -> float | None:
+        v = self.runs[column]
+        return statistics.median(v) if v else None
+
+    def ratio(self, column: str) -> float | None:
+        """Median of the per-run ratios ours / peer (runs paired by position)."""
+        ours, peer = self.runs[column], self.runs["peer"]
+        if not ours or not peer:
+            return None
+        if len(peer) == 1:
+            return statistics.median(ours) / peer[0] if peer[0] else None
+        pairs = [a / b for a, b in zip(ours, peer, strict=False) if b]
+        return statistics.median(pairs) if pairs else None
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| measurement | unit | ours, C shim | ours, pure Python | peer | peer | "
+             "shim / peer | Python / peer | note |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        ratios = [r.ratio(c) for c in ("shim", "python")]
+        lines.append(f"| {r.label} | {r.unit} | {fmt(r.median('shim'))} | "
+                     f"{fmt(r.median('python'))} | {r.peer} | {fmt(r.median('peer'))} | "
+                     + " | ".join(f"{x:.2f}" if x is not None else "—" for x in ratios)
+                     + f" | {r.note} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # Driver
+
+SECTIONS = ("raw", "guest", "memory", "nvme", "dma", "rss")
 
 
 def med(values: list[float]) -> float:
@@ -195,129 +305,182 @@ def med(values: list[float]) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="raw,guest,memory",
-                    help="comma-separated subset of raw,guest,memory (memory needs a guest)")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each measurement")
     ap.add_argument("-n", type=int, default=20000, help="accesses per raw-client measurement")
     ap.add_argument("--guest-n", type=int, default=5000, help="accesses per guest loop")
+    ap.add_argument("--nvme-ops", type=int, default=2000,
+                    help="4 KiB requests per NVMe figure (128 KiB: an eighth)")
+    ap.add_argument("--nvme-configs", default=",".join(nvme_bench.CONFIGS),
+                    help="NVMe configurations, run in this order each repetition")
+    ap.add_argument("--short", action="store_true",
+                    help="prove the benchmark works (CI): one repetition of everything but "
+                         "the edu guest loops, tiny counts, ours only (no C peer), one NVMe "
+                         "guest (ours, MSI-X)")
     ap.add_argument("--markdown", help="also write the markdown table to this file")
     args = ap.parse_args()
     want = set(args.only.split(","))
+    unknown = want - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}")
+    nvme_names = [n for n in args.nvme_configs.split(",") if n]
+    for n in nvme_names:
+        if n not in nvme_bench.CONFIGS:
+            ap.error(f"unknown NVMe configuration {n!r}")
     cpeer = cpeer_binary()
+    if args.short:
+        args.reps, args.n, args.nvme_ops = 1, 300, 48
+        want.discard("guest")
+        want.discard("memory")
+        cpeer = None
+        nvme_names = ["ours-msix"]
     emit: Callable[[dict[str, Any]], None] = lambda rec: print(json.dumps(rec), flush=True)  # noqa: E731
-    if cpeer is None:
+    if cpeer is None and not args.short:
         print("# C peer not built: skipping its columns (run `bash bench/build_c_peer.sh` or set "
               "PYVFIO_CPEER)", file=sys.stderr, flush=True)
+    if cpeer is None:
+        nvme_names = [n for n in nvme_names if n != "cpeer-intx"]
     tmp = tempfile.mkdtemp(prefix="pyvfio-bench-")
-    peers: dict[str, Callable[[str], list[str]]] = {"ours": ours_argv}
+    # ours with the C shim, ours with the pure-Python path, the C peer: each its own server
+    servers: dict[str, tuple[Callable[[str], list[str]], dict[str, str] | None]] = {
+        "shim": (ours_argv, shim_env(True)), "python": (ours_argv, shim_env(False))}
     if cpeer is not None:
         binary = cpeer
-        peers["c"] = lambda sock: cpeer_argv(binary, sock)
+        servers["peer"] = (lambda sock: cpeer_argv(binary, sock), None)
     emit({"bench": "env", "nproc": os.cpu_count(), "loadavg": os.getloadavg(),
-          "python": sys.version.split()[0], "c_peer": str(cpeer) if cpeer else None})
-    rows: list[tuple[str, str, float | None, float | None, str]] = []
+          "python": sys.version.split()[0], "c_peer": str(cpeer) if cpeer else None,
+          "short": args.short})
+    rows: dict[str, Row] = {}
+    cpeer_label = "QEMU x-vfio-user-server edu (C)"
 
-    def row(label: str, unit: str, ours: float | None, c: float | None, extra: str = "",
-            pairs: tuple[list[float], list[float]] | None = None) -> None:
-        """One result; ``pairs`` (ours, C per run) adds the median of the per-run ratios."""
-        paired = None
-        if pairs is not None and pairs[1]:
-            paired = med([a / b for a, b in zip(*pairs, strict=True)])
-            extra = f"{extra}; per-run ratio median {paired:.2f}".lstrip("; ")
-        rows.append((label, unit, ours, c, extra))
-        emit({"bench": "median", "what": label, "unit": unit, "ours": ours, "c": c,
-              "ratio": round(ours / c, 2) if ours is not None and c else None,
-              "paired_ratio": paired})
+    def row(key: str, unit: str, peer: str, note: str = "") -> Row:
+        if key not in rows:
+            rows[key] = Row(key, unit, peer, note)
+        return rows[key]
 
     try:
-        if "raw" in want:
-            samples: dict[str, dict[str, list[float]]] = {
-                k: {"read": [], "write": []} for k in ("floor", *peers)}
+        # NVMe first: the longest section and the one issue 8's NVMe targets are read from
+        if "nvme" in want and nvme_names:
+            tool = nvme_bench.build_aio_qd()
+            results: dict[str, dict[str, list[float]]] = {n: {} for n in nvme_names}
             for rep in range(args.reps):
-                for name in ("floor", *peers):
-                    if name == "floor":
-                        res = raw_floor(tmp, args.n)
-                    else:
-                        sock = os.path.join(tmp, f"{name}.sock")
-                        with server(peers[name](sock), sock):
-                            res = raw_once(sock, args.n)
+                for name in nvme_names:
+                    config = nvme_bench.CONFIGS[name]
+                    figures = nvme_bench.run_config(config, Path(tmp) / f"nvme-{name}-{rep}",
+                                                    args.nvme_ops, tool)
+                    emit({"bench": "nvme", "rep": rep, "config": name, "irq": config.irq,
+                          "shim": config.shim, **{k: round(v, 1) for k, v in figures.items()}})
+                    for k, v in figures.items():
+                        results[name].setdefault(k, []).append(v)
+            for w in nvme_bench.WORKLOADS:
+                for irq, peer_name in (("intx", "cpeer-intx"), ("msix", "qemu-msix")):
+                    mine = {"shim": f"ours-{irq}", "python": f"ours-{irq}-py"}
+                    if not any(m in results for m in mine.values()):
+                        continue
+                    peer_label = nvme_bench.CONFIGS[peer_name].label
+                    r = row(f"NVMe {w.key.replace('_', ' ')}, {irq.upper()}", w.unit,
+                            peer_label if peer_name in results else "(not run)")
+                    for col, cname in mine.items():
+                        for x in results.get(cname, {}).get(w.key, []):
+                            r.add(col, x)
+                    for x in results.get(peer_name, {}).get(w.key, []):
+                        r.add("peer", x)
+        if "raw" in want:
+            for rep in range(args.reps):
+                floor = raw_floor(tmp, args.n)
+                emit({"bench": "raw", "rep": rep, "server": "floor", **floor})
+                for name, (argv, env) in servers.items():
+                    sock = os.path.join(tmp, f"{name}.sock")
+                    with server(argv(sock), sock, env):
+                        res = raw_once(sock, args.n)
                     emit({"bench": "raw", "rep": rep, "server": name, "n": args.n,
                           "read_us": round(res["read"], 2), "write_us": round(res["write"], 2)})
                     for op in ("read", "write"):
-                        samples[name][op].append(res[op])
-            for op in ("read", "write"):
-                c = med(samples["c"][op]) if "c" in samples else None
-                row(f"raw client REGION_{op.upper()} round trip", "us",
-                    med(samples["ours"][op]), c, f"floor {med(samples['floor'][op])} us",
-                    (samples["ours"][op], samples["c"][op]) if "c" in samples else None)
+                        row(f"raw client REGION_{op.upper()} round trip", "us",
+                            cpeer_label).add(name, res[op])
+                for op in ("read", "write"):
+                    r = rows[f"raw client REGION_{op.upper()} round trip"]
+                    r.runs.setdefault("floor", []).append(floor[op])
+                    r.note = f"Python echo floor {med(r.runs['floor'])} us"
         if "guest" in want or "memory" in want:
             loop = build_mmio_loop()
-            g: dict[str, dict[str, list[float]]] = {}
             for rep in range(args.reps):
-                for name in ("qemu-in-process", *peers):
-                    if name == "qemu-in-process":
-                        res2 = guest_session([], ["-device", "edu"], loop, args.guest_n, 1, None)
-                        idle: dict[str, int] = {}
-                        # x-no-posted-writes is a vfio-user-pci property: there is no such
-                        # reference in process (its writes are the posted row's figure)
-                        sync_write = None
-                    else:
-                        sock = os.path.join(tmp, f"{name}.sock")
-                        with server(peers[name](sock), sock) as proc:
-                            time.sleep(0.5)
-                            idle = memory_kib(proc.pid)
-                            res2 = guest_session([sock], [], loop, args.guest_n, 1, proc.pid)
-                        # Again with QEMU's posted writes off: each write waits for its reply.
-                        with server(peers[name](sock), sock) as proc:
-                            sync = guest_session([sock], [], loop, args.guest_n, 1, None,
-                                                 {"x-no-posted-writes": True})
-                        sync_write = sync["write_ns"][0]
-                    rec = {"bench": "guest", "rep": rep, "server": name, "n": args.guest_n,
+                res2 = guest_session([], ["-device", "edu"], loop, args.guest_n, 1, None)
+                inproc = {"read": res2["read_ns"][0], "write": res2["write_ns"][0]}
+                emit({"bench": "guest", "rep": rep, "server": "qemu-in-process", **inproc})
+                for name, (argv, env) in servers.items():
+                    sock = os.path.join(tmp, f"{name}.sock")
+                    with server(argv(sock), sock, env) as proc:
+                        time.sleep(0.5)
+                        idle = memory_kib(proc.pid)
+                        res2 = guest_session([sock], [], loop, args.guest_n, 1, proc.pid)
+                    # Again with QEMU's posted writes off: each write waits for its reply.
+                    with server(argv(sock), sock, env) as proc:
+                        sync = guest_session([sock], [], loop, args.guest_n, 1, None,
+                                             {"x-no-posted-writes": True})
+                    rec = {"bench": "guest", "rep": rep, "server": name,
                            "read_ns": res2["read_ns"][0], "write_ns": res2["write_ns"][0],
-                           "sync_write_ns": sync_write,
-                           "id": res2.get("id"), "idle": idle,
-                           "attached": res2.get("attached"), "after_loop": res2.get("after_loop")}
+                           "sync_write_ns": sync["write_ns"][0], "id": res2.get("id"),
+                           "idle": idle, "attached": res2.get("attached"),
+                           "after_loop": res2.get("after_loop")}
                     emit(rec)
-                    s = g.setdefault(name, {})
-                    for k in ("read_ns", "write_ns", "sync_write_ns"):
-                        if rec[k] is not None:
-                            s.setdefault(k, []).append(rec[k])
-                    for phase in ("idle", "attached", "after_loop"):
-                        for k, v in (rec.get(phase) or {}).items():
-                            s.setdefault(f"{phase}_{k}", []).append(v)
-            if "guest" in want:
-                for op, title in (("read", "read"), ("write", "write, posted (QEMU default)"),
-                                  ("sync_write", "write, x-no-posted-writes=on")):
-                    key = f"{op}_ns"
-                    c = med(g["c"][key]) if "c" in g else None
-                    ref = g["qemu-in-process"].get(key)
-                    note = (f"in-process edu {round(med(ref) / 1000, 2)} us" if ref
-                            else "in-process edu n/a (no vfio-user writes to post)")
-                    row(f"guest trapped BAR0 {title}", "us",
-                        round(med(g["ours"][key]) / 1000, 2),
-                        round(c / 1000, 2) if c is not None else None,
-                        note, (g["ours"][key], g["c"][key]) if "c" in g else None)
-            if "memory" in want:
-                for phase in ("idle", "attached", "after_loop"):
-                    for k in ("rss_kib", "pss_kib"):
-                        key = f"{phase}_{k}"
-                        c = med(g["c"][key]) if "c" in g and key in g["c"] else None
-                        mine = med(g["ours"][key]) if key in g["ours"] else None
-                        row(f"server {k.split('_')[0].upper()} {phase.replace('_', ' ')}", "MiB",
-                            round(mine / 1024, 1) if mine is not None else None,
-                            round(c / 1024, 1) if c is not None else None)
+                    if "guest" in want:
+                        for k, title in (("read_ns", "read"),
+                                         ("write_ns", "write, posted (QEMU default)"),
+                                         ("sync_write_ns", "write, x-no-posted-writes=on")):
+                            ref = inproc.get(k.split("_")[0]) if k != "sync_write_ns" else None
+                            r = row(f"guest trapped edu BAR0 {title}", "us", cpeer_label)
+                            r.add(name, rec[k] / 1000)
+                            if ref is not None:
+                                r.runs.setdefault("inproc", []).append(ref / 1000)
+                                r.note = f"QEMU in-process edu {med(r.runs['inproc'])} us"
+                    if "memory" in want:
+                        for phase in ("idle", "attached", "after_loop"):
+                            for k, v in (rec.get(phase) or {}).items():
+                                row(f"edu server {k.split('_')[0].upper()} "
+                                    f"{phase.replace('_', ' ')}", "MiB",
+                                    cpeer_label).add(name, v / 1024)
+        if "dma" in want:
+            dma = dma_bench.measure(0.02 if args.short else 0.25, args.reps)
+            for fig, s in dma.items():
+                emit({"bench": "dma", "what": fig, **{k: [round(x) for x in v]
+                                                      for k, v in s.items()}})
+                r = row(fig, "MB/s", "memcpy, same process")
+                for col in ("shim", "python"):
+                    for x in s.get(col, []):
+                        r.add(col, x)
+                for x in s["memcpy"]:
+                    r.add("peer", x)
+        if "rss" in want:
+            counts = (1, 3) if args.short else (1, 11)
+            for rep in range(args.reps):
+                for col, shim in (("shim", True), ("python", False)):
+                    res3 = rss_per_device(tmp, shim, counts)
+                    emit({"bench": "rss", "rep": rep, "server": col, "devices": counts,
+                          **{k: round(v, 3) for k, v in res3.items()}})
+                    row("RSS idle, one edu device", "MiB", "target", "target < 40 MiB"
+                        ).add(col, res3["idle"])
+                    row(f"RSS per extra edu device, idle ({counts[1]} vs {counts[0]})", "MiB",
+                        "target", "target < 2 MiB").add(col, res3["per_device_idle"])
+                    row(f"RSS per extra edu device, client connected ({counts[1]} vs "
+                        f"{counts[0]})", "MiB", "target", "target < 2 MiB"
+                        ).add(col, res3["per_device_connected"])
+            for key, target in (("RSS idle, one edu device", 40.0),):
+                rows[key].add("peer", target)
+            for key in list(rows):
+                if key.startswith("RSS per extra"):
+                    rows[key].add("peer", 2.0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    lines = ["| measurement | ours | C peer (QEMU x-vfio-user-server) | ours / C | note |",
-             "| --- | ---: | ---: | ---: | --- |"]
-    for label, unit, ours, c, extra in rows:
-        ratio = f"{ours / c:.2f}" if ours is not None and c else "—"
-        lines.append(f"| {label} | {ours} {unit} | "
-                     f"{f'{c} {unit}' if c is not None else 'skipped (C peer not built)'} | "
-                     f"{ratio} | {extra} |")
-    table = "\n".join(lines)
-    print(f"\n{table}\n(medians of {args.reps} runs; load average at the end "
+    for r in rows.values():
+        emit({"bench": "median", "what": r.label, "unit": r.unit, "peer_name": r.peer,
+              **{c: r.median(c) for c in ("shim", "python", "peer")},
+              "shim_ratio": r.ratio("shim"), "python_ratio": r.ratio("python")})
+    table = markdown(list(rows.values()))
+    print(f"\n{table}\n\n(medians of {args.reps} interleaved runs; ratios are medians of the "
+          f"per-run ratios; load average at the end "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())})")
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

@@ -146,9 +146,40 @@ class DmaAccessor:
         self.read_into(iova, buf)
         return bytes(buf)
 
+    def _one_map(self, iova: int, buf: memoryview, write: bool) -> bool:
+        """The common case without segments: ``iova`` and ``buf.nbytes`` bytes lie in one
+        fd-backed map with the permission asked for; copy (``write``: ``buf`` to guest
+        memory) under a reference on the map, as :meth:`DmaMapTable.translate` would, and
+        return True. False: nothing done, the general path decides (and reports errors)."""
+        table, n = self.table, buf.nbytes
+        with table._lock:
+            m = table._find(iova)
+            mfile = m._file if m is not None else None
+            if (m is None or mfile is None or iova + n > m.end
+                    or not (m.writable if write else m.readable)):
+                return False
+            m._refs += 1
+        try:
+            start = m.offset + (iova - m.iova)
+            if mfile.trusted:  # sealed against shrinking: a plain copy cannot fault
+                with memoryview(mfile.mm) as whole, whole[start:start + n] as view:
+                    if write:
+                        view[:] = buf
+                    else:
+                        buf[:] = view
+            elif write:
+                table._copy.write(mfile.addr + start, buf)
+            else:
+                table._copy.read(mfile.addr + start, buf)
+        finally:
+            table._put(m)
+        return True
+
     def read_into(self, iova: int, buf: bytearray | memoryview) -> None:
         """Fill the writable buffer ``buf`` from guest memory at ``iova``."""
         with memoryview(buf) as raw, raw.cast("B") as dst:
+            if self._one_map(iova, dst, False):
+                return
             segs = self.table.translate(iova, dst.nbytes, write=False)
             try:
                 pos = 0
@@ -176,6 +207,8 @@ class DmaAccessor:
     def write(self, iova: int, data: _Buffer) -> None:
         """Write ``data`` to guest memory at ``iova``."""
         with memoryview(data) as raw, raw.cast("B") as src:
+            if self._one_map(iova, src, True):
+                return
             segs = self.table.translate(iova, src.nbytes, write=True)
             try:
                 pos = 0

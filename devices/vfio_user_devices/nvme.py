@@ -561,15 +561,18 @@ class NvmeController(PciDevice):
         """Interrupt for new entries in ``cq``."""
         if not cq.ien:
             return
-        if self.msix is not None and self.msix.enabled:
+        msix, msi = self.msix, self.msi
+        if msix is not None and msix.enabled:
             self.irqs.trigger(IrqIndex.MSIX, cq.iv if cq.iv < self.msix_vectors else 0)
-        elif self.msi is not None and self.msi.enabled:
+        elif msi is not None and msi.enabled:
             if self.intms & INTMS_VECTOR0:
                 self._msi_pending = True
             else:
                 self.irqs.trigger(IrqIndex.MSI, 0)
-        else:
-            self.update_intx()
+        elif not self._intx_level and not self.intms & INTMS_VECTOR0 and cq.used():
+            # update_intx() for a CQ that just got entries: no MSI on (checked above), so the
+            # line goes high unless masked (a mask write already lowered it)
+            self.set_intx(True)
 
     def _update_interrupts(self) -> None:
         if (self._msi_pending and not self.intms & INTMS_VECTOR0 and self.msi is not None

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from vfio_user_server.dma import DmaMapTable, Segment
+from vfio_user_server.dma import DmaMapTable, DmaWindow, Segment
 from vfio_user_server.errors import DmaError
 
 from .nvme_backend import LBA_SHIFT
@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 __all__ = ["MAX_TRANSFER", "MDTS", "GuestData", "IoCommands", "Worker", "check_nsid", "mapped"]
 
 log = logging.getLogger("vfio_user_devices.nvme")
+
+#: Windows onto guest memory kept per controller (queues, PRP lists and data mostly live in
+#: the one or two maps of guest RAM).
+MAX_WINDOWS = 4
 
 #: Maximum Data Transfer Size: 2**MDTS pages (128 KiB).
 MDTS = 5
@@ -128,10 +132,63 @@ class mapped:  # a function in use (with mapped(...) as views), a class for spee
 
 
 class GuestData:
-    """Guest memory for one controller: PRP walking, copies, and file I/O into guest pages."""
+    """Guest memory for one controller: PRP walking, copies, and file I/O into guest pages.
+
+    The inline path (loop thread, controller lock held) reaches zero-copy guest memory through
+    cached :class:`~vfio_user_server.dma.DmaWindow` objects: one lookup per DMA map change
+    instead of a translation, a map reference and a view per access. That is safe there
+    because DMA_UNMAP is handled on the same loop thread, so no map can go away during an
+    inline run. The worker keeps translating (its references make an unmap wait for it).
+    """
 
     def __init__(self, ctrl: NvmeController) -> None:
         self._ctrl = ctrl
+        self._windows: list[DmaWindow] = []
+        self._window_gen = -1
+
+    def window(self, addr: int, length: int, write: bool) -> DmaWindow | None:
+        """The cached zero-copy window holding all of ``[addr, addr + length)`` with the
+        permission asked for, or None (no fd, not sealed, not mapped, or split over maps)."""
+        table = self._ctrl.dma.table
+        gen = table.generation
+        if gen != self._window_gen:
+            self._windows = []
+            self._window_gen = gen
+        end = addr + length
+        for w in self._windows:
+            if w.start <= addr and end <= w.end:
+                return w if (w.writable if write else w.readable) else None
+        new = table.window(addr)
+        if new is None or end > new.end:
+            return None
+        if len(self._windows) >= MAX_WINDOWS:
+            del self._windows[0]
+        self._windows.append(new)
+        return new if (new.writable if write else new.readable) else None
+
+    def _window_io(self, ranges: Ranges, offset: int, write: bool) -> bool:
+        """Inline only: the file I/O straight between the namespace and guest pages through
+        one window; False (nothing done) if the ranges are not all in one zero-copy map."""
+        first, n = ranges[0]
+        w = self.window(first, n, not write)  # a Read writes guest memory
+        if w is None:
+            return False
+        start, end, delta = w.start, w.end, w.delta
+        for iova, n in ranges:
+            if iova < start or iova + n > end:
+                return False
+        backend = self._ctrl.backend
+        with memoryview(w.mm) as whole:
+            views = [whole[iova + delta:iova + delta + n] for iova, n in ranges]
+            try:
+                if write:
+                    backend.writev(views, offset)
+                else:
+                    backend.readv(views, offset)
+            finally:
+                for v in views:
+                    v.release()
+        return True
 
     def direct_read(self, ranges: Iterable[tuple[int, int]]) -> bytes | None:
         """Guest memory by mmap copies, or None if some of it is not fd-backed (or mapped, or
@@ -186,6 +243,10 @@ class GuestData:
             raise NvmeError(Status.DATA_TRANSFER_ERROR, f"PRP list: {exc}") from exc
 
     def _read_list_inline(self, iova: int, length: int) -> bytes | None:
+        w = self.window(iova, length, False)
+        if w is not None:
+            at = iova + w.delta
+            return w.mm[at:at + length]
         if not self._ctrl.dma.table.is_direct(iova, length):
             return None
         return self._read_list(iova, length)
@@ -221,6 +282,8 @@ class GuestData:
         ranges = self.ranges(cmd, length, inline)
         if isinstance(ranges, Worker):
             return ranges
+        if inline and ranges and self._window_io(ranges, offset, write):
+            return None
         backend, dma = self._ctrl.backend, self._ctrl.dma
         try:
             m = mapped(dma.table, ranges, write=not write)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from vfio_user_server.dma import DmaWindow
 from vfio_user_server.errors import DmaError
 
 from .nvme_io import GuestData, IoCommands, Worker
@@ -141,6 +142,10 @@ class DataPath:
         n = min(sq.pending(), cq.free(), INLINE_MAX)
         if n <= 0:
             return False
+        sqw = self._guest.window(sq.base, size * SQE_SIZE, False)
+        cqw = self._guest.window(cq.base, cq.size * CQE_SIZE, True)
+        if sqw is not None and cqw is not None:
+            return self._inline_windows(sq, cq, n, sqw, cqw)
         if not self._guest.in_one_direct_map(cq.base, cq.size * CQE_SIZE):
             return False
         first = min(n, size - head)
@@ -165,6 +170,49 @@ class DataPath:
                 done.append(entry)
         if done:
             self.complete(gen, qid, (head + len(done)) % size, done)
+        return sq.head == sq.tail
+
+    def _inline_windows(self, sq: SubmissionQueue, cq: CompletionQueue, n: int,
+                        sqw: DmaWindow, cqw: DmaWindow) -> bool:
+        """:meth:`inline` with both rings in zero-copy windows: entries are unpacked from the
+        SQ and completions packed into the CQ in place (no copy of the ring, no per-command
+        translation or list), and the interrupt is signalled once for the run."""
+        ctrl = self._ctrl
+        gen, qid, size, head = ctrl.gen, sq.qid, sq.size, sq.head
+        write_cache = bool(ctrl.features[Feature.VOLATILE_WRITE_CACHE])
+        inline_ok, execute, unpack, pack = self._io.inline_ok, self.execute, SQE.unpack_from, \
+            CQE.pack_into
+        sq_mm, sq_at = sqw.mm, sq.base + sqw.delta
+        cq_mm, cq_at = cqw.mm, cq.base + cqw.delta
+        tail, phase, cq_size = cq.tail, cq.phase, cq.size
+        posted = 0
+        try:
+            for _ in range(n):
+                cmd: SqeTuple = unpack(sq_mm, sq_at + head * SQE_SIZE)
+                if not inline_ok(cmd, write_cache):
+                    break
+                entry = execute(cmd, qid, gen, inline=True)
+                if entry is Worker.NEEDED:
+                    break
+                head = head + 1 if head + 1 < size else 0
+                if entry is not None:
+                    cid, status, dw0 = entry
+                    # one store per entry: its phase bit is never seen before the rest of it
+                    pack(cq_mm, cq_at + tail * CQE_SIZE, dw0, 0, head, qid, cid,
+                         phase | status << 1)
+                    posted += 1
+                    tail += 1
+                    if tail == cq_size:
+                        tail = 0
+                        phase ^= 1
+        except ValueError:
+            # The mmap was closed: not possible while the loop thread runs this (unmaps are
+            # handled on it), but if it happens the worker goes the translated way and reports.
+            log.warning("nvme: SQ %d: guest memory window closed during an inline run", qid)
+        sq.head = head
+        cq.tail, cq.phase = tail, phase
+        if posted:
+            ctrl.signal(cq)
         return sq.head == sq.tail
 
     def process(self, gen: int, qid: int, base: int, head: int, size: int, n: int) -> None:

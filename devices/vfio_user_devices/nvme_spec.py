@@ -421,11 +421,18 @@ def prp_ranges(
         entries = array("Q")
         entries.frombytes(raw)
         data = entries[:-1] if chained else entries
+        # (_append inlined: this loop runs once per page of every large transfer)
+        last_iova, last_n = out[-1]
         for entry in data:
             if entry & (PAGE_SIZE - 1):
                 raise NvmeError(Status.INVALID_PRP_OFFSET, f"PRP entry {entry:#x} not aligned")
-            n = min(remaining, PAGE_SIZE)
-            _append(out, entry, n)
+            n = remaining if remaining < PAGE_SIZE else PAGE_SIZE
+            if last_iova + last_n == entry:
+                last_n += n
+                out[-1] = (last_iova, last_n)
+            else:
+                last_iova, last_n = entry, n
+                out.append((entry, n))
             remaining -= n
         pages -= len(data)
         if chained:
