@@ -97,6 +97,16 @@ def ours(workdir: Path, image: Path, cmdline: str, extra: list[str]) -> Iterator
         yield _wait_disk(m)
 
 
+# The C server's virtio device must do its DMA through its PCI bus-master address space, the
+# only one where x-vfio-user-server maps the client's DMA regions (vfu_dma_register adds them
+# under pci_device_iommu_address_space). Without VIRTIO_F_ACCESS_PLATFORM QEMU's virtio core
+# uses address_space_memory instead (virtio_bus_device_plugged): in the x-remote machine that
+# holds none of the guest's RAM, so the device reads an empty avail ring, completes nothing,
+# and the guest hangs in its first read (the partition scan). iommu_platform=on offers
+# ACCESS_PLATFORM, which Linux and SeaBIOS accept; QEMU allows it only without legacy.
+CPEER_DMA = "disable-legacy=on,iommu_platform=on"
+
+
 @contextmanager
 def cpeer(workdir: Path, image: Path, cmdline: str, extra: list[str]) -> Iterator[Runner]:
     binary = cpeer_binary()
@@ -106,7 +116,7 @@ def cpeer(workdir: Path, image: Path, cmdline: str, extra: list[str]) -> Iterato
            "socket": {"type": "unix", "path": sock}, "device": "blk0"}
     argv = [str(binary), "-machine", "x-remote,vfio-user=on", "-nodefaults", "-display",
             "none", "-drive", _drive(image),
-            "-device", "virtio-blk-pci,drive=d0,id=blk0,num-queues=1",
+            "-device", "virtio-blk-pci,drive=d0,id=blk0,num-queues=1," + CPEER_DMA,
             "-object", json.dumps(obj)]
     with server(argv, sock), QemuMachine(
             provision(), sockets=[VfioUserDevice(sock)], modules=MODULES, workdir=workdir,
