@@ -135,7 +135,7 @@ def in_process(workdir: Path, image: Path, cmdline: str, extra: list[str]) -> It
 Maker = Callable[[Path, Path, str, list[str]], Any]
 CONFIGS: dict[str, tuple[str, Maker, list[str]]] = {
     "ours": ("ours (Python, vfio-user)", ours, []),
-    "ours-inline": ("ours, inline", ours, ["--inline"]),
+    "ours-worker": ("ours, worker (--inline off)", ours, ["--inline", "off"]),
     "cpeer": ("QEMU x-vfio-user-server virtio-blk-pci (C)", cpeer, []),
     "qemu": ("QEMU in-process virtio-blk-pci", in_process, []),
 }
