@@ -16,12 +16,14 @@ milliseconds, small against the thousands of requests of each figure).
     python bench/virtio_blk.py                  # 3 interleaved repetitions, INTx everywhere
     python bench/virtio_blk.py --reps 1 --ops 500 --irq msix --configs ours,qemu
 
-Ours runs as the CLI serves it (``python -m vfio_user_server.cli virtio-blk``, one queue), in
-its own process like the C server. QEMU's C server's MSI-X never fires with QEMU's
-vfio-user client, so ``--irq intx`` (the default) boots every guest with ``pci=nomsi``:
-INTx against INTx. The C column needs the binary of ``bench/build_c_peer.sh`` (skipped with a
-note when it is missing). Output: one JSON line per figure, configuration and repetition, then
-a markdown table of the medians and of the medians of the per-repetition ratios.
+Ours runs as the CLI serves it (``python -m vfio_user_server.cli virtio-blk``, one queue,
+reads and writes inline; ``ours-worker`` is ``--inline off``), in its own process like the C
+server. The C server's MSI-X never fires with QEMU's vfio-user client (its vectors stay masked:
+the client emulates the MSI-X table and never sends SET_IRQS UNMASK; BENCHMARKS.md), so
+``--irq intx`` (the default) boots every guest with ``pci=nomsi``: INTx against INTx. The C
+column needs the binary of ``bench/build_c_peer.sh`` (skipped with a note when it is missing).
+Output: one JSON line per figure, configuration and repetition, then a markdown table of the
+medians and of the medians of the per-repetition ratios.
 """
 
 from __future__ import annotations

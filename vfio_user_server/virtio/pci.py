@@ -34,7 +34,8 @@ The transport does the rest, as Linux's ``virtio_pci`` expects it:
 * notifications: a trapped write to the notify area marks the queue; the connection's worker
   thread runs :meth:`VirtioPciDevice.process_queue` (so message DMA works), then publishes
   used entries and interrupts as the driver's suppression asks (a device with ``inline`` set
-  has requests in fd-backed memory run right in the notify write, on the loop thread);
+  has requests in fd-backed memory that its ``inline_ok`` accepts run right in the notify
+  write, on the loop thread);
 * a malformed ring or an unmapped address (:class:`~.virtqueue.VirtqueueError`) sets
   DEVICE_NEEDS_RESET and raises the configuration interrupt; the queues then stand still
   until the driver resets the device.
