@@ -16,12 +16,14 @@ milliseconds, small against the thousands of requests of each figure).
     python bench/virtio_blk.py                  # 3 interleaved repetitions, INTx everywhere
     python bench/virtio_blk.py --reps 1 --ops 500 --irq msix --configs ours,qemu
 
-Ours runs as the CLI serves it (``python -m vfio_user_server.cli virtio-blk``, one queue), in
-its own process like the C server. QEMU's C server's MSI-X never fires with QEMU's
-vfio-user client, so ``--irq intx`` (the default) boots every guest with ``pci=nomsi``:
-INTx against INTx. The C column needs the binary of ``bench/build_c_peer.sh`` (skipped with a
-note when it is missing). Output: one JSON line per figure, configuration and repetition, then
-a markdown table of the medians and of the medians of the per-repetition ratios.
+Ours runs as the CLI serves it (``python -m vfio_user_server.cli virtio-blk``, one queue,
+reads and writes inline; ``ours-worker`` is ``--inline off``), in its own process like the C
+server. The C server's MSI-X never fires with QEMU's vfio-user client (its vectors stay masked:
+the client emulates the MSI-X table and never sends SET_IRQS UNMASK; BENCHMARKS.md), so
+``--irq intx`` (the default) boots every guest with ``pci=nomsi``: INTx against INTx. The C
+column needs the binary of ``bench/build_c_peer.sh`` (skipped with a note when it is missing).
+Output: one JSON line per figure, configuration and repetition, then a markdown table of the
+medians and of the medians of the per-repetition ratios.
 """
 
 from __future__ import annotations
@@ -97,6 +99,16 @@ def ours(workdir: Path, image: Path, cmdline: str, extra: list[str]) -> Iterator
         yield _wait_disk(m)
 
 
+# The C server's virtio device must do its DMA through its PCI bus-master address space, the
+# only one where x-vfio-user-server maps the client's DMA regions (vfu_dma_register adds them
+# under pci_device_iommu_address_space). Without VIRTIO_F_ACCESS_PLATFORM QEMU's virtio core
+# uses address_space_memory instead (virtio_bus_device_plugged): in the x-remote machine that
+# holds none of the guest's RAM, so the device reads an empty avail ring, completes nothing,
+# and the guest hangs in its first read (the partition scan). iommu_platform=on offers
+# ACCESS_PLATFORM, which Linux and SeaBIOS accept; QEMU allows it only without legacy.
+CPEER_DMA = "disable-legacy=on,iommu_platform=on"
+
+
 @contextmanager
 def cpeer(workdir: Path, image: Path, cmdline: str, extra: list[str]) -> Iterator[Runner]:
     binary = cpeer_binary()
@@ -106,7 +118,7 @@ def cpeer(workdir: Path, image: Path, cmdline: str, extra: list[str]) -> Iterato
            "socket": {"type": "unix", "path": sock}, "device": "blk0"}
     argv = [str(binary), "-machine", "x-remote,vfio-user=on", "-nodefaults", "-display",
             "none", "-drive", _drive(image),
-            "-device", "virtio-blk-pci,drive=d0,id=blk0,num-queues=1",
+            "-device", "virtio-blk-pci,drive=d0,id=blk0,num-queues=1," + CPEER_DMA,
             "-object", json.dumps(obj)]
     with server(argv, sock), QemuMachine(
             provision(), sockets=[VfioUserDevice(sock)], modules=MODULES, workdir=workdir,
@@ -125,7 +137,7 @@ def in_process(workdir: Path, image: Path, cmdline: str, extra: list[str]) -> It
 Maker = Callable[[Path, Path, str, list[str]], Any]
 CONFIGS: dict[str, tuple[str, Maker, list[str]]] = {
     "ours": ("ours (Python, vfio-user)", ours, []),
-    "ours-inline": ("ours, inline", ours, ["--inline"]),
+    "ours-worker": ("ours, worker (--inline off)", ours, ["--inline", "off"]),
     "cpeer": ("QEMU x-vfio-user-server virtio-blk-pci (C)", cpeer, []),
     "qemu": ("QEMU in-process virtio-blk-pci", in_process, []),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -67,11 +67,12 @@ def make(sock_dir: Path, image: Path, *, fd_backed: bool = True, sealed: bool = 
 
 
 @pytest.fixture(params=["sealed", "memfd", "message", "sealed-packed", "memfd-packed",
-                        "message-packed"])
+                        "message-packed", "sealed-worker"])
 def blk(request: pytest.FixtureRequest, sock_dir: Path, image: Path) -> Iterator[Blk]:
     r = make(sock_dir, image, fd_backed=not request.param.startswith("message"),
              sealed=request.param.startswith("sealed"), queues=2,
-             packed=request.param.endswith("packed"))
+             packed=request.param.endswith("packed"),
+             inline=not request.param.endswith("worker"))
     r.ready(2)
     yield r
     r.close()
@@ -225,20 +226,43 @@ def test_bad_queue_count() -> None:
 
 
 @pytest.mark.parametrize("fd_backed", [True, False])
-def test_inline_option(sock_dir: Path, image: Path, fd_backed: bool) -> None:
-    """``--inline``: requests in fd-backed RAM run in the notify write; others still work
-    (handed to the worker)."""
-    served = make_device("virtio-blk", ["--image", str(image), "--inline"])
-    assert isinstance(served, VirtioBlk) and served.inline
+@pytest.mark.parametrize("inline", [True, False])
+def test_inline_option(sock_dir: Path, image: Path, fd_backed: bool, inline: bool) -> None:
+    """``--inline on`` (the default): reads and writes in fd-backed RAM run in the notify
+    write, on the loop thread; a flush, and every request in RAM without fds, go to the worker.
+    ``--inline off``: every request goes to the worker."""
+    served = make_device("virtio-blk", ["--image", str(image)]
+                         + ([] if inline else ["--inline", "off"]))
+    assert isinstance(served, VirtioBlk) and served.inline is inline
     served.close()
-    r = make(sock_dir, image, fd_backed=fd_backed, sealed=fd_backed, queues=1, inline=True)
+    r = make(sock_dir, image, fd_backed=fd_backed, sealed=fd_backed, queues=1, inline=inline)
+    where: dict[str, list[bool]] = {"readv": [], "writev": [], "read": [], "write": [],
+                                    "sync": []}
+    backend = r.dev.backend
+
+    def recorder(name: str) -> Callable[..., object]:
+        orig = getattr(backend, name)
+
+        def record(*args: object) -> object:
+            ctx = r.dev._ctx
+            where[name].append(ctx is not None and ctx.in_loop_thread())
+            return orig(*args)
+        return record
+
+    for name in where:
+        setattr(backend, name, recorder(name))
     try:
-        assert r.dev.inline
+        assert r.dev.inline is inline
         r.ready(1)
         data = os.urandom(4096)
         assert r.write(8, data) == OK
         assert r.read(8, 4096) == (OK, data)
+        assert r.simple(4) == OK  # flush
         assert host(image, 8 * 512, 4096) == data
+        on_loop = inline and fd_backed
+        moved = where["readv"] + where["writev"] + where["read"] + where["write"]
+        assert len(moved) == 2 and all(t is on_loop for t in moved), where
+        assert where["sync"] == [False]  # never on the loop thread
     finally:
         r.close()
         r.dev.close()

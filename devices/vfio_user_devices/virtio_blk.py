@@ -1,8 +1,8 @@
 """virtio-blk: a block device (virtio device ID 2) backed by a raw image file or memory.
 
 Served as ``vfio-user-server --socket S virtio-blk [--image PATH] [--size SIZE] [--queues N]
-[--read-only] [--serial S] [--packed]``; Linux binds ``virtio_pci`` then ``virtio_blk``
-(``/dev/vda``).
+[--read-only] [--serial S] [--packed] [--inline on|off]``; Linux binds ``virtio_pci`` then
+``virtio_blk`` (``/dev/vda``).
 
 Features offered: SEG_MAX, BLK_SIZE (512), FLUSH, MQ (up to :data:`MAX_QUEUES` request queues;
 Linux uses one per vCPU up to that), and DISCARD and WRITE_ZEROES unless read-only; RO with
@@ -22,7 +22,10 @@ WRITE_ZEROES   zero ranges (punching holes when the unmap flag allows and the fi
 A request outside the disk, or of a bad length, completes with IOERR; a request without a
 header or status byte breaks the ring rules and sets DEVICE_NEEDS_RESET. Data moves between the
 file and guest memory with ``preadv``/``pwritev`` on the mmapped guest pages when guest RAM
-has fds, and through DMA_READ/DMA_WRITE messages otherwise, on the connection's worker thread.
+has fds, and through DMA_READ/DMA_WRITE messages otherwise. Reads, writes and GET_ID in
+fd-backed memory run on the loop thread, right in the notify write (``--inline on``, the
+default: measured faster than the hand-off, BENCHMARKS.md); everything else, and every request
+with ``--inline off``, runs on the connection's worker thread.
 """
 
 from __future__ import annotations
@@ -90,6 +93,12 @@ DISCARD_F_UNMAP = 1
 CONFIG = struct.Struct("<QII4xI8xBxHIIIIIB3x")
 
 
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ValueError(f"expected on or off, not {text!r}")
+    return text == "on"
+
+
 class _IoError(Exception):
     """The request fails with a status (IOERR or UNSUPP)."""
 
@@ -118,8 +127,9 @@ class VirtioBlk(VirtioPciDevice):
         Option("--serial", "serial number (GET_ID; default: derived from the image)"),
         Option("--packed", "offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)",
                switch=True),
-        Option("--inline", "run requests in fd-backed guest RAM on the loop thread, inside "
-               "the notify write (off: handed to the worker thread)", switch=True),
+        Option("--inline", "on (default): reads and writes in fd-backed guest RAM run on the "
+               "loop thread, inside the notify write; off: every request goes to the worker "
+               "thread", type=_on_off, default=True, metavar="on|off"),
         Option("--polled-notify", "map the notify area into the guest and poll it with a "
                "thread (no message per notification; QEMU then posts no writes)", switch=True),
     )
@@ -134,7 +144,7 @@ class VirtioBlk(VirtioPciDevice):
         serial: str | None = None,
         backend: FileBackend | None = None,
         packed: bool = False,
-        inline: bool = False,
+        inline: bool = True,
         polled_notify: bool = False,
     ) -> None:
         if not 1 <= queues <= MAX_QUEUES:
@@ -178,6 +188,13 @@ class VirtioBlk(VirtioPciDevice):
             self.sectors, 0, self.queue_size - 2, SECTOR, 0, self.num_queues,
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 8, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
             int(self.backend.can_punch))
+
+    def inline_ok(self, chain: Chain) -> bool:
+        # reads, writes and GET_ID; a flush (fdatasync), discard or write-zeroes can take long
+        # and would hold up every message of the connection, so the worker runs those
+        if chain.readable_length < HEADER.size:
+            return True  # refused inline as malformed
+        return HEADER.unpack(chain.read(0, HEADER.size))[0] in (T_IN, T_OUT, T_GET_ID)
 
     def process_queue(self, vq: Virtqueue) -> None:
         while (chain := vq.pop()) is not None:

@@ -34,7 +34,8 @@ The transport does the rest, as Linux's ``virtio_pci`` expects it:
 * notifications: a trapped write to the notify area marks the queue; the connection's worker
   thread runs :meth:`VirtioPciDevice.process_queue` (so message DMA works), then publishes
   used entries and interrupts as the driver's suppression asks (a device with ``inline`` set
-  has requests in fd-backed memory run right in the notify write, on the loop thread);
+  has requests in fd-backed memory that its ``inline_ok`` accepts run right in the notify
+  write, on the loop thread);
 * a malformed ring or an unmapped address (:class:`~.virtqueue.VirtqueueError`) sets
   DEVICE_NEEDS_RESET and raises the configuration interrupt; the queues then stand still
   until the driver resets the device.
@@ -77,7 +78,7 @@ from .spec import (
     Status,
     bit,
 )
-from .virtqueue import NeedsWorker, Virtqueue, VirtqueueError
+from .virtqueue import Chain, NeedsWorker, Virtqueue, VirtqueueError
 
 __all__ = ["VirtioPciCap", "VirtioPciCfgCap", "VirtioPciDevice", "VirtioPciNotifyCap"]
 
@@ -237,9 +238,9 @@ class VirtioPciDevice(PciDevice):
     #: May :meth:`process_queue` run on the loop thread, right in the notify write, when the
     #: worker is idle? Only for handlers that touch guest memory through the chain and the
     #: DMA layer (no threads of their own) and whose work is short (a file read or write is
-    #: fine). Requests in memory without fds are still handed to the worker. Off by default:
-    #: it measured slower before the queues cached their windows onto guest RAM, level or
-    #: faster since, with a wide spread on a loaded machine (BENCHMARKS.md).
+    #: fine; :meth:`inline_ok` sends the slow ones to the worker). Requests in memory without
+    #: fds are still handed to the worker. Off for this base class (a device opts in):
+    #: virtio-blk turns it on, as it measured faster (BENCHMARKS.md).
     inline: bool = False
     #: Map the notify area into the guest and poll it (:mod:`.notify_poll`): no message per
     #: notification, a thread polling instead, and no posted writes from QEMU. Off by default.
@@ -299,6 +300,13 @@ class VirtioPciDevice(PciDevice):
 
     def driver_ok(self) -> None:
         """The driver set DRIVER_OK (loop thread, lock held)."""
+
+    def inline_ok(self, chain: Chain) -> bool:
+        """With :attr:`inline`: may ``chain`` (fd-backed all through) run on the loop thread?
+        False leaves it, and the rest of the queue, to the worker (for slow requests: a
+        sync, a large zeroing). Called before the chain is consumed."""
+        del chain
+        return True
 
     def virtio_reset(self) -> None:
         """Device-specific state back to its reset value (lock held)."""
@@ -600,6 +608,7 @@ class VirtioPciDevice(PciDevice):
             return False
         vq.kicked = False
         vq.inline = True
+        vq.inline_ok = self.inline_ok
         try:
             self._service(vq, self._gen)
         except NeedsWorker:

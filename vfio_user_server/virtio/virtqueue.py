@@ -17,6 +17,8 @@ access goes through the DMA layer, which checks each byte.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..dma import DmaAccessor, DmaWindow
 from ..errors import DmaError
 from .spec import (
@@ -55,7 +57,8 @@ class VirtqueueError(Exception):
 
 class NeedsWorker(Exception):
     """Raised in :attr:`Virtqueue.inline` mode before touching memory that is not fd-backed
-    (message DMA is not allowed on the server's loop thread); nothing was consumed."""
+    (message DMA is not allowed on the server's loop thread), or for a chain the device's
+    :attr:`Virtqueue.inline_ok` leaves to the worker; nothing was consumed."""
 
 
 class Chain:
@@ -195,6 +198,9 @@ class Virtqueue:
         #: set by the transport while it runs the queue on the loop thread: every access must
         #: be to fd-backed memory, else :class:`NeedsWorker` (before anything is consumed)
         self.inline = False
+        #: set by the transport with :attr:`inline`: may this chain run on the loop thread?
+        #: (else :class:`NeedsWorker`, before the chain is consumed)
+        self.inline_ok: Callable[[Chain], bool] | None = None
         # windows onto the mmapped maps this queue touched (rings, tables, headers), valid
         # while the DMA table's generation is _window_gen: one lookup per map change instead
         # of a translation per access
@@ -372,6 +378,8 @@ class Virtqueue:
         chain = self._walk(head)
         if self.inline:
             self._check_inline(chain)
+            if self.inline_ok is not None and not self.inline_ok(chain):
+                raise NeedsWorker
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         self.popped += 1
         return chain
