@@ -110,7 +110,6 @@ class _GuestProcess:
         self._cond = threading.Condition()
         self._ready_count = 0
         self._results: dict[int, tuple[int, bytes]] = {}
-        self._collect: dict[int, list[str]] = {}
         self._next_id = 0
         self._send_lock = threading.Lock()
         self._agent_eof = False
