@@ -10,7 +10,8 @@ The initramfs holds:
 * ``/init``: mounts proc, sysfs, devtmpfs and tmpfs, loads the modules in dependency order with
   ``insmod``, prints :data:`BOOT_MARKER` on the console, then runs the test script (and powers
   off, printing :data:`EXIT_MARKER` and its status) and/or the command agent on a serial port;
-* ``/bin/pyvfio-agent``, the command agent (see :mod:`vfio_user_server.testing.guest`);
+* ``/bin/pyvfio-agent``, the command agent (see :mod:`vfio_user_server.testing.guest`), and
+  ``/bin/pyvfio-settle``, what the kit runs after a restore and a hot-plug (:data:`SETTLE_SCRIPT`);
 * any extra files (a static test binary, scripts, data).
 
 Module names are matched with ``-`` and ``_`` treated as equal, as the kernel does.
@@ -431,6 +432,32 @@ done
 """
 
 
+SETTLE_SCRIPT = """\
+# pyvfio-settle NOW SEED PORT... (sourced by an agent command: builtins only, one date).
+# Sets the wall clock to NOW (seconds since the epoch), mixes SEED (host entropy) into the
+# kernel's pool (a restored guest's vmgenid has already made Linux reseed), then rescans the
+# bus behind each root port PORT (0000:00:10.0): when the write returns, the kernel has
+# enumerated the hot-plugged device, assigned its BARs and probed its driver (acpiphp would do
+# the same on its own a moment later; a second scan of the slot finds nothing new).
+# "-" skips the clock or the seed.
+[ "$1" = - ] || date -u -s "@$1" >/dev/null || echo "pyvfio: cannot set the clock"
+[ "$2" = - ] || printf %s "$2" >/dev/urandom
+shift 2
+pyvfio_rc=0
+for pyvfio_rp; do
+    for pyvfio_bus in /sys/bus/pci/devices/$pyvfio_rp/pci_bus/*; do
+        echo 1 >"$pyvfio_bus/rescan"
+    done
+    set -- /sys/bus/pci/devices/$pyvfio_rp/????:??:00.0
+    if [ ! -e "$1" ]; then
+        echo "pyvfio: root port $pyvfio_rp has no device after a rescan"
+        pyvfio_rc=1
+    fi
+done
+exit $pyvfio_rc
+"""
+
+
 def init_script(
     modules: Sequence[str],
     module_params: Mapping[str, str],
@@ -551,6 +578,7 @@ def build_initramfs(
     if test_script is not None:
         archive.add_file("test.sh", test_script.encode(), 0o755)
     archive.add_file("bin/pyvfio-agent", AGENT_SCRIPT.encode(), 0o755)
+    archive.add_file("bin/pyvfio-settle", SETTLE_SCRIPT.encode(), 0o644)
     for path, src in (files or {}).items():
         if isinstance(src, tuple):
             archive.add_file(path, src[0], src[1])
