@@ -1,7 +1,7 @@
 """Hot-plug and hot-unplug of a Python device under a running guest.
 
 QEMU (``device_add`` / ``device_del`` through QMP) plugs the vfio-user device into a PCIe root
-port; the guest's pciehp driver adds and removes it. On unplug QEMU unmaps all DMA and closes
+port; the guest (its acpiphp, and the kit.s rescan) adds it and removes it. On unplug QEMU unmaps all DMA and closes
 the socket: the server must release everything and serve the next client, which is the same
 device plugged in again.
 
