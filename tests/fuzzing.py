@@ -35,16 +35,26 @@ from vfio_user_server.dma import DmaMapTable
 from vfio_user_server.endpoint import Endpoint, VfioDevice
 from vfio_user_server.errors import FramingError, ProtocolError
 from vfio_user_server.protocol import codec
-from vfio_user_server.protocol.constants import Command, HeaderFlag, IrqSetFlag
+from vfio_user_server.protocol.constants import (
+    Command,
+    FeatureFlag,
+    HeaderFlag,
+    IrqSetFlag,
+    MigState,
+)
 from vfio_user_server.protocol.framing import MessageReader
+from vfio_user_server.protocol.migration import stream as mig_stream
 from vfio_user_server.protocol.session import TRANSITIONS, Session, SessionState
 from vfio_user_server.protocol.structs import (
     COMMANDS,
+    DeviceFeature,
     DeviceInfo,
     DmaMap,
     DmaUnmap,
     IrqInfo,
     IrqSet,
+    MigData,
+    MigDeviceState,
     RegionAccess,
     RegionInfo,
     RegionIoFds,
@@ -248,6 +258,42 @@ def _sized(command: Command) -> Callable[[Source], tuple[bytes, list[str]]]:
     return payload
 
 
+#: DEVICE_FEATURE indices (the spec's, one unknown, the largest) and operation bits.
+FEATURES = [2, 2, 2, 1, 6, 7, 8, 3, 0xFFFF]
+FEATURE_OPS = [int(FeatureFlag.SET), int(FeatureFlag.SET), int(FeatureFlag.GET),
+               int(FeatureFlag.PROBE), int(FeatureFlag.PROBE | FeatureFlag.GET),
+               int(FeatureFlag.PROBE | FeatureFlag.SET), int(FeatureFlag.GET | FeatureFlag.SET),
+               0, 1 << 19]
+#: Migration states to ask for: the ones a client uses most, then every number and one past.
+MIG_TARGETS = [MigState.STOP_COPY, MigState.RESUMING, MigState.RUNNING, MigState.STOP,
+               *range(9)]
+
+
+def _device_feature(src: Source) -> tuple[bytes, list[str]]:
+    flags = pick(src, FEATURES) | pick(src, FEATURE_OPS)
+    if rare(src, 4):
+        data = src.blob(24)
+    else:
+        data = MigDeviceState(int(pick(src, MIG_TARGETS)), _u(src, [0, 0xFFFFFFFF], 32)).pack()
+    argsz = _u(src, [64, 64, 16, 8, 15], 32)
+    return DeviceFeature(argsz, flags).pack() + data, []
+
+
+def _mig_data_read(src: Source) -> tuple[bytes, list[str]]:
+    size = _u(src, [4096, 16, 0, 1 << 20, (1 << 20) + 1], 32)
+    argsz = _u(src, [(MigData.SIZE + size) & 0xFFFFFFFF, 0xFFFFFFFF, 8], 32)
+    return MigData(argsz, size).pack(), []
+
+
+def _mig_data_write(src: Source) -> tuple[bytes, list[str]]:
+    """A piece of a migration stream (mostly from its start), or noise."""
+    data = mig_stream(src.blob(32))
+    start = 0 if src.number(0, 3) else src.number(0, len(data))
+    piece = data[start:start + src.number(0, len(data))] if not rare(src, 4) else src.blob(40)
+    size = len(piece) if src.number(0, 7) else _u(src, [0, 1, 64], 32)
+    return MigData(_u(src, [MigData.SIZE + len(piece), 8], 32), size).pack() + piece, []
+
+
 PAYLOADS: dict[int, Callable[[Source], tuple[bytes, list[str]]]] = {
     Command.VERSION: _version,
     Command.DMA_MAP: _dma_map,
@@ -262,9 +308,9 @@ PAYLOADS: dict[int, Callable[[Source], tuple[bytes, list[str]]]] = {
     Command.REGION_WRITE_MULTI: _write_multi,
     Command.DEVICE_RESET: _empty,
     Command.DIRTY_PAGES: _sized(Command.DIRTY_PAGES),
-    Command.DEVICE_FEATURE: _sized(Command.DEVICE_FEATURE),
-    Command.MIG_DATA_READ: _sized(Command.MIG_DATA_READ),
-    Command.MIG_DATA_WRITE: _sized(Command.MIG_DATA_WRITE),
+    Command.DEVICE_FEATURE: _device_feature,
+    Command.MIG_DATA_READ: _mig_data_read,
+    Command.MIG_DATA_WRITE: _mig_data_write,
     Command.DMA_READ: _random,
     Command.DMA_WRITE: _random,
 }
@@ -277,18 +323,23 @@ WEIGHTED = [
     *[Command.DEVICE_GET_IRQ_INFO] * 2, *[Command.DEVICE_GET_REGION_IO_FDS] * 2,
     Command.DEVICE_RESET, None, None, None,
 ]
-#: QEMU never sends these (the server's own requests, and what needs migration support).
+#: QEMU never sends these (the server's own requests, DIRTY_PAGES, and migration v2).
 OTHERS = [Command.DIRTY_PAGES, Command.DEVICE_FEATURE, Command.MIG_DATA_READ,
           Command.MIG_DATA_WRITE, Command.DMA_READ, Command.DMA_WRITE]
+#: What a migrating client sends: state changes most, the data, and what a stopped device
+#: must refuse or take (region accesses, reset).
+MIGRATION = [*[Command.DEVICE_FEATURE] * 4, *[Command.MIG_DATA_READ] * 2,
+             *[Command.MIG_DATA_WRITE] * 3, Command.REGION_READ, Command.REGION_WRITE,
+             Command.REGION_WRITE_MULTI, Command.DEVICE_RESET]
 
 
-def build_message(src: Source) -> FuzzMessage:
-    """One request, shaped like QEMU's most of the time."""
+def build_message(src: Source, commands: Sequence[Command | None] = WEIGHTED) -> FuzzMessage:
+    """One request, shaped like QEMU's most of the time (or drawn from ``commands``)."""
     if rare(src, 16):  # anything at all
         fds = [pick(src, ["eventfd", "memfd:4096", *WRONG_FDS])] * src.number(0, 2)
         return FuzzMessage(src.number(0, 0xFFFF), src.number(0, 0xFFFFFFFF) & ~0xE, src.blob(96),
                            fds)
-    command = int(pick(src, WEIGHTED) or pick(src, OTHERS))
+    command = int(pick(src, commands) or pick(src, OTHERS))
     payload, fds = PAYLOADS[command](src)
     if command in (Command.REGION_WRITE, Command.REGION_WRITE_MULTI):
         flags = pick(src, [0, NO_REPLY, NO_REPLY])  # QEMU posts most writes
@@ -306,6 +357,18 @@ def build_message(src: Source) -> FuzzMessage:
 
 STATES = [SessionState.RUNNING] * 5 + [SessionState.NEGOTIATED] * 2 + [
     SessionState.AWAIT_VERSION, SessionState.CLOSED]
+
+
+def build_migration(src: Source, max_messages: int = 8) -> list[FuzzMessage]:
+    """Messages of a migrating client, in the RUNNING session state: mostly a state change
+    (STOP_COPY or RESUMING most often) first, then what may follow."""
+    messages = []
+    if src.number(0, 3):
+        target = MigDeviceState(int(pick(src, MIG_TARGETS)), 0).pack()
+        flags = 2 | int(FeatureFlag.SET)  # MIG_DEVICE_STATE
+        messages.append(FuzzMessage(Command.DEVICE_FEATURE, 0,
+                                    DeviceFeature(64, flags).pack() + target))
+    return messages + [build_message(src, MIGRATION) for _ in range(src.number(1, max_messages))]
 
 
 def build_session(src: Source, max_messages: int = 4) -> tuple[SessionState, list[FuzzMessage]]:
@@ -405,8 +468,8 @@ def check_endpoint(device: VfioDevice, state: SessionState, messages: list[FuzzM
     session = Session()
     session.state = state
     table = DmaMapTable(unmap_timeout=1.0)
+    ep = Endpoint(device, session, table)
     try:
-        ep = Endpoint(device, session, table)
         for i, fm in enumerate(messages):
             fds: list[int] = []
             try:
@@ -425,6 +488,7 @@ def check_endpoint(device: VfioDevice, state: SessionState, messages: list[FuzzM
                 assert reply.msg_id == i + 1 and reply.command == fm.command and reply.is_reply
                 assert not reply.is_error or (reply.error > 0 and not reply.payload)
     finally:
+        ep.migration.close()  # as the connection does: a stopped device runs again
         table.remove_all()
         device.irqs.close()
     leaked = open_fds() - before

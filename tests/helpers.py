@@ -68,7 +68,13 @@ def wait_until(cond: Callable[[], bool], timeout: float = WAIT, what: str = "con
         time.sleep(0.005)
 
 def fired(fd: int, timeout: float = 0.0) -> int:
-    """The count an eventfd collected, waiting up to ``timeout`` seconds for one (0 if none)."""
+    """The count an eventfd collected, waiting up to ``timeout`` seconds for one (0 if none).
+
+    The server writes an interrupt's eventfd on the thread that raised it, under the device's
+    lock, before the request that caused it is answered: so ``fired(fd) == 0`` (no wait) right
+    after the causing request is an exact negative check, and a wait is only needed for
+    interrupts raised by a device's own thread.
+    """
     deadline = time.monotonic() + timeout
     while True:
         n = Client.eventfd_count(fd)

@@ -38,6 +38,7 @@ def test_argsz_column() -> None:
     assert {c.name for c in ARGSZ_COMMANDS} == {
         "DMA_MAP", "DMA_UNMAP", "DEVICE_GET_INFO", "DEVICE_GET_REGION_INFO",
         "DEVICE_GET_REGION_IO_FDS", "DEVICE_GET_IRQ_INFO", "DEVICE_SET_IRQS",
+        "DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE",
     }
     for cmd, spec in COMMANDS.items():
         if spec.argsz:
@@ -80,6 +81,27 @@ def test_argsz_checked_before_dispatch(monkeypatch: pytest.MonkeyPatch, cmd: Com
             reply = ep.handle(request_with_argsz(cmd, argsz))
             assert reply is not None and not reply.is_error
         assert calls == [7, 7]
+    finally:
+        table.remove_all()
+        device.irqs.close()
+
+
+def test_a_reply_that_cannot_be_encoded_is_our_bug_eio(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A handler whose reply does not fit its layout gets EIO and a traceback, not EINVAL."""
+    from vfio_user_server.protocol.structs import DeviceInfo
+
+    def handler(ep: Endpoint, msg: codec.Message) -> bytes:
+        return DeviceInfo(DeviceInfo.SIZE, 0, 1 << 32, 0).pack()  # num_regions > u32
+
+    monkeypatch.setitem(endpoint._HANDLERS, int(Command.DEVICE_GET_INFO), handler)
+    table = DmaMapTable()
+    device = SampleDevice()
+    ep = Endpoint(device, Session(state=SessionState.RUNNING), table)
+    try:
+        reply = ep.handle(request_with_argsz(Command.DEVICE_GET_INFO, 16))
+        assert reply is not None and reply.is_error and reply.error == errno.EIO
+        assert any(r.exc_info and "not encodable" in r.getMessage() for r in caplog.records)
     finally:
         table.remove_all()
         device.irqs.close()

@@ -16,8 +16,9 @@ Rules tested elsewhere, not repeated here:
   ``test_one_client_at_a_time`` (the second connection is refused while the first keeps its
   state and is served); here too for a second client that sends before it is refused.
 
-Here: config writes never change read-only bits, for every built-in device; and when one
-process serves several devices, one device's client cannot reach another device's state.
+Here: config writes never change read-only bits, for every built-in device; when one process
+serves several devices, one device's client cannot reach another device's state; and a client's
+fds are received close-on-exec, so they never leak into a program the server starts.
 """
 
 from __future__ import annotations
@@ -275,3 +276,33 @@ def test_one_devices_client_leaving_leaves_the_other_served(two_devices: tuple[P
     with Client.connect(path_b, timeout=WAIT) as b2:  # b's socket serves its next client
         enabled(b2)
         assert device_dma(b2, 0, 16, DMA_TO_DEVICE) == STAT_ERROR  # b's old map is gone
+
+
+def test_client_fds_are_received_close_on_exec() -> None:
+    """Every fd the server takes from a client (DMA memfds, IRQ eventfds) is FD_CLOEXEC."""
+    import fcntl
+
+    from vfio_user_server.protocol.constants import IrqIndex
+    from vfio_user_server.sample import SampleDevice
+    from vfio_user_server.testing import serve
+
+    def kinds() -> dict[int, str]:
+        out = {}
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/self/fd/{name}")
+                if link.startswith("/memfd:") or link == "anon_inode:[eventfd]":
+                    out[int(name)] = link
+        return out
+
+    before = kinds()
+    with serve(SampleDevice(), memory=1 << 20) as s:
+        s.client.enable_irq(IrqIndex.MSIX if s.client.get_irq_info(IrqIndex.MSIX).count
+                            else IrqIndex.INTX, 1)
+        new = {fd: link for fd, link in kinds().items() if fd not in before}
+        # the client's own memfd and eventfd, and the server's copies of each
+        assert sum(link.startswith("/memfd:") for link in new.values()) >= 2, new
+        assert sum(link == "anon_inode:[eventfd]" for link in new.values()) >= 2, new
+        inheritable = [f"{fd} {link}" for fd, link in new.items()
+                       if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC]
+        assert inheritable == []

@@ -24,17 +24,18 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import __version__, control, systemd
+from . import __version__, control, reload, systemd
 from . import server as server_mod
 from .endpoint import VfioDevice
 from .errors import VfioUserError
 from .options import build_device
 from .protocol.constants import DmaLayout
 from .server import Server
-from .upgrade import receive_and_resume
+from .upgrade import receive_and_resume_all, refuse
 
 #: Built-in devices: name -> "module:Class".
 BUILTIN_DEVICES: dict[str, str] = {
@@ -149,6 +150,10 @@ def build_parser(process: bool = True) -> argparse.ArgumentParser:
     if process:
         p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
         p.add_argument("--list", action="store_true", help="list built-in devices and exit")
+        p.add_argument("--reload", action="store_true",
+                       help="watch each device's source file; when it is saved, upgrade the "
+                       "process to the new code, carrying the device state (or resetting the "
+                       "device when the state no longer fits); needs --socket for each device")
         p.add_argument("--version", action="version", version=f"pyvfio-user {__version__}")
     p.add_argument("device", nargs="?", help="built-in device name or module:Class")
     p.add_argument("device_args", nargs=argparse.REMAINDER, help="options for the device")
@@ -225,6 +230,12 @@ def upgrade_main(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def _refuse(fd: int, why: str) -> None:
+    """Tell the old process of an upgrade that this one cannot serve (it serves on)."""
+    with socket.socket(fileno=fd) as chan:
+        refuse(chan, why)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["upgrade"]:
@@ -248,8 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spec.mode_bits = int(spec.mode, 8)
             except ValueError:
                 raise UsageError(f"--mode {spec.mode!r} is not an octal mode") from None
-        if handover_fd is not None and (len(specs) != 1 or specs[0].socket is None):
-            raise UsageError(f"{control.HANDOVER_ENV}: one device with --socket only")
+        if (handover_fd is not None or args.reload) and any(s.socket is None for s in specs):
+            what = "--reload" if args.reload else control.HANDOVER_ENV
+            raise UsageError(f"{what}: every device needs --socket PATH (its control socket "
+                             "is PATH.ctl)")
         try:
             activated = (systemd.ActivatedFds() if handover_fd is not None
                          else systemd.listen_fds())
@@ -260,12 +273,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vfio-user-server: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
+    if args.reload:  # a stale .pyc must never stand in for a source saved within a second
+        sys.dont_write_bytecode = True
+        os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
     devices: list[VfioDevice] = []
     try:
         for spec in specs:
             devices.append(make_device(spec.device, spec.device_args, spec.app_dir))
     except (VfioUserError, OSError) as exc:
+        if handover_fd is not None:
+            _refuse(int(handover_fd), reload.describe_load_error(exc))
         print(f"vfio-user-server: {exc}", file=sys.stderr)
+        return EXIT_DEVICE
+    except Exception as exc:  # the new code of an upgrade or a reload: the old one serves on
+        if handover_fd is None:
+            raise
+        why = reload.describe_load_error(exc)
+        _refuse(int(handover_fd), why)
+        print(f"vfio-user-server: the new code failed: {why}", file=sys.stderr)
         return EXIT_DEVICE
 
     servers: list[Server] = []
@@ -289,17 +314,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # before the sockets appear: whoever sees one may signal us at once
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    # a live upgrade needs one device on a --socket path: its control socket is PATH.ctl
-    upgradable = len(specs) == 1 and isinstance(sources[0], str)
+    # a live upgrade needs each device on a --socket path: its control socket is PATH.ctl
+    paths = [Path(s) for s in sources if isinstance(s, str)]
+    upgradable = len(paths) == len(sources)
     ctl: control.ControlSocket | None = None
+    reloader: reload.Reloader | None = None
     try:
         if handover_fd is not None:  # a new process of a live upgrade: take over, serve, ack
-            spec = specs[0]
             with socket.socket(fileno=int(handover_fd)) as chan:
-                srv = receive_and_resume(chan, devices[0], mode=spec.mode_bits,
-                                         trace=spec.trace, release_memory=True,
-                                         upgradable=True)
-            servers.append(srv)
+                servers += receive_and_resume_all(
+                    chan, [(device, {"mode": spec.mode_bits, "trace": spec.trace,
+                                     "release_memory": True, "upgradable": True})
+                           for spec, device in zip(specs, devices, strict=True)],
+                    reset_own=args.reload)
         else:
             for spec, device, source in zip(specs, devices, sources, strict=True):
                 where: str | socket.socket = (server_mod.listening_socket(source)
@@ -310,7 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 servers.append(srv)
                 srv.listen()
         if upgradable:
-            ctl = control.ControlSocket(servers[0], control.control_path(str(sources[0])), argv)
+            ctl = control.ControlSocket(servers, [control.control_path(p) for p in paths], argv)
+        if ctl is not None and args.reload:
+            reloader = reload.Reloader(
+                ctl, reload.source_files(type(d) for d in devices), reload.baseline_from_env())
     except (VfioUserError, OSError) as exc:
         for srv in servers:
             srv.close()
@@ -354,9 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for t in threads:
             t.join()
-        if ctl is not None and servers[0].handed_over:
+        if ctl is not None and any(srv.handed_over for srv in servers):
             ctl.upgraded.wait(control.UPGRADE_TIMEOUT)  # the requester has its answer
     finally:
+        if reloader is not None:
+            reloader.stop()
         if ctl is not None:
             ctl.close()
         for srv in servers:

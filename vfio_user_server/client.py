@@ -30,6 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+from .client_migration import MigrationClient
 from .errors import ClientError, ConnectionClosed, ErrorReply, FramingError, ProtocolError
 from .protocol import codec
 from .protocol.constants import (
@@ -95,8 +96,10 @@ class RegionDescription:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Client:
+class Client(MigrationClient):
     """A synchronous vfio-user client with a reader thread.
+
+    Migration v2 (``migrate_to``, DEVICE_FEATURE, MIG_DATA_*) is in :class:`MigrationClient`.
 
     With ``serve_dma=False`` the server's DMA_READ / DMA_WRITE requests are recorded in
     :attr:`unanswered` and never answered, as when QEMU's main loop is blocked.

@@ -137,6 +137,7 @@ class Connection:
             finally:
                 with contextlib.suppress(OSError):
                     self.sock.close()
+                self.endpoint.migration.close()  # a stopped device runs again
                 try:
                     if self.device_connected:  # a client that never negotiated is no news
                         self.device.vfio_detach()

@@ -2,7 +2,8 @@
 
 ``vfio-user-server upgrade --socket PATH`` connects to PATH.ctl and sends ``upgrade``; the
 server starts a new process with the same arguments (the code now on disk), hands it
-everything (:mod:`vfio_user_server.upgrade`), waits for its acknowledgement (it serves), answers
+everything (:mod:`vfio_user_server.upgrade`; every device of the process, each device socket
+having its own control socket), waits for its acknowledgement (it serves), answers
 ``ok PID`` and exits with status 0. When the new process fails, the answer is ``error: ...``
 and the old process serves on.
 """
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import VfioUserError
@@ -59,24 +60,45 @@ def _bind_control(path: Path) -> socket.socket:
 
 
 class ControlSocket:
-    """Serve ``upgrade`` requests for one server; ``argv`` starts the new process."""
+    """Serve ``upgrade`` requests for the servers of one process, on one control socket per
+    device socket (``paths``: any of them upgrades the whole process); ``argv`` starts the
+    new process."""
 
-    def __init__(self, server: Server, path: Path, argv: Sequence[str]) -> None:
-        self.server = server
-        self.path = path
+    def __init__(self, servers: Server | Sequence[Server], paths: Path | Sequence[Path],
+                 argv: Sequence[str]) -> None:
+        self.servers = [servers] if isinstance(servers, Server) else list(servers)
+        self.paths = [paths] if isinstance(paths, Path) else list(paths)
         self.argv = list(argv)
-        self._sock = _bind_control(path)
-        self._ino = os.stat(path).st_ino
+        self._socks: list[socket.socket] = []
+        try:
+            for path in self.paths:
+                self._socks.append(_bind_control(path))
+        except BaseException:
+            for sock, path in zip(self._socks, self.paths, strict=False):
+                sock.close()
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        self._inos = [os.stat(path).st_ino for path in self.paths]
+        self._lock = threading.Lock()  # one upgrade at a time (a request, a reload)
         #: set once an upgrade handed everything over and its requester has its answer
         self.upgraded = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="vfio-user-control",
-                                        daemon=True)
-        self._thread.start()
+        for sock, path in zip(self._socks, self.paths, strict=True):
+            threading.Thread(target=self._loop, args=(sock,), daemon=True,
+                             name=f"vfio-user-control:{path.name}").start()
 
-    def _loop(self) -> None:
+    @property
+    def server(self) -> Server:
+        return self.servers[0]
+
+    @property
+    def path(self) -> Path:
+        return self.paths[0]
+
+    def _loop(self, sock: socket.socket) -> None:
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return  # closed
             with conn:
@@ -102,35 +124,38 @@ class ControlSocket:
                 self.upgraded.set()
                 return
 
-    def upgrade(self) -> int:
-        """Start the new process, hand over, wait for it to serve; its pid."""
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        env = dict(os.environ, **{HANDOVER_ENV: str(b.fileno())})
-        env.pop("LISTEN_FDS", None)
-        env.pop("LISTEN_PID", None)
-        env.pop("LISTEN_FDNAMES", None)
-        try:
-            proc = subprocess.Popen([sys.executable, "-m", "vfio_user_server.cli", *self.argv],
-                                    pass_fds=[b.fileno()], env=env)
-        finally:
-            b.close()
-        try:
-            hand_over(self.server, a, timeout=UPGRADE_TIMEOUT)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            a.close()
-        log.info("upgraded: pid %d serves %s", proc.pid, self.server.path)
-        return proc.pid
+    def upgrade(self, env: Mapping[str, str] | None = None) -> int:
+        """Start the new process (``env`` added to its environment), hand every server over,
+        wait for it to serve; its pid."""
+        with self._lock:
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            environ = dict(os.environ, **(env or {}), **{HANDOVER_ENV: str(b.fileno())})
+            for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+                environ.pop(name, None)
+            try:
+                proc = subprocess.Popen([sys.executable, "-m", "vfio_user_server.cli",
+                                         *self.argv], pass_fds=[b.fileno()], env=environ)
+            finally:
+                b.close()
+            try:
+                hand_over(self.servers, a, timeout=UPGRADE_TIMEOUT)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            finally:
+                a.close()
+            log.info("upgraded: pid %d serves %s", proc.pid,
+                     ", ".join(str(srv.path) for srv in self.servers))
+            return proc.pid
 
     def close(self) -> None:
-        """Stop listening; the file goes only if it is still ours (not the new process's)."""
-        self._sock.close()
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self._ino and not self.upgraded.is_set():
-                self.path.unlink()
+        """Stop listening; each file goes only if it is still ours (not the new process's)."""
+        for sock, path, ino in zip(self._socks, self.paths, self._inos, strict=True):
+            sock.close()
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == ino and not self.upgraded.is_set():
+                    path.unlink()
 
 
 def request_upgrade(path: str | os.PathLike[str], timeout: float = 2 * UPGRADE_TIMEOUT) -> str:

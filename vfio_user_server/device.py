@@ -252,6 +252,14 @@ class PciDevice(VfioDevice):
     def state_loaded(self) -> None:
         """A state was just loaded (lock held): re-derive what is not in the fields."""
 
+    def state_lost(self, reason: str) -> None:
+        """The device's own state could not be carried (``load_state(..., reset_own=True)``:
+        a hot reload to code of another :attr:`state_version` or fields): the framework's
+        part (config space, interrupts) is the guest's, the fields are at power-on values.
+        Tell the guest through the device's reset path (NVMe sets CSTS.CFS, virtio
+        DEVICE_NEEDS_RESET); lock held. Default: nothing, the device just starts afresh."""
+        del reason
+
     # --- services for device authors ---------------------------------------------------------
     @property
     def dma(self) -> DmaAccessor:
@@ -308,6 +316,10 @@ class PciDevice(VfioDevice):
         return bool(self.config.command & COMMAND_MASTER)
 
     # --- device state --------------------------------------------------------------------------
+    def supports_migration(self) -> bool:
+        """Migration v2 (docs/state.md, "Migration"): for a device that declares state."""
+        return bool(self.declared_state_fields())
+
     @classmethod
     def declared_state_fields(cls) -> tuple[str, ...]:
         """Every class's :attr:`state_fields`, base classes first, each name once."""
@@ -343,23 +355,45 @@ class PciDevice(VfioDevice):
         with self.quiesced(), self.lock:
             return _state.encode(self._capture())
 
-    def load_state(self, data: bytes) -> None:
-        """Load what :meth:`save_state` gave (here or in another process).
+    def load_state(self, data: bytes, *, reset_own: bool = False) -> bool:
+        """Load what :meth:`save_state` gave (here or in another process); True.
 
         Everything is decoded and checked before anything is applied; a state of another
         format or :attr:`state_version`, of another device class or IDs, or corrupt, is a
         :class:`~vfio_user_server.errors.StateError` and the device is left untouched. DMA
         maps are not loaded: they come with their fds through the connection (see
         :func:`state_dma_maps`).
+
+        ``reset_own`` (hot reload): when only the device's own part is refused (another
+        :attr:`state_version`, other fields, :meth:`check_state` or a setter says no), the
+        framework's part is loaded all the same, the fields keep their current values (a new
+        device's: power-on), :meth:`state_lost` tells the guest, and the result is False.
         """
-        image = self._validate(_state.decode(data))
+        body = _state.decode(data)
+        try:
+            image = self._validate(body)
+        except _OwnStateError as exc:
+            if not reset_own:
+                raise
+            return self._lose_state(self._validate(body, own=False), str(exc))
         with self.quiesced(), self.lock:
             before = self._capture()
             try:
                 self._apply(image)
             except Exception as exc:
                 self._apply(self._validate(before))
-                raise StateError(f"loading the state failed, nothing loaded: {exc}") from exc
+                if not reset_own:
+                    raise StateError(f"loading the state failed, nothing loaded: {exc}") from exc
+                return self._lose_state(self._validate(body, own=False), str(exc))
+        return True
+
+    def _lose_state(self, image: _StateImage, reason: str) -> bool:
+        log.warning("%s: the device's own state is not carried (%s): reset, guest told",
+                    type(self).__name__, reason)
+        with self.quiesced(), self.lock:
+            self._apply(image)
+            self.state_lost(reason)
+        return False
 
     def _identity(self) -> dict[str, Any]:
         cls = type(self)
@@ -395,8 +429,9 @@ class PciDevice(VfioDevice):
             "fields": fields,
         }
 
-    def _validate(self, body: dict[str, Any]) -> _StateImage:
-        """Check a decoded body against this device; the image to apply (nothing applied)."""
+    def _validate(self, body: dict[str, Any], own: bool = True) -> _StateImage:
+        """Check a decoded body against this device; the image to apply (nothing applied).
+        ``own=False``: the framework's part only (the image has no fields)."""
         r = _state.Reader(body, "state").keys(
             "device", "state_version", "config", "msix", "irqs", "dma_maps", "fields")
         ident = r.sub("device").obj
@@ -404,8 +439,8 @@ class PciDevice(VfioDevice):
             raise StateError(f"the state is of another device: {ident}, this is "
                              f"{self._identity()}")
         version = r.integer("state_version", 0, 1 << 31)
-        if version != self.state_version:
-            raise StateError(f"{type(self).__name__} state version {version}; this code "
+        if version != self.state_version and own:
+            raise _OwnStateError(f"{type(self).__name__} state version {version}; this code "
                              f"reads version {self.state_version}")
         cfg = r.sub("config").keys("size", "bytes")
         size = cfg.integer("size")
@@ -437,7 +472,7 @@ class PciDevice(VfioDevice):
                                  f"has {count}")
             vectors[idx] = (masked, pending_bits)
         state_dma_maps(r)  # checked, not applied
-        fields = self._validate_fields(r.sub("fields"))
+        fields = self._validate_fields(r.sub("fields")) if own else None
         return _StateImage(config, msix_image, irqs.flag("intx_level"), vectors, fields)
 
     def _check_config(self, config: bytes) -> None:
@@ -456,6 +491,12 @@ class PciDevice(VfioDevice):
                 raise StateError(f"capability at {at:#x} differs from this device's")
 
     def _validate_fields(self, r: _state.Reader) -> dict[str, _state.StateValue]:
+        try:
+            return self._check_fields(r)
+        except StateError as exc:
+            raise _OwnStateError(str(exc)) from exc
+
+    def _check_fields(self, r: _state.Reader) -> dict[str, _state.StateValue]:
         names = self.declared_state_fields()
         r.keys(*names)
         fields: dict[str, _state.StateValue] = {}
@@ -495,9 +536,10 @@ class PciDevice(VfioDevice):
                               vectors=image.vectors)
         except IrqError as exc:
             raise StateError(str(exc)) from exc
-        for name, value in image.fields.items():
-            setattr(self, name, value)
-        self.state_loaded()
+        if image.fields is not None:
+            for name, value in image.fields.items():
+                setattr(self, name, value)
+            self.state_loaded()
 
     # --- VfioDevice: what the server calls (final: authors override the hooks above) ---------
     def regions(self) -> Mapping[int, Region]:
@@ -644,12 +686,16 @@ class PciDevice(VfioDevice):
         return write
 
 
+class _OwnStateError(StateError):
+    """The device's own part of a state is refused (its version, fields or values)."""
+
+
 class _StateImage:
     """A validated state, ready to apply."""
 
     def __init__(self, config: bytes, msix: tuple[bytes, int, bool] | None, intx_level: bool,
                  vectors: dict[IrqIndex, tuple[list[bool], list[bool]]],
-                 fields: dict[str, _state.StateValue]) -> None:
+                 fields: dict[str, _state.StateValue] | None) -> None:
         self.config = config
         self.msix = msix
         self.intx_level = intx_level

@@ -22,7 +22,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import ProtocolError, VfioUserError
+from . import migration
+from .errors import EncodeError, ProtocolError, VfioUserError
 from .protocol import codec
 from .protocol.constants import (
     PCI_NUM_IRQS,
@@ -139,6 +140,12 @@ class VfioDevice(ABC):
     def supports_reset(self) -> bool:
         return True
 
+    def supports_migration(self) -> bool:
+        """Whether the device's state can move to another server (migration v2): the device
+        then has ``save_state()``, ``load_state(data)`` and ``quiesced()`` (PciDevice: when it
+        declares state fields). The server advertises it in VERSION."""
+        return False
+
     @abstractmethod
     def vfio_reset(self) -> None:
         """DEVICE_RESET from the client (a whole-device reset); interrupts are reset already."""
@@ -165,6 +172,7 @@ class Endpoint:
         self.session = session
         self.table = table
         self._regions = device.regions()
+        self.migration = migration.Migration(device, session)
         #: most fds a request may carry: the command table's, within what the server advertises
         limit = session.caps.max_msg_fds
         self._max_fds: dict[int, int] = {
@@ -185,6 +193,8 @@ class Endpoint:
                 codec.check_request_size(Command(cmd), msg.payload)
             if cmd in _MIN_ARGSZ:
                 _check_argsz(msg, _MIN_ARGSZ[cmd])
+            if cmd in self.migration.gated:
+                self.migration.check_access(msg)
             if msg.fds and len(msg.fds) > self._max_fds[cmd]:
                 raise ProtocolError(
                     f"{msg.command_name()} takes at most {self._max_fds[cmd]} fds, got "
@@ -195,7 +205,10 @@ class Endpoint:
             self.session.completed(cmd)
         except VfioUserError as exc:
             msg.close_fds()
-            log.warning("%s #%d failed: %s", msg.command_name(), msg.msg_id, exc)
+            if isinstance(exc, EncodeError):  # our own bug, not the client's: EIO, traceback
+                log.exception("%s #%d: reply not encodable", msg.command_name(), msg.msg_id)
+            else:
+                log.warning("%s #%d failed: %s", msg.command_name(), msg.msg_id, exc)
             if msg.no_reply:
                 return None
             return codec.error_reply(msg, exc.errno)
@@ -261,7 +274,7 @@ def _errno_of(exc: BaseException) -> int:
 
 def _version(ep: Endpoint, msg: codec.Message) -> bytes:
     major, minor, caps = codec.decode_version(msg.payload)
-    ours = ep.session.negotiate(major, minor, caps)
+    ours = ep.session.negotiate(major, minor, caps, migration=ep.migration.supported)
     rmajor, rminor = ep.session.reply_version()
     return codec.encode_version(rmajor, rminor, ours)
 
@@ -398,11 +411,12 @@ def _reset(ep: Endpoint, msg: codec.Message) -> None:
     del msg  # header only: the command table's size check has seen to that
     ep.device.irqs.reset()
     ep.device.vfio_reset()
+    ep.migration.reset()  # from any migration state (ERROR too): running again
 
 
 def _unsupported(ep: Endpoint, msg: codec.Message) -> None:
-    raise ProtocolError(f"{msg.command_name()} is not supported (no migration or dirty "
-                        "page tracking yet)", errno=errno.ENOTSUP)
+    raise ProtocolError(f"{msg.command_name()} is not supported (the pre-v2 dirty page "
+                        "tracking; migration v2 is DEVICE_FEATURE)", errno=errno.ENOTSUP)
 
 
 _HANDLERS: dict[int, Handler] = {
@@ -419,9 +433,9 @@ _HANDLERS: dict[int, Handler] = {
     Command.REGION_WRITE_MULTI: _write_multi,
     Command.DEVICE_RESET: _reset,
     Command.DIRTY_PAGES: _unsupported,
-    Command.DEVICE_FEATURE: _unsupported,
-    Command.MIG_DATA_READ: _unsupported,
-    Command.MIG_DATA_WRITE: _unsupported,
+    Command.DEVICE_FEATURE: migration.device_feature,
+    Command.MIG_DATA_READ: migration.mig_data_read,
+    Command.MIG_DATA_WRITE: migration.mig_data_write,
 }
 
 #: Commands whose payload is exactly their fixed structure (nothing may follow it).

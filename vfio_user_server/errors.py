@@ -14,6 +14,8 @@ server, its client) are told apart from local ones (this process or its device i
     │   │                         wrong state, bad fds): an error reply, the connection goes on
     │   └── ErrorReply            the server answered the Client's request with an error reply
     ├── ConnectionClosed          the peer hung up, or the connection was shut down (ENOTCONN)
+    ├── EncodeError               local: a value this process tried to put on the wire does not
+    │                             fit its field (a bug here, never the peer's fault; EIO)
     ├── DmaError                  DMA outside the maps, against their permissions, or refused
     │   └── DmaTimeoutError       a DMA_READ / DMA_WRITE request got no answer (ETIMEDOUT)
     ├── RegionAccessError         a region access outside a region, or of a bad size
@@ -80,6 +82,17 @@ class ConnectionClosed(VfioUserError):
     """The peer closed the connection, or the connection was shut down."""
 
     errno = _errno.ENOTCONN
+
+
+class EncodeError(VfioUserError):
+    """A value this process tried to put on the wire does not fit its field (h11's "local").
+
+    Raised while encoding, so never caused by the peer: the peer's bad values are caught when
+    they are decoded (:class:`ProtocolError`). The server answers a request that ends in this
+    error with EIO, as for any other bug of its own.
+    """
+
+    errno = _errno.EIO
 
 
 class DeviceDefinitionError(VfioUserError):

@@ -441,6 +441,11 @@ class Server:
         return self
 
     @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called or the server was handed over (no more serving)."""
+        return self._stopping.is_set()
+
+    @property
     def started(self) -> bool:
         """Whether :meth:`start` runs the loop in a background thread."""
         return self._thread is not None

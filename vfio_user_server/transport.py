@@ -86,7 +86,9 @@ class SocketReader:
     def fill(self) -> None:
         """One read from the socket into the reader."""
         view = self._view
-        nbytes, ancdata, rflags, _ = self.sock.recvmsg_into([view], _ANCBUF)
+        # CLOEXEC: a client's fds never leak into a program this process starts.
+        nbytes, ancdata, rflags, _ = self.sock.recvmsg_into([view], _ANCBUF,
+                                                            socket.MSG_CMSG_CLOEXEC)
         if ancdata or rflags or not nbytes:
             fds = self._checked(nbytes, ancdata, rflags)
             self.reader.feed(view[:nbytes], fds)

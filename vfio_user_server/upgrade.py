@@ -18,11 +18,14 @@ from __future__ import annotations
 import array
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
 import struct
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from . import irq
 from .connection import Connection
 from .errors import VfioUserError
 from .fds import close_fds
-from .protocol.constants import DmaLayout
+from .protocol.constants import DmaLayout, MigState
 from .protocol.session import SCM_MAX_FD, ServerCapabilities, SessionState
 from .server import Server, listening_socket
 from .threads import any_thread, loop_thread
@@ -46,7 +49,9 @@ __all__ = [
     "HandoverError",
     "hand_over",
     "receive_and_resume",
+    "receive_and_resume_all",
     "recv_handover",
+    "refuse",
     "resume",
     "send_handover",
 ]
@@ -102,7 +107,8 @@ def send_handover(chan: socket.socket, manifest: dict[str, Any], fds: list[int])
 def _recv_exact(chan: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        data, anc, _flags, _ = chan.recvmsg(n - len(buf), socket.CMSG_SPACE(4 * FDS_PER_SEND))
+        data, anc, _flags, _ = chan.recvmsg(n - len(buf), socket.CMSG_SPACE(4 * FDS_PER_SEND),
+                                             socket.MSG_CMSG_CLOEXEC)
         close_fds(fds_from_ancillary(anc), "stray hand-over fd")
         if not data:
             raise HandoverError("hand-over channel closed early")
@@ -134,7 +140,8 @@ def recv_handover(chan: socket.socket) -> Handover:
     fds: list[int] = []
     try:
         while len(fds) < nfds:
-            data, anc, flags, _ = chan.recvmsg(1, socket.CMSG_SPACE(4 * FDS_PER_SEND))
+            data, anc, flags, _ = chan.recvmsg(1, socket.CMSG_SPACE(4 * FDS_PER_SEND),
+                                                  socket.MSG_CMSG_CLOEXEC)
             fds += fds_from_ancillary(anc)
             if flags & socket.MSG_CTRUNC:
                 raise HandoverError("hand-over fds cut short (out of fds?)")
@@ -233,33 +240,94 @@ def _collect(server: Server, conn: Connection | None) -> tuple[dict[str, Any], l
     return manifest, fds.fds
 
 
-@any_thread
-def hand_over(server: Server, chan: socket.socket, *, timeout: float | None = 60.0) -> None:
-    """Hand ``server`` (started ``upgradable``) to the process at the other end of ``chan``.
+class _Parked:
+    """One server of a hand-over, its loop thread parked in the job until the decision."""
 
-    Returns once the new process acknowledged: this server then no longer serves and tore
-    nothing down. Raises :class:`HandoverError` (or what collecting raised) when the hand-over
-    failed: the device is resumed and this server serves on, nothing lost.
-    """
-    device = server.device
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.collected = threading.Event()  # payload or error set
+        self.decided = threading.Event()
+        self.commit = False
+        self.payload: tuple[dict[str, Any], list[int]] | None = None
+        self.error: BaseException | None = None
 
-    def job(conn: Connection | None) -> bool:
+    def job(self, conn: Connection | None) -> bool:
+        """On the server's loop thread: quiesce, collect, wait for the decision."""
         stack = contextlib.ExitStack()
-        quiesced = getattr(device, "quiesced", None)
-        if quiesced is not None:
-            stack.enter_context(quiesced())
+        quiesced = getattr(self.server.device, "quiesced", None)
         try:
-            manifest, fds = _collect(server, conn)
-            send_handover(chan, manifest, fds)
-            _recv_ack(chan, timeout)
-        except BaseException:
-            stack.close()  # resume: this process serves on
+            if conn is not None and conn.endpoint.migration.state is not MigState.RUNNING:
+                # the new process would start RUNNING: the client's migration would be lost
+                raise HandoverError("the device is migrating (migration state "
+                                    f"{conn.endpoint.migration.state.name}): no hand-over now",
+                                    errno=errno.EBUSY)
+            if quiesced is not None:
+                stack.enter_context(quiesced())
+            self.payload = _collect(self.server, conn)
+        except BaseException as exc:
+            stack.close()
+            self.error = exc
+            self.collected.set()
             raise
+        self.collected.set()
+        self.decided.wait()
+        if not self.commit:
+            stack.close()  # resume: this process serves on
+            return False
         stack.pop_all()  # stays quiesced: the device is the new process's now
-        log.info("handed %s over to the new process", server.path)
+        log.info("handed %s over to the new process", self.server.path)
         return True
 
-    if not server.run_between_messages(job, timeout=None if timeout is None else 2 * timeout):
+    def run(self, timeout: float | None) -> None:
+        try:
+            self.server.run_between_messages(self.job, timeout=timeout)
+        except BaseException as exc:
+            if self.error is None:
+                self.error = exc
+        finally:
+            self.collected.set()  # also when the loop never took the job
+
+
+@any_thread
+def hand_over(servers: Server | Sequence[Server], chan: socket.socket, *,
+              timeout: float | None = 60.0) -> None:
+    """Hand ``servers`` (each started ``upgradable``; the devices of one process) to the
+    process at the other end of ``chan``: one hand-over each, in order, then one
+    acknowledgement for all.
+
+    Every server's loop thread stops between two messages and stays parked until the new
+    process acknowledged (then none of them serves any more, and nothing was torn down) or
+    failed (then every device is resumed and serves on, nothing lost: HandoverError, or what
+    collecting raised).
+    """
+    group = [servers] if isinstance(servers, Server) else list(servers)
+    for srv in group:
+        if srv.stopping:
+            raise HandoverError(f"{srv.path} no longer serves: nothing to hand over")
+    parked = [_Parked(srv) for srv in group]
+    wait = None if timeout is None else 2 * timeout
+    threads = [threading.Thread(target=p.run, args=(wait,), daemon=True,
+                                name=f"vfio-user-handover:{p.server.path.name}")
+               for p in parked]
+    for t in threads:
+        t.start()
+    try:
+        for p in parked:
+            p.collected.wait()
+            if p.error is not None:
+                raise p.error
+        for p in parked:
+            assert p.payload is not None
+            send_handover(chan, *p.payload)
+        _recv_ack(chan, timeout)
+        for p in parked:
+            p.commit = True
+    finally:
+        for p in parked:
+            p.decided.set()
+        for t in threads:
+            t.join()
+    if not all(p.server.handed_over for p in parked):
         raise HandoverError("the hand-over did not complete")
 
 
@@ -274,11 +342,15 @@ def _get(d: Any, key: str, kind: type | tuple[type, ...]) -> Any:
 
 
 @any_thread
-def resume(device: Any, handover: Handover, **server_kwargs: Any) -> Server:
+def resume(device: Any, handover: Handover, *, reset_own: bool = False,
+           **server_kwargs: Any) -> Server:
     """Rebuild the server of a hand-over around ``device`` (a fresh instance of the same
     class): the listener, the connection with its session, maps, eventfds and unread bytes,
     and the device state. Returns the server, not yet started (``start()`` serves where the
-    old process stopped). ``handover``'s fds are consumed (closed here, duplicates kept)."""
+    old process stopped). ``handover``'s fds are consumed (closed here, duplicates kept).
+
+    ``reset_own`` (hot reload): a device state whose device part this code refuses (another
+    ``state_version``) resets the device, guest told (``PciDevice.load_state``)."""
     m = handover.manifest
     fds = handover.fds
 
@@ -347,7 +419,10 @@ def resume(device: Any, handover: Handover, **server_kwargs: Any) -> Server:
             if _get(c, "device_connected", bool):
                 conn.device_connected = True
                 device.vfio_attach(conn.ctx)
-        device.load_state(state)
+        if reset_own:
+            device.load_state(state, reset_own=True)
+        else:
+            device.load_state(state)
         if conn is not None:
             server.adopt(conn)
         return server
@@ -362,17 +437,46 @@ def resume(device: Any, handover: Handover, **server_kwargs: Any) -> Server:
         handover.close()
 
 
+def _discard(server: Server) -> None:
+    """Drop a server resumed but never started (a sibling failed): tear nothing down."""
+    conn, server._first = server._first, None
+    if conn is not None:
+        conn.abandon()
+    server.handed_over = True  # never unlink the old process's socket
+    server.close()
+
+
 @any_thread
-def receive_and_resume(chan: socket.socket, device: Any, **server_kwargs: Any) -> Server:
-    """The new process's side: read the hand-over from ``chan``, rebuild and start the server,
-    then acknowledge (or tell the old process why not, so it serves on)."""
+def refuse(chan: socket.socket, error: str) -> None:
+    """The new process's side when it cannot even try (its device failed to load): the old
+    process serves on and reports ``error``."""
+    _send_ack(chan, error)
+
+
+@any_thread
+def receive_and_resume_all(chan: socket.socket, devices: Sequence[tuple[Any, dict[str, Any]]],
+                           *, reset_own: bool = False) -> list[Server]:
+    """The new process's side: read one hand-over per ``(device, server_kwargs)``, in the
+    old process's order, rebuild every server, start them all, then acknowledge (or tell the
+    old process why not, so that it serves on: nothing was started then)."""
+    servers: list[Server] = []
     try:
-        handover = recv_handover(chan)
-        server = resume(device, handover, **server_kwargs)
-        server.start()
+        for device, kwargs in devices:
+            servers.append(resume(device, recv_handover(chan), reset_own=reset_own, **kwargs))
+        for srv in servers:
+            srv.start()
     except Exception as exc:
+        for srv in servers:
+            if not srv.started:
+                _discard(srv)
         _send_ack(chan, f"{type(exc).__name__}: {exc}")
         raise
     _send_ack(chan)
-    return server
+    return servers
 
+
+@any_thread
+def receive_and_resume(chan: socket.socket, device: Any, *, reset_own: bool = False,
+                       **server_kwargs: Any) -> Server:
+    """:func:`receive_and_resume_all` for one device."""
+    return receive_and_resume_all(chan, [(device, server_kwargs)], reset_own=reset_own)[0]

@@ -365,6 +365,12 @@ class NvmeController(PciDevice):
         self.nguid, self.eui64, self.uuid = namespace_ids(self.serial)
         self._cond.notify_all()
 
+    def state_lost(self, reason: str) -> None:
+        """A reload could not carry the controller's state: Controller Fatal Status. The
+        guest's driver sees CSTS.CFS when a command times out and resets the controller."""
+        del reason
+        self.csts |= CSTS_CFS
+
     # --- registers ----------------------------------------------------------------------------
     def bar_read(self, bar: int, offset: int, size: int) -> int:
         if bar != 0 or offset >= DOORBELL_BASE:

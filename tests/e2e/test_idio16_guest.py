@@ -160,6 +160,10 @@ def test_input_change_interrupts_the_guest(idio: IdioGuest) -> None:
     edges = re.findall(r"event offset=16 edge=(\w+)", log)
     assert edges == ["rising", "falling"], log
     assert dev.interrupts_raised == raised + 2
+    # The device raised exactly two; the guest may count more. Without KVM, QEMU's vfio INTx
+    # takes any BAR access as the EOI (deassert, then UNMASK to the server), and the driver's
+    # status read comes before its ack, so the still-high line can fire once more depending on
+    # when QEMU's main loop runs (seen: 3 under load). The exact count is the device's, above.
     assert idio.irq_count() >= before + 2
     assert not dev.intx_level
     # the watcher is gone: the driver disabled the interrupt again, changes are not latched

@@ -134,6 +134,48 @@ IRQ_SET_DATA_MASK = IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL | IrqSetFlag.DAT
 IRQ_SET_ACTION_MASK = IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER
 
 
+class FeatureFlag(enum.IntFlag):
+    """DEVICE_FEATURE ``flags`` above the feature index (bits 0-15)."""
+
+    GET = 1 << 16
+    SET = 1 << 17
+    PROBE = 1 << 18
+
+
+FEATURE_INDEX_MASK = 0xFFFF
+
+
+class Feature(enum.IntEnum):
+    """DEVICE_FEATURE indices (``VFIO_DEVICE_FEATURE_*`` of <linux/vfio.h>) the spec lists."""
+
+    MIGRATION = 1
+    MIG_DEVICE_STATE = 2
+    DMA_LOGGING_START = 6
+    DMA_LOGGING_STOP = 7
+    DMA_LOGGING_REPORT = 8
+
+
+class MigFlag(enum.IntFlag):
+    """VFIO_DEVICE_FEATURE_MIGRATION's ``u64 flags``: the optional parts of the v2 FSM."""
+
+    STOP_COPY = 1 << 0
+    P2P = 1 << 1
+    PRE_COPY = 1 << 2
+
+
+class MigState(enum.IntEnum):
+    """``enum vfio_device_mig_state``: the migration v2 device states."""
+
+    ERROR = 0
+    STOP = 1
+    RUNNING = 2
+    STOP_COPY = 3
+    RESUMING = 4
+    RUNNING_P2P = 5
+    PRE_COPY = 6
+    PRE_COPY_P2P = 7
+
+
 class DmaLayout(enum.Enum):
     """Where the data of a DMA_READ reply / DMA_WRITE request starts.
 

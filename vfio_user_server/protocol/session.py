@@ -77,6 +77,13 @@ MESSAGE_OVERHEAD = 4096
 SCM_MAX_FD = 253
 
 
+#: The ``pgsize`` of the ``migration`` capability (the old spec's "page size of dirty pages
+#: bitmap; the smallest between the client and the server is used"). Advertised only for a
+#: device that supports migration; no dirty page bitmap is ever sent (DMA logging is ENOTSUP),
+#: so no smaller page size is taken from a client.
+MIGRATION_PGSIZE = 4096
+
+
 def max_message_size(max_data_xfer_size: int) -> int:
     """Largest message (header included) a peer may send when its data is limited as given."""
     return max_data_xfer_size + MESSAGE_OVERHEAD
@@ -164,8 +171,10 @@ class Session:
     def may_request(self) -> bool:
         return self.state in MAY_REQUEST
 
-    def negotiate(self, major: int, minor: int, client_caps: dict[str, Any]) -> dict[str, Any]:
-        """Validate the client's VERSION and return the capabilities to answer with."""
+    def negotiate(self, major: int, minor: int, client_caps: dict[str, Any], *,
+                  migration: bool = False) -> dict[str, Any]:
+        """Validate the client's VERSION and return the capabilities to answer with
+        (``migration``: the device supports migration v2, which is advertised then)."""
         if major != VERSION_MAJOR:
             raise ProtocolError(
                 f"client speaks protocol major {major}, server {VERSION_MAJOR}",
@@ -178,13 +187,33 @@ class Session:
             raise ProtocolError(f"bad max_msg_fds {fds!r}", errno=errno.EINVAL)
         if not isinstance(xfer, int) or isinstance(xfer, bool) or xfer < 512:
             raise ProtocolError(f"bad max_data_xfer_size {xfer!r}", errno=errno.EINVAL)
+        _check_migration_cap(client_caps.get("migration"))
         self.client_caps = client_caps
         self.client_max_msg_fds = fds
         self.client_max_data_xfer = xfer
-        return self.caps.to_json()
+        ours = self.caps.to_json()
+        if migration:
+            ours["migration"] = {"pgsize": MIGRATION_PGSIZE}
+        return ours
 
     def reply_version(self) -> tuple[int, int]:
         return VERSION_MAJOR, VERSION_MINOR
 
     def close(self) -> None:
         self.state = SessionState.CLOSED
+
+
+def _check_migration_cap(cap: Any) -> None:
+    """A client's ``migration`` capability: an object whose ``pgsize`` (if any) is a power of
+    two of at least 4 KiB and whose ``max_bitmap_size`` (if any) an integer (QEMU sends both)."""
+    if cap is None:
+        return
+    if not isinstance(cap, dict):
+        raise ProtocolError(f"bad migration capability {cap!r}", errno=errno.EINVAL)
+    pgsize = cap.get("pgsize", MIGRATION_PGSIZE)
+    if (not isinstance(pgsize, int) or isinstance(pgsize, bool) or pgsize < MIGRATION_PGSIZE
+            or pgsize & (pgsize - 1)):
+        raise ProtocolError(f"bad migration pgsize {pgsize!r}", errno=errno.EINVAL)
+    bitmap = cap.get("max_bitmap_size", 0)
+    if not isinstance(bitmap, int) or isinstance(bitmap, bool) or bitmap < 0:
+        raise ProtocolError(f"bad migration max_bitmap_size {bitmap!r}", errno=errno.EINVAL)

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from ..errors import ProtocolError
+from ..errors import EncodeError, ProtocolError
 from .constants import Command
 
 
@@ -51,10 +51,11 @@ class WireStruct:
         return cls(*cls.STRUCT.unpack_from(buf, offset))
 
     def pack(self) -> bytes:
+        """Encode; a field value out of its range is an :class:`EncodeError` (a local bug)."""
         try:
             return self.STRUCT.pack(*(getattr(self, n) for n in self._field_names()))
         except struct.error as exc:
-            raise ProtocolError(f"{type(self).__name__}: value out of range: {exc}") from exc
+            raise EncodeError(f"{type(self).__name__}: value out of range: {exc}") from exc
 
 
 # --- The table of layouts --------------------------------------------------------------------
@@ -241,6 +242,33 @@ class MigData(WireStruct, fmt="<II"):
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class MigrationFeature(WireStruct, fmt="<Q"):
+    """VFIO_DEVICE_FEATURE_MIGRATION data (GET): ``u64 flags`` (MigFlag)."""
+
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class MigDeviceState(WireStruct, fmt="<II"):
+    """VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE data: ``u32 device_state, u32 data_fd`` (unused)."""
+
+    device_state: int
+    data_fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class MigStreamHeader(WireStruct, fmt="<8sIIQ"):
+    """Our migration data stream (MIG_DATA_READ / MIG_DATA_WRITE carry it in pieces):
+    ``8s magic, u32 version, u32 reserved (0), u64 length``, then ``length`` bytes of device
+    state (docs/state.md). The length tells the destination when the stream is whole."""
+
+    magic: bytes
+    version: int
+    reserved: int
+    length: int
+
+
 class Tail(enum.Enum):
     """What may follow the fixed structure of a message."""
 
@@ -297,8 +325,9 @@ COMMANDS: dict[Command, CommandSpec] = {
         CommandSpec(Command.DEVICE_RESET, None, Tail.NONE, None),
         CommandSpec(Command.DIRTY_PAGES, None, Tail.ANY, None),
         CommandSpec(Command.REGION_WRITE_MULTI, WriteMulti, Tail.ANY, WriteMulti),
-        CommandSpec(Command.DEVICE_FEATURE, DeviceFeature, Tail.ANY, DeviceFeature),
-        CommandSpec(Command.MIG_DATA_READ, MigData, Tail.NONE, MigData),
-        CommandSpec(Command.MIG_DATA_WRITE, MigData, Tail.DATA, None),
+        CommandSpec(Command.DEVICE_FEATURE, DeviceFeature, Tail.ANY, DeviceFeature,
+                    argsz=True),
+        CommandSpec(Command.MIG_DATA_READ, MigData, Tail.NONE, MigData, argsz=True),
+        CommandSpec(Command.MIG_DATA_WRITE, MigData, Tail.DATA, None, argsz=True),
     )
 }

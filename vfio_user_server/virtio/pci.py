@@ -328,6 +328,11 @@ class VirtioPciDevice(PciDevice):
             self._status |= Status.DEVICE_NEEDS_RESET
             self._config_interrupt()
 
+    def state_lost(self, reason: str) -> None:
+        """A reload could not carry the device's state: DEVICE_NEEDS_RESET and a
+        configuration interrupt."""
+        self.needs_reset(f"its state was not carried: {reason}")
+
     def kick(self, index: int) -> None:
         """Process queue ``index`` as if the driver had notified it (lock held)."""
         self._notify(index)
