@@ -382,11 +382,10 @@ AGENT_SCRIPT = f"""#!/bin/sh
 # pyvfio-user command agent. Reads "<id> <timeout> <lines> <tag>" and then <lines> lines of a
 # script on a serial port, runs the script (its stdout and stderr into a file) and answers
 # "{AGENT_BEGIN} <id> <tag>", the output as it is, a newline, "{AGENT_END} <id> <tag> <status>".
-# Under TCG a fork costs ~20 ms of guest CPU and an exec as much again, so the agent uses shell
-# builtins only: the script runs in a forked subshell (no exec), a watchdog started once kills
-# it at its timeout (timeout(1) would cost three forks and two execs a command), and the output
-# is copied with cat only when there is some. Each command writes a file of its own (what it
-# leaves running in the background cannot write into the next one's); rm every 32 commands.
+# A fork costs ~20 ms of guest CPU under TCG, an exec as much: builtins only; the script runs
+# in a subshell (no exec), a watchdog started once kills it at its timeout (timeout(1) costs
+# three forks and two execs), and cat copies the output only when there is some. Each command
+# has an output file of its own (what it leaves running cannot write into the next one's).
 port=${{1:-/dev/ttyS1}}
 stty -F "$port" raw -echo 2>/dev/null
 mkfifo /tmp/.agent-wd
