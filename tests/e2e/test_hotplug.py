@@ -1,9 +1,9 @@
 """Hot-plug and hot-unplug of a Python device under a running guest.
 
 QEMU (``device_add`` / ``device_del`` through QMP) plugs the vfio-user device into a PCIe root
-port; the guest's pciehp driver adds and removes it. On unplug QEMU unmaps all DMA and closes
-the socket: the server must release everything and serve the next client, which is the same
-device plugged in again.
+port; the guest adds it (the kit's rescan, or acpiphp) and removes it (ACPI eject). On unplug
+QEMU unmaps all DMA and closes the socket: the server must release everything and serve the
+next client, which is the same device plugged in again.
 
 The device here has no MSI-X: QEMU 11.1.3's vfio-user-pci aborts on unplug of any device with
 MSI-X (``memory_region_del_subregion: Assertion `subregion->container == mr' failed``): its

@@ -82,6 +82,24 @@ def test_devices_are_there_when_start_returns(
             s.close()
 
 
+def test_restore_with_pci_nomsi(vfio_user_provisioned: Provisioned, tmp_path: Path) -> None:
+    # The kit's settle rescans the root port's bus itself: it needs no hot-plug interrupt.
+    # (It used to wait for pciehp, which gets no interrupt on QEMU's root ports without MSI,
+    # until the boot timeout.)
+    server = Server(SampleDevice(), tmp_path / "d.sock").start()
+    try:
+        with QemuMachine(vfio_user_provisioned, sockets=[str(server.path)], cold_boot=False,
+                         cmdline="pci=nomsi", workdir=tmp_path / "g", name="nomsi") as m:
+            assert m.restored
+            assert "pci=nomsi" in m.run("cat /proc/cmdline", check=True).output
+            dev = m.run("grep -l 0x7000 /sys/bus/pci/devices/*/device", check=True)
+            path = dev.output.strip().rsplit("/", 1)[0]
+            assert int(m.run(f"head -1 {path}/resource", check=True).output.split()[0], 16)
+            assert "MSI" not in m.run("cat /proc/interrupts", check=True).output
+    finally:
+        server.close()
+
+
 @pytest.mark.vfio_user_devices(devices=[UserDevice])
 def test_user_device_class_in_the_marker(guest: Guest) -> None:
     # restored unless the run asks for cold boots ($PYVFIO_COLD_BOOT, as ci/test does)

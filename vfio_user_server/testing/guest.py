@@ -44,11 +44,9 @@ from vfio_user_server.errors import GuestError
 from vfio_user_server.testing.guest_base import (
     DEFAULT_CMDLINE,
     DEFAULT_HOTPLUG_PORTS,
-    EXP_CAP_SCRIPT,
     MAX_HOTPLUG_PORTS,
     PORT_PREFIX,
     RESTORE_MARKER,
-    SETTLE_SCRIPT,
     SKIPPED_INITCALLS,
     DeviceSpec,
     Result,
@@ -63,11 +61,9 @@ from vfio_user_server.testing.provision import provision
 __all__ = [
     "DEFAULT_CMDLINE",
     "DEFAULT_HOTPLUG_PORTS",
-    "EXP_CAP_SCRIPT",
     "MAX_HOTPLUG_PORTS",
     "PORT_PREFIX",
     "RESTORE_MARKER",
-    "SETTLE_SCRIPT",
     "SKIPPED_INITCALLS",
     "DeviceSpec",
     "GuestFactory",

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import re
+import secrets
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 from vfio_user_server.errors import GuestError
 from vfio_user_server.testing.guest_base import (
@@ -23,6 +24,92 @@ from vfio_user_server.testing.initramfs import (
 )
 
 log = logging.getLogger("vfio_user_server.testing.guest")
+
+
+def frame_command(cid: int, timeout: int, command: str) -> tuple[str, bytes]:
+    """What the host sends the agent for ``command``: its tag and the bytes (a header line
+    ``<id> <timeout> <lines> <tag>``, then the script's lines as they are)."""
+    if "\0" in command:
+        raise GuestError(f"a guest command cannot hold a NUL byte: {command!r}")
+    tag = secrets.token_hex(6)
+    lines = command.split("\n")
+    header = f"{cid} {timeout} {len(lines)} {tag}\n"
+    return tag, header.encode() + "\n".join(lines).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class AgentReady:
+    """The agent printed its ready marker (at boot, and again after each reboot)."""
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    """A command finished: its id, exit status and output (stdout and stderr, as bytes)."""
+
+    cid: int
+    status: int
+    output: bytes
+
+
+_BEGIN = re.compile(rf"{AGENT_BEGIN} (\d+) ([0-9a-f]+)$".encode())
+_END = re.compile(rb" (-?\d+)\n")
+
+
+class AgentStream:
+    """Splits what the agent writes on its serial port into :class:`AgentReady` and
+    :class:`AgentResult` events (sans-IO: :meth:`feed` bytes, get events).
+
+    Outside a result, the stream is lines: the ready marker, a result's begin line, or noise
+    (ignored). After ``AGENT_BEGIN <id> <tag>`` everything up to ``\\nAGENT_END <id> <tag>
+    <status>\\n`` is the command's output, byte for byte; the tag is random per command, so no
+    output can end a result early.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # where the unparsed part of _buf starts
+        self._cid = 0
+        self._end: bytes | None = None  # the end marker of the result being read
+
+    def feed(self, data: bytes) -> list[AgentReady | AgentResult]:
+        self._buf += data
+        events: list[AgentReady | AgentResult] = []
+        while True:
+            event = self._next()
+            if event is None:
+                break
+            events.append(event)
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        return events
+
+    def _next(self) -> AgentReady | AgentResult | None:
+        buf = self._buf
+        while self._end is None:
+            nl = buf.find(b"\n", self._pos)
+            if nl < 0:
+                return None
+            line = bytes(buf[self._pos : nl]).rstrip(b"\r")
+            self._pos = nl + 1
+            if line.endswith(AGENT_READY.encode()):
+                return AgentReady()
+            m = _BEGIN.search(line)
+            if m:
+                self._cid = int(m.group(1))
+                self._end = b"\n" + f"{AGENT_END} {self._cid} ".encode() + m.group(2)
+        at = buf.find(self._end, self._pos)
+        if at < 0:
+            return None
+        m = _END.match(buf, at + len(self._end))
+        if m is None:
+            if buf.find(b"\n", at + len(self._end)) >= 0:  # pragma: no cover - agent bug
+                raise GuestError(f"malformed agent end line: {bytes(buf[at:at + 80])!r}")
+            return None
+        output = bytes(buf[self._pos : at])
+        self._pos = m.end()
+        self._end = None
+        return AgentResult(self._cid, int(m.group(1)), output)
 
 
 class _GuestAgent(_GuestProcess):
@@ -44,7 +131,7 @@ class _GuestAgent(_GuestProcess):
 
     def _read_agent(self) -> None:
         assert self._agent_sock is not None
-        buf = b""
+        stream = AgentStream()
         sock = self._agent_sock
         with open(self._path("agent.log"), "ab") as alog:
             while True:
@@ -58,35 +145,16 @@ class _GuestAgent(_GuestProcess):
                         self._cond.notify_all()
                     return
                 alog.write(chunk)
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    self._agent_line(raw.decode(errors="replace").strip("\r"))
-
-    def _agent_line(self, line: str) -> None:
-        with self._cond:
-            if line.endswith(AGENT_READY):
-                self._ready_count += 1
-                self._collect.clear()
-                self._cond.notify_all()
-                return
-            m = re.match(rf"^{AGENT_BEGIN} (\d+)$", line)
-            if m:
-                self._collect[int(m.group(1))] = []
-                return
-            m = re.match(rf"^{AGENT_END} (\d+) (-?\d+)$", line)
-            if m:
-                cid = int(m.group(1))
-                parts = self._collect.pop(cid, [])
-                try:
-                    data = base64.b64decode("".join(parts))
-                except ValueError:
-                    data = ("".join(parts)).encode()
-                self._results[cid] = (int(m.group(2)), data)
-                self._cond.notify_all()
-                return
-            for parts in self._collect.values():
-                parts.append(line.strip())
+                events = stream.feed(chunk)
+                if not events:
+                    continue
+                with self._cond:
+                    for event in events:
+                        if isinstance(event, AgentReady):
+                            self._ready_count += 1
+                        else:
+                            self._results[event.cid] = (event.status, event.output)
+                    self._cond.notify_all()
 
     def _wait_ready(self, count: int, deadline: float) -> None:
         with self._cond:
@@ -100,11 +168,11 @@ class _GuestAgent(_GuestProcess):
                 if self._cond_check_dead():
                     raise self._error("QEMU exited before the guest was ready")
 
-    def _send(self, line: str) -> None:
+    def _send(self, frame: bytes) -> None:
         if self._agent_sock is None:
             raise GuestError("this guest has no command agent (agent=False)")
         with self._send_lock:
-            self._agent_sock.sendall(line.encode() + b"\n")
+            self._agent_sock.sendall(frame)
 
     def run(self, command: str, timeout: float = 60.0, *, check: bool = False) -> Result:
         """Run ``command`` with ``sh`` in the guest; stdout and stderr come back merged.
@@ -118,9 +186,9 @@ class _GuestAgent(_GuestProcess):
             self._next_id += 1
             cid = self._next_id
         guest_timeout = max(1, math.ceil(timeout)) if timeout > 0 else 0
-        payload = base64.b64encode(command.encode()).decode()
+        _tag, frame = frame_command(cid, guest_timeout, command)
         t0 = time.monotonic()
-        self._send(f"{cid} {guest_timeout} {payload}")
+        self._send(frame)
         deadline = t0 + (timeout if timeout > 0 else 1e9) + 30
         with self._cond:
             while cid not in self._results:
@@ -158,7 +226,6 @@ class _GuestAgent(_GuestProcess):
             with self._cond:
                 self._next_id += 1
                 cid = self._next_id
-            payload = base64.b64encode(b"sync; reboot -f").decode()
-            self._send(f"{cid} 0 {payload}")
+            self._send(frame_command(cid, 0, "sync; reboot -f")[1])
         self._wait_ready(target, t0 + (timeout or self.boot_timeout))
         return time.monotonic() - t0

@@ -58,35 +58,6 @@ MAX_HOTPLUG_PORTS = 15
 #: The console line between the template's boot and what the restored guest prints.
 RESTORE_MARKER = "PYVFIO-RESTORED"
 
-#: Run by the agent right after a restore: the wall clock, host entropy (vmgenid already made
-#: Linux reseed its RNG), then, for each root port with a device, wait until pciehp has
-#: enumerated it and probed its driver: it turns the slot's power indicator on (Slot Control
-#: bits 9:8 = 01b) only after that.
-#: Prints the offset of the PCI Express capability of root port {port} (run in the template;
-#: the offset is a property of QEMU's root port model, the same for every port).
-EXP_CAP_SCRIPT = """\
-d=/sys/bus/pci/devices/{port}
-p=$(hexdump -s 52 -n 1 -e '1/1 "%u"' $d/config)
-while [ "$p" -ne 0 ] && [ "$(hexdump -s $p -n 1 -e '1/1 "%u"' $d/config)" -ne 16 ]; do
-    p=$(hexdump -s $((p + 1)) -n 1 -e '1/1 "%u"' $d/config)
-done
-[ "$p" -ne 0 ] && echo $p
-"""
-
-SETTLE_SCRIPT = """\
-date -u -s @{now} >/dev/null || echo 'pyvfio: cannot set the clock'
-echo {seed} | base64 -d > /dev/urandom
-p={exp_cap}
-for rp in {ports}; do
-    d=/sys/bus/pci/devices/$rp
-    until [ $(( ($(hexdump -s $((p + 24)) -n 2 -e '1/2 "%u"' $d/config) >> 8) & 3 )) -eq 1 ] \\
-            && ls -d $d/0000:*:00.0 >/dev/null 2>&1; do
-        sleep 0.02
-    done
-done
-"""
-
-
 def _port_bdf(index: int) -> str:
     """The guest's address of the kit's root port ``index`` (see :meth:`QemuMachine._argv`)."""
     return f"0000:00:{0x10 + index:02x}.0"

@@ -4,7 +4,6 @@ devices, :meth:`attach` / :meth:`detach` (a layer of
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import logging
@@ -19,10 +18,8 @@ from vfio_user_server.errors import GuestError
 from vfio_user_server.testing import initramfs, snapshot
 from vfio_user_server.testing.guest_agent import _GuestAgent
 from vfio_user_server.testing.guest_base import (
-    EXP_CAP_SCRIPT,
     PORT_PREFIX,
     RESTORE_MARKER,
-    SETTLE_SCRIPT,
     DeviceSpec,
     VfioUserDevice,
     _as_device,
@@ -95,8 +92,6 @@ class _GuestRestore(_GuestAgent):
                               "pyvfio-template", devices=False)
             if boot.qemu_argv() != want:  # pragma: no cover - a bug in this module
                 raise GuestError("the template's command line is not the one restores use")
-            exp_cap = int(boot.run(EXP_CAP_SCRIPT.format(port=_port_bdf(0)), timeout=60,
-                                   check=True).output)
             boot.qmp("stop")
             boot.qmp("migrate-set-capabilities",
                      capabilities=[{"capability": "mapped-ram", "state": True}])
@@ -109,7 +104,6 @@ class _GuestRestore(_GuestAgent):
             boot_time = boot.boot_time
         st = os.stat(folder / "ram")
         return {
-            "exp_cap": exp_cap,
             "boot_time": boot_time,
             "save_time": saved,
             "ram_file_bytes": st.st_size,
@@ -200,33 +194,42 @@ class _GuestRestore(_GuestAgent):
         self._port_users[port] = str(spec["id"])
         return str(spec["id"])
 
-    def _settle(self, deadline: float) -> None:
-        """One agent command: set the clock, add host entropy, wait for the hot-plugged
-        devices to be enumerated with their drivers probed (pciehp turns the slot's power
-        indicator on only after that)."""
-        assert self.template is not None
-        ports = [p for p in self.ports if p in self._port_users]
+    def _settle(self, deadline: float, ports: list[str] | None = None, *,
+                restored: bool = True) -> None:
+        """One agent command (``pyvfio-settle``, builtins but one ``date``): after a restore,
+        set the clock and add host entropy; then rescan the bus behind each used root port
+        (all of them, or ``ports``), so that when it returns the guest has enumerated the
+        hot-plugged devices, assigned their BARs and probed their drivers."""
+        if ports is None:
+            ports = [p for p in self.ports if p in self._port_users]
         bdfs = " ".join(_port_bdf(int(p[len(PORT_PREFIX):])) for p in ports)
-        seed = base64.b64encode(os.urandom(64)).decode()
-        exp_cap = int(self.template.meta()["exp_cap"])
-        script = SETTLE_SCRIPT.format(now=int(time.time()), seed=seed, ports=bdfs,
-                                      exp_cap=exp_cap)
-        left = max(1.0, deadline - time.monotonic())
-        result = self.run(script, timeout=left)
+        now, seed = (str(int(time.time())), os.urandom(32).hex()) if restored else ("-", "-")
+        left = max(1.0, min(60.0, deadline - time.monotonic()))
+        result = self.run(f". /bin/pyvfio-settle {now} {seed} {bdfs}", timeout=left)
         if not result.ok:
             dmesg = self.run("dmesg | tail -40", timeout=30).output
-            raise self._error(f"the hot-plugged devices did not come up:\n{result.output}\n"
-                              f"--- guest dmesg ---\n{dmesg}")
+            why = "timed out" if result.timed_out else f"status {result.status}"
+            raise self._error(f"the hot-plugged devices did not come up ({why}):\n"
+                              f"{result.output}\n--- guest dmesg ---\n{dmesg}")
 
     def attach(self, device: DeviceSpec) -> str:
         """Hot-plug a vfio-user device through QMP ``device_add``; returns its id.
 
         Without a ``bus`` property it goes into a free root port of the kit's (restored guests
-        have :data:`DEFAULT_HOTPLUG_PORTS`; ``hotplug_ports=N`` gives a cold-booted one some).
-        This returns when QEMU has realized the device; the guest finds it a moment later.
+        have :data:`DEFAULT_HOTPLUG_PORTS`; ``hotplug_ports=N`` gives a cold-booted one some),
+        and this returns when the guest has enumerated it and probed its driver. With a
+        ``bus`` of the test's own, it returns when QEMU has realized the device; the guest
+        finds it a moment later.
         """
         dev = _as_device(device)
-        if self.ports or "bus" in dev.props:
+        if self.ports and "bus" not in dev.props:
+            dev_id = self._plug(dev)
+            port = next(p for p, user in self._port_users.items() if user == dev_id)
+            self.devices.append(dev)
+            if self.agent:
+                self._settle(time.monotonic() + 60, [port], restored=False)
+            return dev_id
+        if "bus" in dev.props:
             dev_id = self._plug(dev)
         else:
             spec = dev.to_json(self._new_device_id())

@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 #: Bumped when the layout or the way a template is made changes (older folders then age out).
-FORMAT = 2
+FORMAT = 3
 
 #: Templates kept beyond :data:`KEEP_RECENT` seconds of use: the most recently used ones.
 MAX_TEMPLATES = 12
