@@ -218,7 +218,7 @@ class PeekingReader(SocketReader):
     __slots__ = ("_scratch",)
 
     def __init__(self, sock: socket.socket, max_size: int) -> None:
-        super().__init__(sock, max_size, peer="client")
+        super().__init__(sock, max_size, peer="client", shim=False)  # the C reader reads itself
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)  # peek from the first unread byte
         self._scratch = memoryview(bytearray(max_size))
 
@@ -248,7 +248,9 @@ class SupervisedConnection(Connection):
         self.child = child
         self.record = child.record
         self.reader: PeekingReader = PeekingReader(sock, server.caps.max_message_size)
-        self.fast = None  # the C fast path consumes whole reads: here a message is peeked first
+        # the C reader and sender work on whole reads; here a message is peeked, then consumed
+        self.fast = None
+        self._csend = None
         #: the header of the message the dead process was handling (a recovered connection)
         self.lost: bytes | None = None
         self._maps: dict[int, tuple[int, int, int, bool]] = {}  # what the supervisor has
