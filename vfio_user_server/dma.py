@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .dma_access import DmaAccessor, MessageDma, Segment
+from .dma_access import DmaAccessor, MessageDma, Segment, WindowCache
 from .dmacopy import GuardedCopy, buffer_address, default_copy
 from .errors import DmaError
 from .fds import close_fd
@@ -58,6 +58,7 @@ __all__ = [
     "DmaWindow",
     "MessageDma",
     "Segment",
+    "WindowCache",
 ]
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Protocol
 from .errors import DmaError
 
 if TYPE_CHECKING:
-    from .dma import DmaMapping, DmaMapTable
+    from .dma import DmaMapping, DmaMapTable, DmaWindow
 
-__all__ = ["DmaAccessor", "MessageDma", "Segment"]
+__all__ = ["DmaAccessor", "MessageDma", "Segment", "WindowCache"]
 
 log = logging.getLogger("vfio_user_server.dma")
 
@@ -289,3 +289,42 @@ class DmaAccessor:
             for _, buf in bounces:
                 buf.release()
             self.table.release(segs)
+
+
+class WindowCache:
+    """The few :class:`~vfio_user_server.dma.DmaWindow` objects a hot path keeps (virtqueue
+    rings, NVMe queues and PRP lists), all dropped when the map table's ``generation``
+    changes: one :meth:`~vfio_user_server.dma.DmaMapTable.window` lookup per map change
+    instead of a translation per access. Not thread-safe: one thread uses it.
+    """
+
+    __slots__ = ("_gen", "_size", "_windows")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._windows: list[DmaWindow] = []
+        self._gen = -1
+
+    def clear(self) -> None:
+        self._windows = []
+        self._gen = -1
+
+    def get(self, table: DmaMapTable, addr: int, length: int,
+            write: bool) -> DmaWindow | None:
+        """The window holding all of ``[addr, addr + length)`` with the permission asked
+        for, or None (no fd, not sealed, not mapped, split over maps, or not permitted)."""
+        gen = table.generation
+        if gen != self._gen:
+            self._windows = []
+            self._gen = gen
+        end = addr + length
+        for w in self._windows:
+            if w.start <= addr and end <= w.end:
+                return w if (w.writable if write else w.readable) else None
+        new = table.window(addr)
+        if new is None or end > new.end:
+            return None
+        if len(self._windows) >= self._size:
+            del self._windows[0]
+        self._windows.append(new)
+        return new if (new.writable if write else new.readable) else None

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from vfio_user_server.dma import DmaMapTable, DmaWindow, Segment
+from vfio_user_server.dma import DmaMapTable, DmaWindow, Segment, WindowCache
 from vfio_user_server.errors import DmaError
 
 from .nvme_backend import LBA_SHIFT
@@ -143,28 +143,12 @@ class GuestData:
 
     def __init__(self, ctrl: NvmeController) -> None:
         self._ctrl = ctrl
-        self._windows: list[DmaWindow] = []
-        self._window_gen = -1
+        self._windows = WindowCache(MAX_WINDOWS)
 
     def window(self, addr: int, length: int, write: bool) -> DmaWindow | None:
         """The cached zero-copy window holding all of ``[addr, addr + length)`` with the
         permission asked for, or None (no fd, not sealed, not mapped, or split over maps)."""
-        table = self._ctrl.dma.table
-        gen = table.generation
-        if gen != self._window_gen:
-            self._windows = []
-            self._window_gen = gen
-        end = addr + length
-        for w in self._windows:
-            if w.start <= addr and end <= w.end:
-                return w if (w.writable if write else w.readable) else None
-        new = table.window(addr)
-        if new is None or end > new.end:
-            return None
-        if len(self._windows) >= MAX_WINDOWS:
-            del self._windows[0]
-        self._windows.append(new)
-        return new if (new.writable if write else new.readable) else None
+        return self._windows.get(self._ctrl.dma.table, addr, length, write)
 
     def _window_io(self, ranges: Ranges, offset: int, write: bool) -> bool:
         """Inline only: the file I/O straight between the namespace and guest pages through

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..dma import DmaAccessor, DmaWindow
+from ..dma import DmaAccessor, DmaWindow, WindowCache
 from ..errors import DmaError
 from .spec import (
     AVAIL_ALIGN,
@@ -201,11 +201,8 @@ class Virtqueue:
         #: set by the transport with :attr:`inline`: may this chain run on the loop thread?
         #: (else :class:`NeedsWorker`, before the chain is consumed)
         self.inline_ok: Callable[[Chain], bool] | None = None
-        # windows onto the mmapped maps this queue touched (rings, tables, headers), valid
-        # while the DMA table's generation is _window_gen: one lookup per map change instead
-        # of a translation per access
-        self._windows: list[DmaWindow] = []
-        self._window_gen = -1
+        # windows onto the mmapped maps this queue touched (rings, tables, headers)
+        self._windows = WindowCache(_MAX_WINDOWS)
 
     def __repr__(self) -> str:
         return (f"Virtqueue({self.index}, size={self.size}, enabled={self.enabled}, "
@@ -245,8 +242,7 @@ class Virtqueue:
         self.last_avail = self.used_idx = self._avail_idx = 0
         self._signalled_used = 0
         self._signalled_valid = False
-        self._windows = []
-        self._window_gen = -1
+        self._windows.clear()
         self.enabled = True
 
     # --- guest memory helpers -----------------------------------------------------------------
@@ -259,22 +255,7 @@ class Virtqueue:
         """The cached mmapped window holding all of ``[addr, addr + length)`` with the
         permission asked for, or None (then the DMA layer decides: message DMA, or an
         error)."""
-        table = self._dma().table
-        gen = table.generation
-        if gen != self._window_gen:
-            self._windows = []
-            self._window_gen = gen
-        end = addr + length
-        for w in self._windows:
-            if w.start <= addr and end <= w.end:
-                return w if (w.writable if write else w.readable) else None
-        new = table.window(addr)
-        if new is None or end > new.end:
-            return None
-        if len(self._windows) >= _MAX_WINDOWS:
-            del self._windows[0]
-        self._windows.append(new)
-        return new if (new.writable if write else new.readable) else None
+        return self._windows.get(self._dma().table, addr, length, write)
 
     def _add_buffer(self, readable: list[Buffer], writable: list[Buffer], addr: int,
                     length: int, flags: int) -> None:
