@@ -261,3 +261,16 @@ def run_cli(args: Sequence[str], *, pass_fds: Sequence[int] = (),
     environ.update(env or {})
     return subprocess.run([*wrapper, CLI, *args], capture_output=True, text=True, timeout=DEADLINE,
                           pass_fds=tuple(pass_fds), env=environ, stdin=subprocess.DEVNULL)
+
+
+def stop_serving(sock: Path) -> None:
+    """SIGTERM whoever serves ``sock`` now: the last process of an upgrade or reload chain,
+    which the test did not start itself."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(sock).encode() in cmd and b"vfio_user_server.cli" in cmd:
+                os.kill(int(pid), signal.SIGTERM)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import pytest
 from helpers import open_fds
 from reload_source import REG_MAGIC, REG_SCRATCH, SPEC, write_device
-from supervised import CLI, DEADLINE, ServerProcess, wait_for
+from supervised import CLI, DEADLINE, ServerProcess, stop_serving, wait_for
 from test_upgrade import Keeper
 
 from vfio_user_devices.edu import Edu
@@ -272,19 +272,7 @@ def test_reload_follows_saves_survives_a_broken_one_and_resets_on_a_new_version(
         assert srv.proc.poll() == 0  # the first process handed over and left
     finally:
         srv.close()
-        _stop_last(a)
-
-
-def _stop_last(sock: Path) -> None:
-    """SIGTERM whoever serves ``sock`` now (the last process of an upgrade chain)."""
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if str(sock).encode() in cmd and b"vfio_user_server.cli" in cmd:
-                os.kill(int(pid), 15)
+        stop_serving(a)
 
 
 def test_upgrade_serves_every_device_of_a_process(tmp_path: Path) -> None:
@@ -312,7 +300,7 @@ def test_upgrade_serves_every_device_of_a_process(tmp_path: Path) -> None:
                  "the last process to remove its sockets")
     finally:
         srv.close()
-        _stop_last(a)
+        stop_serving(a)
 
 
 def test_reload_needs_a_socket_path_for_each_device(tmp_path: Path) -> None:

@@ -8,13 +8,11 @@ nvme driver recovers by itself.
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
 from reload_source import DEVICE, REG_MAGIC, REG_SCRATCH, SPEC, VENDOR, write_device
-from supervised import ServerProcess, wait_for
+from supervised import ServerProcess, stop_serving, wait_for
 
 from vfio_user_server.testing.guest import QemuMachine
 from vfio_user_server.testing.provision import Provisioned
@@ -77,7 +75,7 @@ def test_a_guest_reads_the_new_behaviour_of_a_saved_source(
         assert srv.proc.wait(60) == 0, log  # the first process handed over and left
     finally:
         srv.close()
-        _stop(sock)
+        stop_serving(sock)
 
 
 NVME_SOURCE = '''\
@@ -131,16 +129,6 @@ def test_nvme_reset_by_a_reload_is_recovered_by_the_guests_driver(
         assert "Traceback" not in srv.stderr(), srv.stderr()
     finally:
         srv.close()
-        _stop(sock)
+        stop_serving(sock)
 
 
-def _stop(sock: Path) -> None:
-    """SIGTERM whoever serves ``sock`` now (the last process of a reload chain)."""
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if str(sock).encode() in cmd and b"vfio_user_server.cli" in cmd:
-                os.kill(int(pid), signal.SIGTERM)
