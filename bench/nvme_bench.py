@@ -18,11 +18,9 @@ once with the pure-Python path (``PYVFIO_NO_SHIM=1`` in the server's environment
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,7 +31,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from vfio_user_server.testing.provision import cache_root  # noqa: E402
 
 SIZE = 256 << 20
 DISK = "/dev/nvme0n1"
@@ -62,18 +59,10 @@ _AIO_RE = re.compile(r"iops=([0-9.]+) mbs=([0-9.]+)")
 
 
 def build_aio_qd() -> Path:
-    """Compile bench/aio_qd.c like the guest test programs (static, -O2), cached by hash."""
-    from vfio_user_server.testing.guestprog import CFLAGS, is_static_elf
+    """bench/aio_qd.c built like the guest test programs (static, -O2), cached by hash."""
+    from vfio_user_server.testing.guestprog import guest_program
 
-    src = HERE / "aio_qd.c"
-    key = hashlib.sha256(src.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    out = cache_root() / "guest-programs" / f"aio_qd-{key}" / "aio_qd"
-    if out.is_file() and is_static_elf(out.read_bytes()):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cc = os.environ.get("PYVFIO_CC", "gcc")
-    subprocess.run([cc, *CFLAGS, "-o", str(out), str(src)], check=True)
-    return out
+    return guest_program("aio_qd", source=HERE / "aio_qd.c")
 
 
 Runner = Callable[[str, float], str]  # command, timeout -> output

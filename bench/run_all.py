@@ -151,20 +151,10 @@ def raw_floor(tmp: str, n: int) -> dict[str, float]:
 
 
 def build_mmio_loop() -> Path:
-    """Compile bench/mmio_loop.c like the guest test programs (static, -O2), cached by hash."""
-    import hashlib
+    """bench/mmio_loop.c built like the guest test programs (static, -O2), cached by hash."""
+    from vfio_user_server.testing.guestprog import guest_program
 
-    from vfio_user_server.testing.guestprog import CFLAGS, is_static_elf
-
-    src = HERE / "mmio_loop.c"
-    key = hashlib.sha256(src.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    out = cache_root() / "guest-programs" / f"mmio_loop-{key}" / "mmio_loop"
-    if out.is_file() and is_static_elf(out.read_bytes()):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cc = os.environ.get("PYVFIO_CC", "gcc")
-    subprocess.run([cc, *CFLAGS, "-o", str(out), str(src)], check=True)
-    return out
+    return guest_program("mmio_loop", source=HERE / "mmio_loop.c")
 
 
 _LOOP_RE = re.compile(r"read_ns=(\d+) write_ns=(\d+) id=(0x[0-9a-f]+)")

@@ -93,3 +93,16 @@ def test_every_kind_of_damage_is_caught(written: tuple[bytes, int]) -> None:
 def test_flushed_generation_reads_the_console() -> None:
     assert flushed_generation("") == 0
     assert flushed_generation("START\nFLUSHED gen 1\r\nnoise FLUSHED gen 12\nERROR x\n") == 12
+
+
+def test_a_program_outside_the_package_builds_static_and_cached(tmp_path: Path) -> None:
+    """``guest_program(name, source=...)``: a benchmark's own tool, built and cached alike."""
+    from vfio_user_server.testing.guestprog import guest_program, is_static_elf
+
+    src = tmp_path / "hello.c"
+    src.write_text("int main(void) { return 0; }\n")
+    first = guest_program("hello", source=src, cache=tmp_path / "cache")
+    assert first.name == "hello" and is_static_elf(first.read_bytes())
+    assert guest_program("hello", source=src, cache=tmp_path / "cache") == first  # cached
+    src.write_text("int main(void) { return 1; }\n")
+    assert guest_program("hello", source=src, cache=tmp_path / "cache") != first  # rebuilt

@@ -116,19 +116,22 @@ def guest_program(
     extra_cflags: Sequence[str] = (),
     cache: Path | None = None,
     env: Mapping[str, str] | None = None,
+    source: Path | None = None,
 ) -> Path:
     """Return the path of the static binary of guest program ``name``, building it if needed.
+
+    ``source`` builds a C file outside the package (a benchmark's own tool) under ``name``.
 
     The binary lives in ``<cache>/guest-programs/<name>-<hash>/<name>`` (``cache`` defaults to
     :func:`~vfio_user_server.testing.provision.cache_root`); ``<hash>`` covers the source, the
     compiler's ``--version`` line and the flags, so an edited source is rebuilt.
     """
     env = os.environ if env is None else env
-    source = program_source(name)
+    text = program_source(name) if source is None else source.read_bytes()
     cc = _compiler(env)
     flags = [*CFLAGS, *extra_cflags]
     digest = hashlib.sha256()
-    for part in (source, _compiler_id(cc).encode(), "\0".join(flags).encode()):
+    for part in (text, _compiler_id(cc).encode(), "\0".join(flags).encode()):
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
     key = digest.hexdigest()[:16]
@@ -140,7 +143,7 @@ def guest_program(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
         src = tmp / f"{name}.c"
-        src.write_bytes(source)
+        src.write_bytes(text)
         out = tmp / name
         try:
             proc = subprocess.run(
