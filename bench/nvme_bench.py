@@ -13,7 +13,9 @@ depth, and reports what it timed with CLOCK_MONOTONIC:
 Interrupts: QEMU's C server's MSI-X never fires with QEMU's vfio-user client, so its guest
 boots with ``pci=nomsi`` (INTx) and ours is measured the same way against it; ours with MSI-X
 is measured against QEMU's in-process ``nvme`` with MSI-X. Ours runs once with the C shim and
-once with the pure-Python path (``PYVFIO_NO_SHIM=1`` in the server's environment).
+once with the pure-Python path (``PYVFIO_NO_SHIM=1`` in the server's environment), and once
+more with ``--polled-doorbells`` (the doorbell page mapped into the guest and polled by a
+thread of ours; QEMU then posts no writes to the device at all, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -68,6 +70,20 @@ def build_aio_qd() -> Path:
 Runner = Callable[[str, float], str]  # command, timeout -> output
 
 
+class Guest:
+    """A booted guest with the NVMe disk: run a command in it (``run(cmd, timeout)`` ->
+    output); ``qemu_pid`` and ``server_pid`` (None for the in-process device) for CPU-time
+    probes (bench/nvme_cost.py)."""
+
+    def __init__(self, run: Runner, qemu_pid: int, server_pid: int | None) -> None:
+        self._run = run
+        self.qemu_pid = qemu_pid
+        self.server_pid = server_pid
+
+    def __call__(self, cmd: str, timeout: float) -> str:
+        return self._run(cmd, timeout)
+
+
 def measure(run: Runner, ops: int, workloads: tuple[Workload, ...] = WORKLOADS
             ) -> dict[str, float]:
     """Run every workload once; {key: IOPS or MB/s}. The disk is written once first, so that
@@ -94,7 +110,7 @@ def _drive(image: Path) -> list[str]:
 
 @contextmanager
 def _guest(workdir: Path, tool: Path, sockets: list[Any], extra: list[str], cmdline: str,
-           name: str) -> Iterator[Runner]:
+           name: str, server_pid: int | None = None) -> Iterator[Guest]:
     from vfio_user_server.testing.guest import QemuMachine
     from vfio_user_server.testing.provision import provision
 
@@ -103,30 +119,42 @@ def _guest(workdir: Path, tool: Path, sockets: list[Any], extra: list[str], cmdl
                      files={"/bin/aio_qd": tool}, name=name) as m:
         m.run(f"for i in $(seq 300); do [ -b {DISK} ] && break; sleep 0.1; done; [ -b {DISK} ]",
               60, check=True)
-        yield lambda cmd, timeout: m.run(cmd, timeout, check=True).output
+        assert m.proc is not None
+        yield Guest(lambda cmd, timeout: m.run(cmd, timeout, check=True).output, m.proc.pid,
+                    server_pid)
 
 
 @contextmanager
-def ours(workdir: Path, image: Path, tool: Path, irq: str, shim: bool) -> Iterator[Runner]:
+def ours(workdir: Path, image: Path, tool: Path, irq: str, shim: bool,
+         polled: bool = False) -> Iterator[Guest]:
     from run_all import server
 
     from vfio_user_server.testing.guest import VfioUserDevice
 
     sock = str(workdir / "ours.sock")
     argv = [sys.executable, "-m", "vfio_user_server.cli", "--socket", sock,
-            "--log-level", "WARNING", "nvme", "--image", str(image), "--serial", SERIAL]
+            "--log-level", "WARNING", "nvme", "--image", str(image), "--serial", SERIAL,
+            *(["--polled-doorbells"] if polled else [])]
     env = dict(os.environ)
     env.pop("PYVFIO_NO_SHIM", None)
     if not shim:
         env["PYVFIO_NO_SHIM"] = "1"
-    with server(argv, sock, env=env), _guest(
+    with server(argv, sock, env=env) as proc, _guest(
             workdir, tool, [VfioUserDevice(sock)], [],
-            "pci=nomsi" if irq == "intx" else "", "bench-nvme-ours") as run:
+            "pci=nomsi" if irq == "intx" else "", "bench-nvme-ours", proc.pid) as run:
         yield run
 
 
 @contextmanager
-def cpeer(workdir: Path, image: Path, tool: Path, irq: str, shim: bool) -> Iterator[Runner]:
+def ours_polled(workdir: Path, image: Path, tool: Path, irq: str, shim: bool
+                ) -> Iterator[Guest]:
+    """Ours with ``--polled-doorbells``."""
+    with ours(workdir, image, tool, irq, shim, polled=True) as run:
+        yield run
+
+
+@contextmanager
+def cpeer(workdir: Path, image: Path, tool: Path, irq: str, shim: bool) -> Iterator[Guest]:
     from run_all import cpeer_binary, server
 
     from vfio_user_server.testing.guest import VfioUserDevice
@@ -139,15 +167,15 @@ def cpeer(workdir: Path, image: Path, tool: Path, irq: str, shim: bool) -> Itera
     argv = [str(binary), "-machine", "x-remote,vfio-user=on", "-nodefaults", "-display",
             "none", *_drive(image), "-device", f"nvme,drive=d0,id=nvme0,serial={SERIAL}",
             "-object", json.dumps(obj)]
-    with server(argv, sock), _guest(workdir, tool, [VfioUserDevice(sock)], [],
-                                    "pci=nomsi" if irq == "intx" else "",
-                                    "bench-nvme-cpeer") as run:
+    with server(argv, sock) as proc, _guest(workdir, tool, [VfioUserDevice(sock)], [],
+                                            "pci=nomsi" if irq == "intx" else "",
+                                            "bench-nvme-cpeer", proc.pid) as run:
         yield run
 
 
 @contextmanager
 def in_process(workdir: Path, image: Path, tool: Path, irq: str, shim: bool
-               ) -> Iterator[Runner]:
+               ) -> Iterator[Guest]:
     extra = [*_drive(image), "-device", f"nvme,drive=d0,serial={SERIAL}"]
     with _guest(workdir, tool, [], extra, "pci=nomsi" if irq == "intx" else "",
                 "bench-nvme-qemu") as run:
@@ -173,12 +201,14 @@ CONFIGS = {c.name: c for c in (
     Config("ours-intx-py", "ours, INTx, pure Python", ours, "intx", False),
     Config("ours-msix", "ours, MSI-X, C shim", ours, "msix", True),
     Config("ours-msix-py", "ours, MSI-X, pure Python", ours, "msix", False),
+    Config("ours-msix-polled", "ours, MSI-X, polled doorbells, C shim", ours_polled, "msix"),
 )}
 
 #: (ours, its peer) pairs of the table: the same interrupt type against the C server, MSI-X
 #: against QEMU's in-process device.
 PAIRS = (("ours-intx", "cpeer-intx"), ("ours-intx-py", "cpeer-intx"),
-         ("ours-msix", "qemu-msix"), ("ours-msix-py", "qemu-msix"))
+         ("ours-msix", "qemu-msix"), ("ours-msix-py", "qemu-msix"),
+         ("ours-msix-polled", "qemu-msix"))
 
 
 def run_config(config: Config, folder: Path, ops: int, tool: Path,

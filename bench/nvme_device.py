@@ -8,6 +8,11 @@ The commands are put in the SQ without a doorbell and the queue is serviced righ
 this thread, as the loop thread (``--path inline``) or the worker (``--path worker``) would:
 so the figure is the device's own cost per command (fetch, PRP walk, DMA translation, the
 file I/O, the completion entry and the interrupt decision), not the transport's.
+``--path doorbell`` goes through BAR0's region handler instead, as a REGION_WRITE decoded by
+the message path reaches it: the SQ tail doorbell (which runs the inline path) and then the
+CQ head doorbell the host writes after consuming the completions (MSI-X on, so the interrupt
+is an eventfd write; ``--intx`` for the INTx line instead, and then the SET_IRQS(INTX, UNMASK)
+QEMU sends after each INTx interrupt, as the endpoint handles it).
 
     python bench/nvme_device.py                      # 4 KiB reads, us/command
     python bench/nvme_device.py --profile 25         # plus cProfile's 25 costliest functions
@@ -17,17 +22,23 @@ file I/O, the completion entry and the interrupt decision), not the transport's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
+import os
 import pstats
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vfio_user_devices.nvme import NvmeController
 from vfio_user_devices.nvme_spec import CQE_SIZE, SQE, SQE_SIZE, AdminOpcode, IoOpcode
 from vfio_user_server.client import Client
+from vfio_user_server.protocol.codec import Message, encode
+from vfio_user_server.protocol.constants import Command, IrqSetFlag
+from vfio_user_server.protocol.structs import IrqSet
 from vfio_user_server.server import Server
 
 PAGE = 4096
@@ -79,6 +90,12 @@ class Bench:
                 opcode, 0, slot, 1, 0, 0, data, prp2, lba, 0, nlb - 1, 0, 0, 0))
         self.sq = self.dev.sqs[1]
         self.cq = self.dev.cqs[1]
+        region = self.dev.regions()[0].write
+        assert region is not None
+        self.bar0_write: Callable[[int, int], None] = (
+            lambda offset, value: region(offset, value.to_bytes(4, "little")))
+        self.efd = -1
+        self.eoi: Callable[[], object] | None = None
 
     def admin(self, opcode: int, prp1: int, cdw10: int, cdw11: int) -> None:
         c = self.c
@@ -99,9 +116,45 @@ class Bench:
             raise RuntimeError(f"admin opcode {opcode:#x} failed: {raw.hex()}")
         c.bar_write(0, 0x1004, 4, self.admin_tail)
 
+    def irqs(self, intx: bool) -> None:
+        """Interrupts as a driver sets them up: MSI-X with an eventfd on every vector, or
+        INTx with its eventfd (drained here, as QEMU's main loop would)."""
+        c = self.c
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        if intx:
+            c.set_irqs(0, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER, 0, 1,
+                       fds=[self.efd])
+            # QEMU's EOI after each INTx interrupt (a BAR access while it is pending): the
+            # request as the endpoint gets it from the reader, and its reply encoded
+            conn = self.server.connection
+            assert conn is not None
+            unmask = Message(0, Command.DEVICE_SET_IRQS, 0, 0, IrqSet(
+                IrqSet.SIZE, IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_UNMASK, 0, 0, 1).pack(),
+                [])
+            handle = conn.endpoint.handle
+            self.eoi = lambda: encode(handle(unmask))  # type: ignore[arg-type]
+            return
+        msix = self.dev.msix
+        assert msix is not None
+        ctl = msix.offset + 2
+        c.config_write(ctl, 2, 0x8000)  # MSI-X enable
+        c.set_irqs(2, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER, 0, 2,
+                   fds=[self.efd] * 2)  # the admin CQ's vector 0, CQ 1's vector 1
+
     def batch(self, qd: int, path: str) -> None:
         """Submit ``qd`` commands and service them on this thread; consume the completions."""
         dev, sq, cq = self.dev, self.sq, self.cq
+        if path == "doorbell":
+            write = self.bar0_write
+            write(0x1008, (sq.tail + qd) % sq.size)
+            if cq.used() != qd:
+                raise RuntimeError(f"{cq.used()} completions for {qd} commands")
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.efd)
+            write(0x100C, cq.tail)
+            if self.eoi is not None:
+                self.eoi()
+            return
         with dev.lock:
             sq.tail = (sq.tail + qd) % sq.size
             if path == "inline":
@@ -125,6 +178,8 @@ class Bench:
         return (time.perf_counter() - t0) / (total // qd * qd) * 1e6
 
     def close(self) -> None:
+        if self.efd >= 0:
+            os.close(self.efd)
         self.c.close()
         self.server.close()
         self.dev.close()
@@ -135,12 +190,15 @@ def main() -> int:
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--write", action="store_true")
     p.add_argument("--ops", type=int, default=4096)
-    p.add_argument("--path", choices=("inline", "worker"), default="inline")
+    p.add_argument("--path", choices=("inline", "worker", "doorbell"), default="inline")
+    p.add_argument("--intx", action="store_true", help="--path doorbell: INTx, not MSI-X")
     p.add_argument("--profile", type=int, default=0, help="print the N costliest functions")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-nvme-dev-") as tmp:
         b = Bench(Path(tmp), args.size, args.write)
         try:
+            if args.path == "doorbell":
+                b.irqs(args.intx)
             b.run(16, 256, args.path)  # warm up
             for qd in (1, 16):
                 us = b.run(qd, args.ops, args.path)

@@ -26,8 +26,8 @@ Sections (each repeated ``--reps`` times, servers interleaved within a repetitio
 * ``nvme``: bench/nvme_bench.py: 4 KiB random reads and writes at QD1 and QD32 (IOPS) and
   128 KiB sequential reads and writes (MB/s) in a guest through bench/aio_qd.c (native AIO,
   O_DIRECT); ours with INTx against QEMU's x-vfio-user-server ``nvme`` (INTx: its MSI-X never
-  fires with QEMU's client) and ours with MSI-X against QEMU's in-process ``nvme``; the same
-  writeback cache mode on every side.
+  fires with QEMU's client) and ours with MSI-X against QEMU's in-process ``nvme``, also with
+  ``--polled-doorbells`` (``ours-msix-polled``); the same writeback cache mode on every side.
 * ``dma``: bench/dma_bench.py: DmaAccessor reads and writes of 4 KiB, 128 KiB and 1 MiB
   against memcpy in the same process, through guarded copies and zero-copy views.
 * ``rss``: bench/multi_device_rss.py: RSS idle with one edu device, and per extra device
@@ -363,14 +363,22 @@ def main() -> int:
                           "shim": config.shim, **{k: round(v, 1) for k, v in figures.items()}})
                     for k, v in figures.items():
                         results[name].setdefault(k, []).append(v)
+            # (row suffix, peer, our configurations by column); polled doorbells: shim only
+            nvme_rows = (
+                ("INTX", "cpeer-intx", {"shim": "ours-intx", "python": "ours-intx-py"}),
+                ("MSIX", "qemu-msix", {"shim": "ours-msix", "python": "ours-msix-py"}),
+                ("MSIX, polled doorbells", "qemu-msix", {"shim": "ours-msix-polled"}))
             for w in nvme_bench.WORKLOADS:
-                for irq, peer_name in (("intx", "cpeer-intx"), ("msix", "qemu-msix")):
-                    mine = {"shim": f"ours-{irq}", "python": f"ours-{irq}-py"}
+                for suffix, peer_name, mine in nvme_rows:
                     if not any(m in results for m in mine.values()):
                         continue
                     peer_label = nvme_bench.CONFIGS[peer_name].label
-                    r = row(f"NVMe {w.key.replace('_', ' ')}, {irq.upper()}", w.unit,
-                            peer_label if peer_name in results else "(not run)")
+                    # QEMU's C server drops INTx edges when completions overlap (BENCHMARKS.md,
+                    # "QEMU's C server at QD32 with INTx"): its QD32 figures are not a peer's
+                    note = ("C server stalls: lost INTx edges" if peer_name == "cpeer-intx"
+                            and w.qd > 1 else "")
+                    r = row(f"NVMe {w.key.replace('_', ' ')}, {suffix}", w.unit,
+                            peer_label if peer_name in results else "(not run)", note)
                     for col, cname in mine.items():
                         for x in results.get(cname, {}).get(w.key, []):
                             r.add(col, x)

@@ -89,6 +89,10 @@ class _Vector:
         self.pending = False
 
 
+#: at most this many validated fd-less SET_IRQS requests are remembered per controller
+_PLAIN_CACHE = 64
+
+
 def _signal(fd: int) -> bool:
     """Add 1 to an eventfd. A saturated counter (EAGAIN) is already signalled."""
     try:
@@ -139,6 +143,10 @@ class IrqController:
         #: ``set_pending(index, vector, pending)``: reflect pending bits in the capability.
         self.set_pending = set_pending
         self._watcher = _ResampleWatcher(self)
+        #: validated requests without fds or data, by (index, flags, start, count): their
+        #: validation depends on nothing else (QEMU's INTx EOI sends the same UNMASK, and
+        #: waits for its reply, after every INTx interrupt)
+        self._plain: dict[tuple[int, int, int, int], SetIrqs] = {}
 
     # --------------------------------------------------------------------------- GET_IRQ_INFO
 
@@ -186,8 +194,13 @@ class IrqController:
         with self._lock:
             owned = self._owned_fds() if fds else set()
             try:
-                req = validate_set_irqs(index, flags, start, count, fds, data,
-                                        vector_counts=self._counts, owned=owned)
+                key = (index, flags, start, count)
+                req = None if fds or data else self._plain.get(key)
+                if req is None:
+                    req = validate_set_irqs(index, flags, start, count, fds, data,
+                                            vector_counts=self._counts, owned=owned)
+                    if not fds and not data and len(self._plain) < _PLAIN_CACHE:
+                        self._plain[key] = req
                 self._APPLIERS[req.data_type](self, req)
             finally:
                 if fds:

@@ -23,6 +23,16 @@ __all__ = ["SetIrqs", "is_eventfd", "validate_set_irqs"]
 #: What ``readlink /proc/self/fd/N`` says for an eventfd.
 _EVENTFD_LINK = "anon_inode:[eventfd]"
 
+# Lookups instead of Enum construction: SET_IRQS(INTX, NONE|UNMASK) comes with every INTx
+# interrupt (QEMU's EOI), and waits for its reply.
+_INDEXES = {int(i): i for i in IrqIndex}
+_KNOWN_FLAGS = int(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK)
+_DATA_MASK = int(IRQ_SET_DATA_MASK)
+_ACTION_MASK = int(IRQ_SET_ACTION_MASK)
+#: the single DATA and the single ACTION flags, by value (two bits set is not a key)
+_ONE_DATA = {int(f): f for f in IrqSetFlag if int(f) & _DATA_MASK}
+_ONE_ACTION = {int(f): f for f in IrqSetFlag if int(f) & _ACTION_MASK}
+
 
 def einval(message: str) -> IrqError:
     """The error of a request that breaks a rule (the client gets EINVAL)."""
@@ -82,16 +92,15 @@ def validate_set_irqs(
     client may address; ``owned`` are the fds the controller already holds. A negative fd
     de-assigns its vector, as ``-1`` does in VFIO. Nothing is closed here.
     """
-    try:
-        idx = IrqIndex(index)
-    except ValueError:
-        raise einval(f"SET_IRQS: no IRQ index {index}") from None
+    idx = _INDEXES.get(index)
+    if idx is None:
+        raise einval(f"SET_IRQS: no IRQ index {index}")
     flags = int(flags)
-    if flags & ~int(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK):
+    if flags & ~_KNOWN_FLAGS:
         raise einval(f"SET_IRQS: unknown flag bits {flags:#x}")
-    dtype = IrqSetFlag(flags & IRQ_SET_DATA_MASK)
-    action = IrqSetFlag(flags & IRQ_SET_ACTION_MASK)
-    if dtype.bit_count() != 1 or action.bit_count() != 1:
+    dtype = _ONE_DATA.get(flags & _DATA_MASK)
+    action = _ONE_ACTION.get(flags & _ACTION_MASK)
+    if dtype is None or action is None:
         raise einval(f"SET_IRQS: need exactly one DATA and one ACTION flag ({flags:#x})")
     if dtype is IrqSetFlag.DATA_EVENTFD and not _allows_eventfd(idx, action):
         raise einval(f"SET_IRQS {idx.name}: eventfd not supported for {action.name}")

@@ -419,6 +419,10 @@ class NvmeController(PciDevice):
     def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
         if bar != 0:
             return
+        if size == 4 and offset >= DOORBELL_BASE:  # the hot path: two doorbells per command
+            if not offset & 3:
+                self._doorbell(offset, value)
+            return
         if size == 8:
             self._write32(offset, value & 0xFFFFFFFF)
             self._write32(offset + 4, value >> 32)
@@ -522,14 +526,19 @@ class NvmeController(PciDevice):
             if cq is None:
                 self._async_error(AER_INFO_INVALID_DOORBELL_REGISTER)
                 return
-            if value >= cq.size or (value - cq.head) % cq.size > cq.used():
+            size = cq.size
+            used = (cq.tail - cq.head) % size
+            if value >= size or (value - cq.head) % size > used:
                 self._async_error(AER_INFO_INVALID_DOORBELL_VALUE)
                 return
-            was_full = cq.free() == 0
+            was_full = used == size - 1
             cq.head = value
             if was_full:
                 self._cond.notify_all()
-            if not cq.used():
+            if self._intx_level and value == cq.tail:
+                # the host consumed every entry: the line may go low. A line that is low
+                # stays low (a head doorbell only takes entries away), so with MSI-X or MSI
+                # (the line is never raised) the doorbell costs no interrupt decision.
                 self.update_intx()
         else:
             sq = self.sqs.get(qid)
@@ -583,10 +592,11 @@ class NvmeController(PciDevice):
 
     def update_intx(self) -> None:
         """INTx level: asserted while an interrupting CQ holds entries, unless masked."""
-        msi_on = (self.msix is not None and self.msix.enabled) or (
-            self.msi is not None and self.msi.enabled)
-        level = (not msi_on and not self.intms & INTMS_VECTOR0
-                 and any(cq.ien and cq.used() for cq in self.cqs.values()))
+        # cheapest first: the MSI and MSI-X states are config-space reads
+        level = (not self.intms & INTMS_VECTOR0
+                 and any(cq.ien and cq.tail != cq.head for cq in self.cqs.values())
+                 and not (self.msix is not None and self.msix.enabled)
+                 and not (self.msi is not None and self.msi.enabled))
         if level != self._intx_level:
             self.set_intx(level)
 
