@@ -795,3 +795,28 @@ def test_saturated_blocking_eventfd_does_not_hang_trigger(peer: Peer) -> None:
     t.join(60)  # a hang detector only: it returns at once unless the write blocks
     assert result == [True], "a saturated counter counts as signalled, and nothing blocks"
     ctl.close()
+
+
+def test_repeated_unmask_like_qemu_eoi(ctl: IrqController, peer: Peer) -> None:
+    """QEMU's EOI sends the same SET_IRQS(INTX, NONE|UNMASK) after every INTx interrupt: the
+    second and later ones (validated once) act exactly like the first, and a bad request of
+    the same kind is refused every time, not remembered."""
+    trig, _ = setup_intx(ctl, peer)
+    for _ in range(3):
+        ctl.intx_assert()
+        assert count(trig) == 1
+        assert ctl.state(INTX).masked == (True,)
+        ctl.set_irqs(INTX, NONE | UNMASK, 0, 1, [], b"")  # still high: fires, re-masks
+        assert count(trig) == 1
+        ctl.intx_deassert()
+        ctl.set_irqs(INTX, NONE | UNMASK, 0, 1, [], b"")
+        assert count(trig) == 0
+        assert ctl.state(INTX).masked == (False,)
+    for _ in range(2):
+        expect_einval(ctl.set_irqs, INTX, NONE | UNMASK, 0, 2, [], b"")
+        expect_einval(ctl.set_irqs, INTX, NONE | UNMASK | MASK, 0, 1, [], b"")
+        expect_einval(ctl.set_irqs, 9, NONE | UNMASK, 0, 1, [], b"")
+    # with fds the same shape is validated (and its fds checked) every time
+    res, _ = peer.make()
+    ctl.set_irqs(INTX, EVENTFD | UNMASK, 0, 1, res, b"")
+    expect_einval(ctl.set_irqs, INTX, EVENTFD | UNMASK, 0, 1, [res[0]], b"")
