@@ -91,6 +91,7 @@ class _Vector:
 
 #: at most this many validated fd-less SET_IRQS requests are remembered per controller
 _PLAIN_CACHE = 64
+_INDEXES = {int(i): i for i in IrqIndex}
 
 
 def _signal(fd: int) -> bool:
@@ -156,10 +157,10 @@ class IrqController:
         return len(IrqIndex)
 
     def _index(self, index: int) -> IrqIndex:
-        try:
-            return IrqIndex(index)
-        except ValueError:
-            raise einval(f"no IRQ index {index}") from None
+        idx = _INDEXES.get(index)  # a lookup, not Enum construction: every trigger comes here
+        if idx is None:
+            raise einval(f"no IRQ index {index}")
+        return idx
 
     def info(self, index: int) -> tuple[int, IrqInfoFlag]:
         """``(count, flags)`` for DEVICE_GET_IRQ_INFO; IrqError EINVAL for unknown indices."""

@@ -122,8 +122,8 @@ class FileBackend:
         return cls(fd, size)
 
     def readv(self, views: list[memoryview], offset: int) -> None:
-        total = sum(v.nbytes for v in views)
         done = os.preadv(self.fd, views, offset)
+        total = views[0].nbytes if len(views) == 1 else sum(v.nbytes for v in views)
         if done != total:  # short read (file shrunk under us): finish piecewise
             self._slow_readv(views, offset, done)
 
@@ -139,8 +139,8 @@ class FileBackend:
             pos += n
 
     def writev(self, views: list[memoryview], offset: int) -> None:
-        total = sum(v.nbytes for v in views)
         done = os.pwritev(self.fd, views, offset)
+        total = views[0].nbytes if len(views) == 1 else sum(v.nbytes for v in views)
         if done != total:
             data = b"".join(bytes(v) for v in views)
             while done < total:
