@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from .errors import DeviceDefinitionError, IrqError
 from .fds import close_fd
-from .irq_request import SetIrqs, einval, validate_set_irqs
+from .irq_request import PlainRequests, SetIrqs, einval, validate_set_irqs
 from .protocol.constants import IrqIndex, IrqInfoFlag, IrqSetFlag
 
 __all__ = [
@@ -89,8 +89,6 @@ class _Vector:
         self.pending = False
 
 
-#: at most this many validated fd-less SET_IRQS requests are remembered per controller
-_PLAIN_CACHE = 64
 _INDEXES = {int(i): i for i in IrqIndex}
 
 
@@ -144,10 +142,7 @@ class IrqController:
         #: ``set_pending(index, vector, pending)``: reflect pending bits in the capability.
         self.set_pending = set_pending
         self._watcher = _ResampleWatcher(self)
-        #: validated requests without fds or data, by (index, flags, start, count): their
-        #: validation depends on nothing else (QEMU's INTx EOI sends the same UNMASK, and
-        #: waits for its reply, after every INTx interrupt)
-        self._plain: dict[tuple[int, int, int, int], SetIrqs] = {}
+        self._plain = PlainRequests(self._counts)
 
     # --------------------------------------------------------------------------- GET_IRQ_INFO
 
@@ -195,13 +190,9 @@ class IrqController:
         with self._lock:
             owned = self._owned_fds() if fds else set()
             try:
-                key = (index, flags, start, count)
-                req = None if fds or data else self._plain.get(key)
-                if req is None:
-                    req = validate_set_irqs(index, flags, start, count, fds, data,
-                                            vector_counts=self._counts, owned=owned)
-                    if not fds and not data and len(self._plain) < _PLAIN_CACHE:
-                        self._plain[key] = req
+                req = (validate_set_irqs(index, flags, start, count, fds, data,
+                                         vector_counts=self._counts, owned=owned)
+                       if fds or data else self._plain.validate(index, flags, start, count))
                 self._APPLIERS[req.data_type](self, req)
             finally:
                 if fds:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .errors import IrqError
 from .protocol.constants import IRQ_SET_ACTION_MASK, IRQ_SET_DATA_MASK, IrqIndex, IrqSetFlag
 
-__all__ = ["SetIrqs", "is_eventfd", "validate_set_irqs"]
+__all__ = ["PlainRequests", "SetIrqs", "is_eventfd", "validate_set_irqs"]
 
 #: What ``readlink /proc/self/fd/N`` says for an eventfd.
 _EVENTFD_LINK = "anon_inode:[eventfd]"
@@ -133,3 +133,30 @@ def validate_set_irqs(
         per_vector = tuple(fd if fd >= 0 else None for fd in fds) if fds else (None,) * count
         return SetIrqs(idx, dtype, action, start, count, fds=per_vector)
     return SetIrqs(idx, dtype, action, start, count, bools=bytes(data))
+
+
+class PlainRequests:
+    """:func:`validate_set_irqs` for requests without fds or data, each shape validated once.
+
+    Such a request's validation depends on its index, flags, start and count and on the
+    vector counts, nothing else, so its :class:`SetIrqs` is kept (up to ``limit`` shapes per
+    controller). QEMU's INTx EOI sends the same SET_IRQS(INTX, NONE|UNMASK) after every INTx
+    interrupt and waits for the reply. A refused request is not kept: it is refused each time.
+    """
+
+    __slots__ = ("_counts", "_limit", "_seen")
+
+    def __init__(self, vector_counts: Mapping[IrqIndex, int], limit: int = 64) -> None:
+        self._counts = vector_counts
+        self._limit = limit
+        self._seen: dict[tuple[int, int, int, int], SetIrqs] = {}
+
+    def validate(self, index: int, flags: int, start: int, count: int) -> SetIrqs:
+        key = (index, flags, start, count)
+        req = self._seen.get(key)
+        if req is None:
+            req = validate_set_irqs(index, flags, start, count, (), b"",
+                                    vector_counts=self._counts)
+            if len(self._seen) < self._limit:
+                self._seen[key] = req
+        return req
