@@ -185,7 +185,14 @@ static int fail(struct pyvfio_reader *r, int err, uint64_t e1, uint64_t e2, uint
     return PYVFIO_ERROR;
 }
 
-/* Room for at least `room` more bytes after len: drop what was taken, then grow. */
+/* The most the buffer grows to for the client's sake: the largest message (or one read). */
+static size_t buf_limit(const struct pyvfio_reader *r)
+{
+    return r->max_size > FIRST_CAP ? (size_t)r->max_size : FIRST_CAP;
+}
+
+/* Room for at least `room` more bytes after len: drop what was taken, then grow, never past
+ * buf_limit() unless len + room needs it (a caller's feed, never a client's stream). */
 static int make_room(struct pyvfio_reader *r, size_t room)
 {
     if (r->pos > 0 && r->cap - r->len < room) {
@@ -201,11 +208,15 @@ static int make_room(struct pyvfio_reader *r, size_t room)
         }
     }
     if (r->cap - r->len < room) {
-        size_t cap = r->cap ? r->cap : FIRST_CAP;
+        size_t cap = r->cap ? r->cap : FIRST_CAP, limit = buf_limit(r);
         unsigned char *b;
 
+        if (room > SIZE_MAX / 2 - r->len)
+            return -ENOMEM;
         while (cap - r->len < room)
             cap *= 2;
+        if (cap > limit && r->len <= limit && limit - r->len >= room)
+            cap = limit;
         b = realloc(r->buf, cap);
         if (b == NULL)
             return -ENOMEM;
@@ -258,6 +269,18 @@ int pyvfio_feed(struct pyvfio_reader *r, const char *data, size_t n, const int *
     return commit(r, n, fds, nfds);
 }
 
+/* How much room a read from the socket asks for: MIN_ROOM, or less once the buffer is as large
+ * as buf_limit() (the rest of the message in hand always fits: it is never larger than
+ * max_size). A client's stream never makes the buffer outgrow buf_limit(). */
+static size_t recv_room(struct pyvfio_reader *r)
+{
+    size_t limit = buf_limit(r), pending = r->len - r->pos;
+
+    if (pending < limit && limit - pending < MIN_ROOM)
+        return limit - pending;
+    return MIN_ROOM;
+}
+
 /* One recvmsg from `sock` straight into the buffer. Returns the byte count (> 0) when the read
  * brought bytes and nothing else (they are taken); PYVFIO_RECV_SPECIAL when it brought fds,
  * flags or the end of the stream (r->rbytes, r->rflags, r->rfds: the caller checks them, then
@@ -273,7 +296,7 @@ ssize_t pyvfio_recv(struct pyvfio_reader *r, int sock)
     struct cmsghdr *c;
     ssize_t n;
 
-    if (make_room(r, MIN_ROOM) < 0)
+    if (make_room(r, recv_room(r)) < 0)
         return -ENOMEM;
     iov.iov_base = r->buf + r->len;
     iov.iov_len = r->cap - r->len;
@@ -452,12 +475,16 @@ int pyvfio_next_from(struct pyvfio_reader *r, int sock)
 int pyvfio_has_message(const struct pyvfio_reader *r)
 {
     size_t avail = r->len - r->pos;
-    uint64_t size;
+    const unsigned char *p = r->buf + r->pos;
+    uint64_t size, flags;
 
     if (avail < PYVFIO_HEADER_SIZE)
         return r->err != 0;
-    size = get_le(r->buf + r->pos + PYVFIO_HEADER_SIZE_OFF, PYVFIO_HEADER_SIZE_LEN);
-    return avail >= size || size < PYVFIO_HEADER_SIZE;
+    size = HDR(SIZE);
+    flags = HDR(FLAGS);
+    /* a header next() refuses is an error waiting, whatever follows (or never does) */
+    return avail >= size || size < PYVFIO_HEADER_SIZE || size > r->max_size
+           || (flags & PYVFIO_TYPE_MASK) > PYVFIO_TYPE_REPLY;
 }
 
 /* Every fd the reader still holds into r->out (r->nfds), and the buffer emptied. */

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -181,6 +182,34 @@ def test_the_buffer_is_compacted_without_moving_fds() -> None:
     got = drain(reader)
     assert [m.msg_id for m in got] == [1, 1, 2] and got[2].fds == [1]
     assert reader.pending_bytes() == 0
+
+
+@pytest.mark.parametrize("header", [wire(1, size=1 << 20), wire(1, size=8),
+                                    wire(1, flags=3, size=100)])
+def test_a_refused_header_is_waiting_at_once(header: bytes) -> None:
+    """has_message() says an error is waiting as soon as a refused header is in (a client that
+    sends a huge header and then stalls is dropped at once, not after more bytes)."""
+    reader = MessageReader(4096)
+    reader.feed(header[:HEADER_SIZE])
+    assert reader.has_message()
+    with pytest.raises(FramingError):
+        reader.next_message()
+
+
+def test_the_buffer_holds_at_most_one_partial_message_and_one_read() -> None:
+    """Whatever the message sizes, a client cannot make the reader's buffer grow past the
+    largest message plus one read: taken bytes are dropped at the next feed."""
+    limit, chunk = 300_000, 64 * 1024
+    stream = b"".join(wire(i, payload=bytes(n)) for i, n in
+                      enumerate([limit - HEADER_SIZE, 100, 250_000, 7, limit - HEADER_SIZE] * 4))
+    reader = MessageReader(limit)
+    biggest = 0
+    for at in range(0, len(stream), chunk):
+        reader.feed(stream[at:at + chunk])
+        biggest = max(biggest, sys.getsizeof(reader._buf))
+        drain(reader)
+    assert reader.pending_bytes() == 0
+    assert biggest <= (limit + chunk) * 9 // 8 + 64  # CPython's bytearray over-allocates 1/8
 
 
 def test_decode_header_checks_as_the_reader_does() -> None:

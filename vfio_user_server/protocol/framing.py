@@ -41,9 +41,6 @@ _HEADER = Header.STRUCT
 _TYPE_MASK = int(MSG_TYPE_MASK)
 _REPLY = int(MsgType.REPLY)
 
-#: Parsed bytes are dropped from the front of the buffer once there are this many.
-_COMPACT = 1 << 20
-
 #: One read's fds: (offset of its first byte, offset after its last byte, fds).
 _Mark = tuple[int, int, list[int]]
 
@@ -119,6 +116,12 @@ class MessageReader:
                 self._dropped += fds
             return
         buf = self._buf
+        if self._pos:  # drop what was taken: the buffer holds one partial message and this read
+            del buf[:self._pos]  # (a prefix: CPython moves its start, copies nothing)
+            if self._marks:
+                pos = self._pos
+                self._marks = [(a - pos, b - pos, f) for a, b, f in self._marks]
+            self._pos = 0
         start = len(buf)
         buf += data
         if fds:
@@ -152,12 +155,7 @@ class MessageReader:
         if end == len(buf):  # all taken (and every read's fds: each ended by here)
             buf.clear()
             self._pos = 0
-        elif end >= _COMPACT:  # keep the buffer from growing: drop what was parsed
-            del buf[:end]
-            self._pos = 0
-            if self._marks:
-                self._marks = [(a - end, b - end, f) for a, b, f in self._marks]
-        else:
+        else:  # the next feed() drops what was taken
             self._pos = end
         return Message(msg_id, command, flags, error, payload, fds)
 
@@ -171,8 +169,12 @@ class MessageReader:
         avail = len(self._buf) - self._pos
         if avail < HEADER_SIZE:
             return self._error is not None
-        size: int = _HEADER.unpack_from(self._buf, self._pos)[2]
-        return avail >= size or size < HEADER_SIZE
+        size: int
+        flags: int
+        size, flags = _HEADER.unpack_from(self._buf, self._pos)[2:4]
+        # a header next_message() refuses is an error waiting, whatever follows (or never does)
+        return (avail >= size or size < HEADER_SIZE or size > self.max_size
+                or flags & _TYPE_MASK > _REPLY)
 
     def export_pending(self) -> tuple[bytes, list[tuple[int, int, list[int]]]]:
         """The unparsed bytes and each pending read's fds as ``(first, last, fds)`` offsets
