@@ -265,7 +265,8 @@ int pyvfio_feed(struct pyvfio_reader *r, const char *data, size_t n, const int *
         return drop_fds(r, fds, nfds);
     if (make_room(r, n) < 0)
         return -ENOMEM;
-    memcpy(r->buf + r->len, data, n);
+    if (n) /* no bytes: buf may still be NULL */
+        memcpy(r->buf + r->len, data, n);
     return commit(r, n, fds, nfds);
 }
 
@@ -496,7 +497,8 @@ int pyvfio_take(struct pyvfio_reader *r)
         total += r->marks[i].nfds;
     if (grow((void **)&r->out, &r->capout, total ? total : 1, sizeof(int)) < 0)
         return -ENOMEM;
-    memcpy(r->out, r->dropped, r->ndropped * sizeof(int));
+    if (r->ndropped) /* memcpy from NULL is undefined even for 0 bytes */
+        memcpy(r->out, r->dropped, r->ndropped * sizeof(int));
     r->nfds = (int)r->ndropped;
     r->ndropped = 0;
     for (size_t i = 0; i < r->nmarks; i++) {
@@ -520,7 +522,8 @@ int pyvfio_add_mark(struct pyvfio_reader *r, size_t first, size_t last, const in
     m->fds = malloc((n ? n : 1) * sizeof(int));
     if (m->fds == NULL)
         return -ENOMEM;
-    memcpy(m->fds, fds, n * sizeof(int));
+    if (n)
+        memcpy(m->fds, fds, n * sizeof(int));
     m->nfds = n;
     m->first = r->pos + first;
     m->last = r->pos + last;

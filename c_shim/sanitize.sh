@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 export PYVFIO_SANITIZE="${PYVFIO_SANITIZE:-address,undefined}"
 suffix=$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 built=()
-cleanup() { rm -f "${built[@]}"; }
+cleanup() { [ -n "${PYVFIO_SANITIZE_KEEP:-}" ] || rm -f "${built[@]}"; }
 trap cleanup EXIT
 tmp=$(mktemp -d)
 for b in dma msg poll; do
@@ -34,8 +34,6 @@ rm -rf "$tmp"
 runtime=$(gcc -print-file-name=libasan.so)
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:halt_on_error=1:abort_on_error=1:allow_user_segv_handler=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}"
-python -c 'import vfio_user_server._msg_shim as m; print("sanitized shim:", m.__file__)' \
-    >/dev/null 2>&1 || true
 case "$PYVFIO_SANITIZE" in
     *address*) LD_PRELOAD="$runtime${LD_PRELOAD:+:$LD_PRELOAD}" python -m pytest -p no:cacheprovider "$@" ;;
     *) python -m pytest -p no:cacheprovider "$@" ;;

@@ -43,6 +43,10 @@ from vfio_user_server.server import Server
 
 shim = pytest.importorskip("vfio_user_server._msg_shim")
 
+#: ``PYVFIO_SHIM_EXAMPLES=N`` runs N times the parity tests' examples (the sanitizer runs,
+#: docs/reliability.md); CI runs them once.
+SCALE = max(1, int(os.environ.get("PYVFIO_SHIM_EXAMPLES", "1")))
+
 Reader = MessageReader | msgshim.ShimMessageReader
 MakeReader = Callable[[int], Reader]
 
@@ -87,7 +91,7 @@ def run(make: MakeReader, stream: Stream, cuts: set[int], max_size: int) -> Seen
     return got, error, sorted(reader.take_fds()), looks, exported
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300 * SCALE, deadline=None)
 @given(st.one_of(streams(regular=True), streams(regular=False)),
        st.sets(st.integers(1, 600), max_size=40))
 def test_both_readers_give_the_same_messages_errors_and_fds(
@@ -98,7 +102,7 @@ def test_both_readers_give_the_same_messages_errors_and_fds(
                                                              max_size)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100 * SCALE, deadline=None)
 @given(st.lists(st.tuples(st.binary(max_size=40), st.lists(st.integers(0, 50), max_size=3)),
                 max_size=12),
        st.integers(0, 200))
@@ -341,7 +345,7 @@ def exchange(path: Path, negotiate: bool, accesses: list[tuple[int, ...]]) -> li
         peer.close()
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=120 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(st.booleans(), st.lists(access, max_size=12))
 def test_fast_path_and_python_path_answer_alike(
