@@ -476,11 +476,12 @@ int pyvfio_next_from(struct pyvfio_reader *r, int sock)
 int pyvfio_has_message(const struct pyvfio_reader *r)
 {
     size_t avail = r->len - r->pos;
-    const unsigned char *p = r->buf + r->pos;
+    const unsigned char *p;
     uint64_t size, flags;
 
     if (avail < PYVFIO_HEADER_SIZE)
         return r->err != 0;
+    p = r->buf + r->pos;
     size = HDR(SIZE);
     flags = HDR(FLAGS);
     /* a header next() refuses is an error waiting, whatever follows (or never does) */
