@@ -367,6 +367,16 @@ static int bind_fds(struct pyvfio_reader *r, size_t start, size_t end)
     return 0;
 }
 
+/* The first read with fds that begins after `start`, the first byte of a message that has not
+ * all arrived: no message starts in it (framing.py's _middle_mark). */
+static const struct pyvfio_mark *middle_mark(const struct pyvfio_reader *r, size_t start)
+{
+    for (size_t i = 0; i < r->nmarks; i++)
+        if (r->marks[i].first > start)
+            return &r->marks[i];
+    return NULL;
+}
+
 #define HDR(f) get_le(p + PYVFIO_HEADER_##f##_OFF, PYVFIO_HEADER_##f##_LEN)
 #define ACC(f) get_le(q + PYVFIO_ACCESS_##f##_OFF, PYVFIO_ACCESS_##f##_LEN)
 
@@ -426,8 +436,15 @@ int pyvfio_next(struct pyvfio_reader *r)
         || (r->flags & PYVFIO_TYPE_MASK) > PYVFIO_TYPE_REPLY)
         return fail(r, PYVFIO_ERR_HEADER, r->size, r->flags, r->max_size);
     end = start + r->size;
-    if (r->len < end)
+    if (r->len < end) {
+        const struct pyvfio_mark *m = middle_mark(r, start);
+
+        /* fds of a read inside this message: refused now, not once the client completes it
+         * (until then they would pile up in the server, a read's worth at a time) */
+        if (m != NULL)
+            return fail(r, PYVFIO_ERR_MIDDLE, m->first - start, m->last - start, r->size);
         return PYVFIO_NONE;
+    }
     r->msg_id = (uint32_t)HDR(MSG_ID);
     r->command = (uint32_t)HDR(COMMAND);
     r->error = (uint32_t)HDR(ERROR);
@@ -484,9 +501,11 @@ int pyvfio_has_message(const struct pyvfio_reader *r)
     p = r->buf + r->pos;
     size = HDR(SIZE);
     flags = HDR(FLAGS);
-    /* a header next() refuses is an error waiting, whatever follows (or never does) */
+    /* a header next() refuses is an error waiting, whatever follows (or never does), and so
+     * are fds inside a message not yet whole */
     return avail >= size || size < PYVFIO_HEADER_SIZE || size > r->max_size
-           || (flags & PYVFIO_TYPE_MASK) > PYVFIO_TYPE_REPLY;
+           || (flags & PYVFIO_TYPE_MASK) > PYVFIO_TYPE_REPLY
+           || middle_mark(r, r->pos) != NULL;
 }
 
 /* Every fd the reader still holds into r->out (r->nfds), and the buffer emptied. */

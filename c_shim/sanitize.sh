@@ -32,7 +32,7 @@ PY
 done
 rm -rf "$tmp"
 runtime=$(gcc -print-file-name=libasan.so)
-export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:halt_on_error=1:abort_on_error=1:allow_user_segv_handler=1}"
+export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:halt_on_error=1:abort_on_error=1:allow_user_segv_handler=1:handle_sigbus=0}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}"
 case "$PYVFIO_SANITIZE" in
     *address*) LD_PRELOAD="$runtime${LD_PRELOAD:+:$LD_PRELOAD}" python -m pytest -p no:cacheprovider "$@" ;;

@@ -113,6 +113,20 @@ def test_fds_in_the_middle_of_a_message_are_a_framing_error(cut: int) -> None:
     assert sorted(reader.take_fds()) == [9, 10]
 
 
+def test_fds_in_the_middle_are_refused_before_the_message_is_whole() -> None:
+    """A client that sends a header, then byte after byte with fds and never the rest, cannot
+    make the reader hold its fds: the first read with fds inside the message breaks it."""
+    reader = MessageReader(LIMIT)
+    reader.feed(wire(1, size=4096)[:HEADER_SIZE] + b"x", [1, 2])  # the message's own fds
+    assert reader.next_message() is None and not reader.has_message()
+    reader.feed(b"y", [3])
+    assert reader.has_message()
+    with pytest.raises(FramingError, match=r"middle of a message \(a read of bytes 17..18 of "
+                                           r"a 4096-byte message\)"):
+        reader.next_message()
+    assert sorted(reader.take_fds()) == [1, 2, 3]
+
+
 def test_fds_of_an_earlier_message_are_not_lost_when_a_later_one_breaks() -> None:
     a, b = wire(1, payload=b"a" * 4), wire(2, payload=b"b" * 4)
     reader = MessageReader(LIMIT)
