@@ -22,6 +22,6 @@ CLANG="${CLANG:-$(command -v clang || command -v clang-14)}"
 "$CLANG" -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
     -Ic_shim c_shim/fuzz_msg.c -o c_shim/build/fuzz_msg
 corpus=c_shim/build/fuzz-corpus
-mkdir -p "$corpus"
+python c_shim/fuzz_seeds.py "$corpus"  # QEMU-shaped messages to start from
 exec c_shim/build/fuzz_msg -artifact_prefix=c_shim/build/ -max_total_time=600 -max_len=8192 -timeout=10 -rss_limit_mb=1024 \
     -print_final_stats=1 "$@" "$corpus"
