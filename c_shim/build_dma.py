@@ -5,9 +5,13 @@ C compiler the package installs anyway and ``vfio_user_server.guarded`` uses its
 path.
 """
 
+import sys
 from pathlib import Path
 
 from cffi import FFI
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cflags  # c_shim/cflags.py: PYVFIO_SANITIZE
 
 ffibuilder = FFI()
 ffibuilder.cdef(
@@ -20,7 +24,8 @@ ffibuilder.cdef(
 ffibuilder.set_source(
     "vfio_user_server._dma_shim",
     (Path(__file__).parent / "dma_copy.c").read_text(),
-    extra_compile_args=["-O2", "-Wall", "-Wextra"],
+    extra_compile_args=cflags.compile_args(),
+    extra_link_args=cflags.link_args(),
     optional=True,
 )
 

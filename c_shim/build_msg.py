@@ -22,6 +22,9 @@ sys.path.insert(0, str(HERE.parent))  # the source tree's vfio_user_server (stdl
 
 from vfio_user_server.protocol import constants, session, structs  # noqa: E402
 
+sys.path.insert(0, str(HERE))
+import cflags  # noqa: E402  (c_shim/cflags.py: PYVFIO_SANITIZE)
+
 _SIZES = {"B": 1, "H": 2, "I": 4, "Q": 8}
 
 
@@ -129,7 +132,8 @@ ffibuilder.set_source(
     "vfio_user_server._msg_shim",
     (HERE / "msg.c").read_text(),
     include_dirs=[str(HERE)],
-    extra_compile_args=["-O2", "-Wall", "-Wextra"],
+    extra_compile_args=cflags.compile_args(),
+    extra_link_args=cflags.link_args(),
     optional=True,
 )
 

@@ -5,9 +5,13 @@ Built by setuptools through ``cffi_modules`` in setup.py; optional like the DMA 
 C compiler ``vfio_user_server.mempoll`` uses its pure-Python path).
 """
 
+import sys
 from pathlib import Path
 
 from cffi import FFI
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cflags  # c_shim/cflags.py: PYVFIO_SANITIZE
 
 ffibuilder = FFI()
 ffibuilder.cdef(
@@ -20,7 +24,8 @@ ffibuilder.cdef(
 ffibuilder.set_source(
     "vfio_user_server._poll_shim",
     (Path(__file__).parent / "mem_poll.c").read_text(),
-    extra_compile_args=["-O2", "-Wall", "-Wextra"],
+    extra_compile_args=cflags.compile_args(),
+    extra_link_args=cflags.link_args(),
     optional=True,
 )
 

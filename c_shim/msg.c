@@ -185,7 +185,14 @@ static int fail(struct pyvfio_reader *r, int err, uint64_t e1, uint64_t e2, uint
     return PYVFIO_ERROR;
 }
 
-/* Room for at least `room` more bytes after len: drop what was taken, then grow. */
+/* The most the buffer grows to for the client's sake: the largest message (or one read). */
+static size_t buf_limit(const struct pyvfio_reader *r)
+{
+    return r->max_size > FIRST_CAP ? (size_t)r->max_size : FIRST_CAP;
+}
+
+/* Room for at least `room` more bytes after len: drop what was taken, then grow, never past
+ * buf_limit() unless len + room needs it (a caller's feed, never a client's stream). */
 static int make_room(struct pyvfio_reader *r, size_t room)
 {
     if (r->pos > 0 && r->cap - r->len < room) {
@@ -201,11 +208,15 @@ static int make_room(struct pyvfio_reader *r, size_t room)
         }
     }
     if (r->cap - r->len < room) {
-        size_t cap = r->cap ? r->cap : FIRST_CAP;
+        size_t cap = r->cap ? r->cap : FIRST_CAP, limit = buf_limit(r);
         unsigned char *b;
 
+        if (room > SIZE_MAX / 2 - r->len)
+            return -ENOMEM;
         while (cap - r->len < room)
             cap *= 2;
+        if (cap > limit && r->len <= limit && limit - r->len >= room)
+            cap = limit;
         b = realloc(r->buf, cap);
         if (b == NULL)
             return -ENOMEM;
@@ -254,8 +265,21 @@ int pyvfio_feed(struct pyvfio_reader *r, const char *data, size_t n, const int *
         return drop_fds(r, fds, nfds);
     if (make_room(r, n) < 0)
         return -ENOMEM;
-    memcpy(r->buf + r->len, data, n);
+    if (n) /* no bytes: buf may still be NULL */
+        memcpy(r->buf + r->len, data, n);
     return commit(r, n, fds, nfds);
+}
+
+/* How much room a read from the socket asks for: MIN_ROOM, or less once the buffer is as large
+ * as buf_limit() (the rest of the message in hand always fits: it is never larger than
+ * max_size). A client's stream never makes the buffer outgrow buf_limit(). */
+static size_t recv_room(struct pyvfio_reader *r)
+{
+    size_t limit = buf_limit(r), pending = r->len - r->pos;
+
+    if (pending < limit && limit - pending < MIN_ROOM)
+        return limit - pending;
+    return MIN_ROOM;
 }
 
 /* One recvmsg from `sock` straight into the buffer. Returns the byte count (> 0) when the read
@@ -273,7 +297,7 @@ ssize_t pyvfio_recv(struct pyvfio_reader *r, int sock)
     struct cmsghdr *c;
     ssize_t n;
 
-    if (make_room(r, MIN_ROOM) < 0)
+    if (make_room(r, recv_room(r)) < 0)
         return -ENOMEM;
     iov.iov_base = r->buf + r->len;
     iov.iov_len = r->cap - r->len;
@@ -343,6 +367,16 @@ static int bind_fds(struct pyvfio_reader *r, size_t start, size_t end)
     return 0;
 }
 
+/* The first read with fds that begins after `start`, the first byte of a message that has not
+ * all arrived: no message starts in it (framing.py's _middle_mark). */
+static const struct pyvfio_mark *middle_mark(const struct pyvfio_reader *r, size_t start)
+{
+    for (size_t i = 0; i < r->nmarks; i++)
+        if (r->marks[i].first > start)
+            return &r->marks[i];
+    return NULL;
+}
+
 #define HDR(f) get_le(p + PYVFIO_HEADER_##f##_OFF, PYVFIO_HEADER_##f##_LEN)
 #define ACC(f) get_le(q + PYVFIO_ACCESS_##f##_OFF, PYVFIO_ACCESS_##f##_LEN)
 
@@ -402,8 +436,15 @@ int pyvfio_next(struct pyvfio_reader *r)
         || (r->flags & PYVFIO_TYPE_MASK) > PYVFIO_TYPE_REPLY)
         return fail(r, PYVFIO_ERR_HEADER, r->size, r->flags, r->max_size);
     end = start + r->size;
-    if (r->len < end)
+    if (r->len < end) {
+        const struct pyvfio_mark *m = middle_mark(r, start);
+
+        /* fds of a read inside this message: refused now, not once the client completes it
+         * (until then they would pile up in the server, a read's worth at a time) */
+        if (m != NULL)
+            return fail(r, PYVFIO_ERR_MIDDLE, m->first - start, m->last - start, r->size);
         return PYVFIO_NONE;
+    }
     r->msg_id = (uint32_t)HDR(MSG_ID);
     r->command = (uint32_t)HDR(COMMAND);
     r->error = (uint32_t)HDR(ERROR);
@@ -452,12 +493,19 @@ int pyvfio_next_from(struct pyvfio_reader *r, int sock)
 int pyvfio_has_message(const struct pyvfio_reader *r)
 {
     size_t avail = r->len - r->pos;
-    uint64_t size;
+    const unsigned char *p;
+    uint64_t size, flags;
 
     if (avail < PYVFIO_HEADER_SIZE)
         return r->err != 0;
-    size = get_le(r->buf + r->pos + PYVFIO_HEADER_SIZE_OFF, PYVFIO_HEADER_SIZE_LEN);
-    return avail >= size || size < PYVFIO_HEADER_SIZE;
+    p = r->buf + r->pos;
+    size = HDR(SIZE);
+    flags = HDR(FLAGS);
+    /* a header next() refuses is an error waiting, whatever follows (or never does), and so
+     * are fds inside a message not yet whole */
+    return avail >= size || size < PYVFIO_HEADER_SIZE || size > r->max_size
+           || (flags & PYVFIO_TYPE_MASK) > PYVFIO_TYPE_REPLY
+           || middle_mark(r, r->pos) != NULL;
 }
 
 /* Every fd the reader still holds into r->out (r->nfds), and the buffer emptied. */
@@ -469,7 +517,8 @@ int pyvfio_take(struct pyvfio_reader *r)
         total += r->marks[i].nfds;
     if (grow((void **)&r->out, &r->capout, total ? total : 1, sizeof(int)) < 0)
         return -ENOMEM;
-    memcpy(r->out, r->dropped, r->ndropped * sizeof(int));
+    if (r->ndropped) /* memcpy from NULL is undefined even for 0 bytes */
+        memcpy(r->out, r->dropped, r->ndropped * sizeof(int));
     r->nfds = (int)r->ndropped;
     r->ndropped = 0;
     for (size_t i = 0; i < r->nmarks; i++) {
@@ -493,7 +542,8 @@ int pyvfio_add_mark(struct pyvfio_reader *r, size_t first, size_t last, const in
     m->fds = malloc((n ? n : 1) * sizeof(int));
     if (m->fds == NULL)
         return -ENOMEM;
-    memcpy(m->fds, fds, n * sizeof(int));
+    if (n)
+        memcpy(m->fds, fds, n * sizeof(int));
     m->nfds = n;
     m->first = r->pos + first;
     m->last = r->pos + last;

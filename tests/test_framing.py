@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -112,6 +113,20 @@ def test_fds_in_the_middle_of_a_message_are_a_framing_error(cut: int) -> None:
     assert sorted(reader.take_fds()) == [9, 10]
 
 
+def test_fds_in_the_middle_are_refused_before_the_message_is_whole() -> None:
+    """A client that sends a header, then byte after byte with fds and never the rest, cannot
+    make the reader hold its fds: the first read with fds inside the message breaks it."""
+    reader = MessageReader(LIMIT)
+    reader.feed(wire(1, size=4096)[:HEADER_SIZE] + b"x", [1, 2])  # the message's own fds
+    assert reader.next_message() is None and not reader.has_message()
+    reader.feed(b"y", [3])
+    assert reader.has_message()
+    with pytest.raises(FramingError, match=r"middle of a message \(a read of bytes 17..18 of "
+                                           r"a 4096-byte message\)"):
+        reader.next_message()
+    assert sorted(reader.take_fds()) == [1, 2, 3]
+
+
 def test_fds_of_an_earlier_message_are_not_lost_when_a_later_one_breaks() -> None:
     a, b = wire(1, payload=b"a" * 4), wire(2, payload=b"b" * 4)
     reader = MessageReader(LIMIT)
@@ -181,6 +196,34 @@ def test_the_buffer_is_compacted_without_moving_fds() -> None:
     got = drain(reader)
     assert [m.msg_id for m in got] == [1, 1, 2] and got[2].fds == [1]
     assert reader.pending_bytes() == 0
+
+
+@pytest.mark.parametrize("header", [wire(1, size=1 << 20), wire(1, size=8),
+                                    wire(1, flags=3, size=100)])
+def test_a_refused_header_is_waiting_at_once(header: bytes) -> None:
+    """has_message() says an error is waiting as soon as a refused header is in (a client that
+    sends a huge header and then stalls is dropped at once, not after more bytes)."""
+    reader = MessageReader(4096)
+    reader.feed(header[:HEADER_SIZE])
+    assert reader.has_message()
+    with pytest.raises(FramingError):
+        reader.next_message()
+
+
+def test_the_buffer_holds_at_most_one_partial_message_and_one_read() -> None:
+    """Whatever the message sizes, a client cannot make the reader's buffer grow past the
+    largest message plus one read: taken bytes are dropped at the next feed."""
+    limit, chunk = 300_000, 64 * 1024
+    stream = b"".join(wire(i, payload=bytes(n)) for i, n in
+                      enumerate([limit - HEADER_SIZE, 100, 250_000, 7, limit - HEADER_SIZE] * 4))
+    reader = MessageReader(limit)
+    biggest = 0
+    for at in range(0, len(stream), chunk):
+        reader.feed(stream[at:at + chunk])
+        biggest = max(biggest, sys.getsizeof(reader._buf))
+        drain(reader)
+    assert reader.pending_bytes() == 0
+    assert biggest <= (limit + chunk) * 9 // 8 + 64  # CPython's bytearray over-allocates 1/8
 
 
 def test_decode_header_checks_as_the_reader_does() -> None:

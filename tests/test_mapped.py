@@ -3,6 +3,7 @@ trapped accesses into the mapped part, and the memory poller with and without th
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import threading
@@ -92,6 +93,27 @@ def test_region_info_announces_the_area_and_sends_the_fd(served: Served[Edu]) ->
         os.close(desc.fd)
     # BARs without mapped areas and the config space carry neither
     assert not served.client.get_region_info(7).flags & RegionInfoFlag.MMAP
+
+
+def test_the_client_cannot_resize_the_mapped_memory(served: Served[Edu]) -> None:
+    """The fd the client gets is the server's own memory: a client that shrank it would make
+    the server's next access to the area (a trapped access, the poller) a SIGBUS."""
+    desc = served.client.get_region_info(0)
+    assert desc.fd is not None
+    try:
+        for size in (0, SCRATCH_OFFSET, desc.size + 4096):
+            try:
+                os.ftruncate(desc.fd, size)
+            except PermissionError:
+                continue
+            os.ftruncate(desc.fd, desc.size)  # put it back before the server touches it
+            pytest.fail(f"the client resized the mapped BAR's memory to {size}")
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(desc.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)  # nor seal it
+    finally:
+        os.close(desc.fd)
+    served.device.mapped(0).set_u32(SCRATCH_OFFSET, 7)
+    assert served.client.bar_read(0, SCRATCH_OFFSET, 4) == 7
 
 
 def test_short_argsz_gets_the_bare_info_without_the_fd(served: Served[Edu]) -> None:

@@ -14,12 +14,13 @@ import errno
 import os
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import RawPeer
+from helpers import WAIT, RawPeer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_framing import Stream, per_send, reads_of, streams
@@ -41,6 +42,10 @@ from vfio_user_server.protocol.structs import DeviceInfo, RegionAccess
 from vfio_user_server.server import Server
 
 shim = pytest.importorskip("vfio_user_server._msg_shim")
+
+#: ``PYVFIO_SHIM_EXAMPLES=N`` runs N times the parity tests' examples (the sanitizer runs,
+#: docs/reliability.md); CI runs them once.
+SCALE = max(1, int(os.environ.get("PYVFIO_SHIM_EXAMPLES", "1")))
 
 Reader = MessageReader | msgshim.ShimMessageReader
 MakeReader = Callable[[int], Reader]
@@ -86,7 +91,7 @@ def run(make: MakeReader, stream: Stream, cuts: set[int], max_size: int) -> Seen
     return got, error, sorted(reader.take_fds()), looks, exported
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300 * SCALE, deadline=None)
 @given(st.one_of(streams(regular=True), streams(regular=False)),
        st.sets(st.integers(1, 600), max_size=40))
 def test_both_readers_give_the_same_messages_errors_and_fds(
@@ -97,7 +102,7 @@ def test_both_readers_give_the_same_messages_errors_and_fds(
                                                              max_size)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100 * SCALE, deadline=None)
 @given(st.lists(st.tuples(st.binary(max_size=40), st.lists(st.integers(0, 50), max_size=3)),
                 max_size=12),
        st.integers(0, 200))
@@ -180,6 +185,47 @@ def test_the_socket_read_takes_fds_and_reports_the_end() -> None:
     finally:
         os.close(r)
         os.close(w)
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("make", [python_reader, c_reader])
+@pytest.mark.parametrize("size,flags", [(1 << 20, 0), (8, 0), (100, 3)])
+def test_a_refused_header_is_an_error_waiting(make: MakeReader, size: int, flags: int) -> None:
+    """has_message() is true once a refused header is in: the server's upgradable loop asks it
+    before it blocks, so a client that sends a huge header and stalls is dropped at once."""
+    reader = make(4096)
+    reader.feed(codec.encode_header(1, Command.REGION_READ, size, flags))
+    assert reader.has_message()
+    with pytest.raises(FramingError):
+        reader.next_message()
+
+
+def test_a_client_stream_never_grows_the_buffer_past_the_largest_message() -> None:
+    """The shim reads the socket straight into its buffer: however the client's messages fall
+    into reads, the buffer never grows past max(the size limit, the first buffer)."""
+    limit = max_message_size(MAX_DATA_XFER_SIZE)
+    sizes = [limit, HEADER_SIZE, limit - 1, 70_000, limit, 3 * HEADER_SIZE] * 3
+    msgs = [codec.encode_header(i, Command.REGION_WRITE, n, 0) + bytes(n - HEADER_SIZE)
+            for i, n in enumerate(sizes)]
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender = threading.Thread(target=a.sendall, args=(b"".join(msgs),), daemon=True)
+    sender.start()
+    try:
+        reader = msgshim.ShimMessageReader(limit, shim)
+        got: list[int] = []
+        biggest = 0
+        while len(got) < len(msgs):
+            m = reader.next_message()
+            if m is None:
+                assert reader.recv(b.fileno()) is None
+                biggest = max(biggest, int(reader._r.cap))
+            else:
+                got.append(m.msg_id)
+        assert got == list(range(len(msgs)))
+        assert biggest <= max(limit, 256 * 1024)
+    finally:
+        sender.join(WAIT)
         a.close()
         b.close()
 
@@ -299,7 +345,7 @@ def exchange(path: Path, negotiate: bool, accesses: list[tuple[int, ...]]) -> li
         peer.close()
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=120 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(st.booleans(), st.lists(access, max_size=12))
 def test_fast_path_and_python_path_answer_alike(

@@ -41,6 +41,7 @@ from vfio_user_server.errors import VfioUserError
 from vfio_user_server.pci import COMMAND
 from vfio_user_server.protocol import codec
 from vfio_user_server.protocol.constants import Command, IrqIndex, RegionIndex
+from vfio_user_server.protocol.session import SCM_MAX_FD
 from vfio_user_server.sample import (
     BUFFER_SIZE,
     DMA_FROM_DEVICE,
@@ -276,6 +277,32 @@ def test_one_devices_client_leaving_leaves_the_other_served(two_devices: tuple[P
     with Client.connect(path_b, timeout=WAIT) as b2:  # b's socket serves its next client
         enabled(b2)
         assert device_dma(b2, 0, 16, DMA_TO_DEVICE) == STAT_ERROR  # b's old map is gone
+
+
+def test_fds_sent_inside_an_unfinished_message_are_refused_at_once(
+        two_devices: tuple[Path, Path]) -> None:
+    """A client sends the header of a large message, then one byte at a time, each with as
+    many fds as one sendmsg carries (dups of one fd: they cost it nothing), and never finishes.
+    The server must not hold them until the process runs out of fds (which would cost the other
+    device's client its DMA maps and eventfds): it drops the client at the first such read."""
+    path_a, path_b = two_devices
+    r, w = os.pipe()
+    peer = RawPeer(path_a)
+    try:
+        peer.send(codec.encode_header(1, Command.VERSION, 1 << 20, 0))  # within the limit
+        for _ in range(3):
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                peer.send(b"v", [r] * SCM_MAX_FD)
+        assert peer.at_eof()  # dropped, without the client finishing or hanging up
+    finally:
+        peer.close()
+        os.close(r)
+        os.close(w)
+    with Client.connect(path_b, timeout=WAIT) as b:  # the other device is served as before
+        enabled(b)
+        b.add_memory(0, 1 << 16)
+        b.write_memory(0, b"still here")
+        assert device_dma(b, 0, 10, DMA_TO_DEVICE) == STAT_DONE
 
 
 def test_client_fds_are_received_close_on_exec() -> None:

@@ -32,6 +32,7 @@ cannot be upgraded live.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -66,9 +67,13 @@ class MappedBar:
         self.index = index
         self.size = size
         self.areas = tuple(areas)
-        self.fd = os.memfd_create(f"pyvfio-bar{index}", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(f"pyvfio-bar{index}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
+            # The client gets this fd (REGION_INFO): sealed, it can neither shrink the file
+            # under our mapping (the next access would be SIGBUS in the server) nor add seals.
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self._mem = mmap.mmap(self.fd, size)
         except OSError:
             os.close(self.fd)

@@ -19,7 +19,9 @@ The rules, each applied here and nowhere else:
   (QEMU) sends a message's fds with its header, so **a read's fds belong to the last message
   that starts in that read**. fds of a read in which no message starts (it lies inside one
   message, after its first byte) were sent in the middle of a message: a
-  :class:`~vfio_user_server.errors.FramingError`.
+  :class:`~vfio_user_server.errors.FramingError`, raised as soon as the message's header and
+  that read are in, not once the message is whole (a client must not make the server hold
+  fds, a read's worth at a time, for a message it never finishes).
 
 Whatever way the kernel splits a stream into reads, a stream whose fd-carrying sends each start
 at a message and end inside it gives the same messages with the same fds; a stream that breaks
@@ -40,9 +42,6 @@ from .structs import Header
 _HEADER = Header.STRUCT
 _TYPE_MASK = int(MSG_TYPE_MASK)
 _REPLY = int(MsgType.REPLY)
-
-#: Parsed bytes are dropped from the front of the buffer once there are this many.
-_COMPACT = 1 << 20
 
 #: One read's fds: (offset of its first byte, offset after its last byte, fds).
 _Mark = tuple[int, int, list[int]]
@@ -119,6 +118,12 @@ class MessageReader:
                 self._dropped += fds
             return
         buf = self._buf
+        if self._pos:  # drop what was taken: the buffer holds one partial message and this read
+            del buf[:self._pos]  # (a prefix: CPython moves its start, copies nothing)
+            if self._marks:
+                pos = self._pos
+                self._marks = [(a - pos, b - pos, f) for a, b, f in self._marks]
+            self._pos = 0
         start = len(buf)
         buf += data
         if fds:
@@ -146,18 +151,17 @@ class MessageReader:
             self._fail(exc)
         end = pos + size
         if len(buf) < end:
+            if self._marks:  # fds inside this message: refused now, not once it is whole
+                mark = self._middle_mark(pos)
+                if mark is not None:
+                    self._fail(middle_error(mark[0] - pos, mark[1] - pos, size))
             return None
         fds = self._bind(pos, end) if self._marks else []
         payload = bytes(buf[pos + HEADER_SIZE:end])
         if end == len(buf):  # all taken (and every read's fds: each ended by here)
             buf.clear()
             self._pos = 0
-        elif end >= _COMPACT:  # keep the buffer from growing: drop what was parsed
-            del buf[:end]
-            self._pos = 0
-            if self._marks:
-                self._marks = [(a - end, b - end, f) for a, b, f in self._marks]
-        else:
+        else:  # the next feed() drops what was taken
             self._pos = end
         return Message(msg_id, command, flags, error, payload, fds)
 
@@ -171,8 +175,13 @@ class MessageReader:
         avail = len(self._buf) - self._pos
         if avail < HEADER_SIZE:
             return self._error is not None
-        size: int = _HEADER.unpack_from(self._buf, self._pos)[2]
-        return avail >= size or size < HEADER_SIZE
+        size: int
+        flags: int
+        size, flags = _HEADER.unpack_from(self._buf, self._pos)[2:4]
+        # a header next_message() refuses is an error waiting, whatever follows (or never
+        # does), and so are fds inside a message not yet whole
+        return (avail >= size or size < HEADER_SIZE or size > self.max_size
+                or flags & _TYPE_MASK > _REPLY or self._middle_mark(self._pos) is not None)
 
     def export_pending(self) -> tuple[bytes, list[tuple[int, int, list[int]]]]:
         """The unparsed bytes and each pending read's fds as ``(first, last, fds)`` offsets
@@ -212,6 +221,14 @@ class MessageReader:
         self._pos = 0
         self._error = exc
         raise exc
+
+    def _middle_mark(self, start: int) -> _Mark | None:
+        """The first read with fds that begins after ``start``, the first byte of a message
+        that has not all arrived: no message starts in it."""
+        for mark in self._marks:
+            if mark[0] > start:
+                return mark
+        return None
 
     def _bind(self, start: int, end: int) -> list[int]:
         """Take the fds of the message at [start, end): those of each read it is the last
