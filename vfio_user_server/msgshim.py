@@ -23,7 +23,8 @@ dispatch, the reply's encoding and the socket calls. ``vfio_user_server._msg_shi
   :mod:`~vfio_user_server.protocol.session` and the device, passed in per connection.
 
 Measured (BENCHMARKS.md): the loop took the server's user-space instructions per message from
-about 23,900 (one C call per message, four with the GIL dropped and retaken) to about 10,400.
+about 23,900 (one C call per message, four with the GIL dropped and retaken) to about 10,400
+(8,300 with the BAR dispatch's own changes, vfio_user_server/bar_region.py).
 
 The pure-Python path stays: it is chosen when the shim is not built, or forced with
 ``PYVFIO_NO_SHIM=1`` (the same variable as the DMA copier's), and the server logs which one
