@@ -71,7 +71,15 @@ CDEF = """
 #define PYVFIO_FAST_READ ...
 #define PYVFIO_FAST_WRITE ...
 #define PYVFIO_SPECIAL ...
+#define PYVFIO_INTERRUPTED ...
+#define PYVFIO_STOPPED ...
+#define PYVFIO_CLOSED ...
 #define PYVFIO_ERROR ...
+#define PYVFIO_CB_REPLY ...
+#define PYVFIO_CB_DONE ...
+#define PYVFIO_CB_STOP ...
+#define PYVFIO_INT_READ ...
+#define PYVFIO_INT_WRITE ...
 #define PYVFIO_ERR_HEADER ...
 #define PYVFIO_ERR_MIDDLE ...
 #define PYVFIO_ERR_NO_DATA ...
@@ -103,6 +111,13 @@ struct pyvfio_reader {
     uint64_t max_xfer;
     uint64_t region_size[...];
     unsigned char region_perm[...];
+    unsigned char region_int[...];
+    int slot;
+    int status;
+    unsigned char *rdata;
+    int stop;
+    int wake_fd;
+    uint64_t reads;
     unsigned char *buf;
     size_t cap, pos, len;
     struct pyvfio_mark *marks;
@@ -116,13 +131,23 @@ int pyvfio_feed(struct pyvfio_reader *r, const char *data, size_t n, const int *
 ssize_t pyvfio_recv(struct pyvfio_reader *r, int sock);
 int pyvfio_commit(struct pyvfio_reader *r);
 int pyvfio_next(struct pyvfio_reader *r);
-int pyvfio_next_from(struct pyvfio_reader *r, int sock);
 int pyvfio_has_message(const struct pyvfio_reader *r);
 int pyvfio_take(struct pyvfio_reader *r);
 int pyvfio_add_mark(struct pyvfio_reader *r, size_t first, size_t last, const int *fds, int n);
-int pyvfio_send(int sock, uint32_t msg_id, uint32_t command, uint32_t flags, uint32_t error,
-                const char *payload, size_t n, const int *fds, int nfds);
-int pyvfio_reply_access(const struct pyvfio_reader *r, int sock, const char *data, size_t n);
+
+struct pyvfio_sender;
+struct pyvfio_sender *pyvfio_sender_new(int sock);
+void pyvfio_sender_free(struct pyvfio_sender *s);
+void pyvfio_sender_close(struct pyvfio_sender *s);
+int pyvfio_sender_send(struct pyvfio_sender *s, uint32_t msg_id, uint32_t command,
+                       uint32_t flags, uint32_t error, const char *payload, size_t n,
+                       const int *fds, int nfds);
+int pyvfio_serve(struct pyvfio_reader *r, struct pyvfio_sender *s);
+
+extern "Python" uint64_t pyvfio_read_value(int, uint32_t, uint64_t, uint32_t);
+extern "Python" void pyvfio_read_bytes(int, uint32_t, uint64_t, uint32_t);
+extern "Python" void pyvfio_write_value(int, uint32_t, uint64_t, uint32_t, uint64_t);
+extern "Python" void pyvfio_write_bytes(int, uint32_t, uint64_t, uint32_t, const char *);
 """
 
 ffibuilder = FFI()
@@ -132,8 +157,8 @@ ffibuilder.set_source(
     "vfio_user_server._msg_shim",
     (HERE / "msg.c").read_text(),
     include_dirs=[str(HERE)],
-    extra_compile_args=cflags.compile_args(),
-    extra_link_args=cflags.link_args(),
+    extra_compile_args=[*cflags.compile_args(), "-pthread"],
+    extra_link_args=[*cflags.link_args(), "-pthread"],
     optional=True,
 )
 

@@ -19,13 +19,22 @@
  * run the device's handler for it without an error (a request, no fds, a payload of the exact
  * shape, a state that accepts it, a region that has the access and holds it whole, no more
  * data than advertised); anything else comes out as a plain message and Python handles it,
- * error replies included. The caller then calls the handler with the decoded integers and
- * answers with pyvfio_reply_access().
+ * error replies included.
+ *
+ * The loop, pyvfio_serve(): reads, takes every fast access already in the buffer before the
+ * next recvmsg, calls the region's Python handler through one extern "Python" callback per
+ * access (which takes the GIL for the handler only), and sends the reply under the sender's
+ * lock; it returns to Python for anything else: a message the fast path does not take, a
+ * read with fds or at the end of the stream, an error, a callback that asked to stop, or a
+ * wake-up (r->stop, or the wake fd, for a job between two messages).
  *
  * cffi releases the GIL around every call here: a blocking recvmsg or sendmsg does not hold
- * up other Python threads. One thread reads a reader; sends are serialised by the caller.
+ * up other Python threads. One thread reads a reader; every send to a socket goes through
+ * its pyvfio_sender, whose lock serialises them (device threads send requests too).
  */
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -42,7 +51,19 @@
 #define PYVFIO_FAST_READ 2
 #define PYVFIO_FAST_WRITE 3
 #define PYVFIO_SPECIAL 4 /* next_from(): a read for the caller to check */
+#define PYVFIO_INTERRUPTED 5 /* serve(): r->stop or the wake fd (a job between two messages) */
+#define PYVFIO_STOPPED 6 /* serve(): a callback asked to stop (Python holds the exception) */
+#define PYVFIO_CLOSED 7 /* serve(): the sender is closed */
 #define PYVFIO_ERROR (-1)
+
+/* what a callback says in r->status (set by Python only when it is not PYVFIO_CB_REPLY) */
+#define PYVFIO_CB_REPLY 0 /* answer the access (a read's value or data is there) */
+#define PYVFIO_CB_DONE 1  /* Python answered (an error reply) or there is nothing to say */
+#define PYVFIO_CB_STOP 2  /* stop serving: Python raises what it holds */
+
+/* r->region_int bits: the region has handlers that take and give the value as an integer */
+#define PYVFIO_INT_READ 1
+#define PYVFIO_INT_WRITE 2
 
 /* framing errors (r->err) */
 #define PYVFIO_ERR_HEADER 1   /* e1 size, e2 flags, e3 max_size: framing.header_error() */
@@ -86,6 +107,16 @@ struct pyvfio_reader {
     uint64_t max_xfer;
     uint64_t region_size[MAX_REGIONS];
     unsigned char region_perm[MAX_REGIONS]; /* bit 0 readable, bit 1 writable */
+    unsigned char region_int[MAX_REGIONS];  /* PYVFIO_INT_READ, PYVFIO_INT_WRITE */
+    /* the loop: which Python object the callbacks serve, the callback's answer, the data of
+     * a read answered as bytes, and the wake-ups */
+    int slot;
+    int status;
+    unsigned char *rdata;
+    size_t caprdata;
+    int stop;    /* set by another thread: serve() returns PYVFIO_INTERRUPTED */
+    uint64_t reads; /* recvmsg calls so far (tests, profiles) */
+    int wake_fd; /* >= 0: polled with the socket before each read (readable: interrupted) */
     /* the buffer: bytes [pos, len) not yet taken */
     unsigned char *buf;
     size_t cap, pos, len;
@@ -121,6 +152,7 @@ struct pyvfio_reader *pyvfio_reader_new(uint64_t max_size)
     if (r == NULL)
         return NULL;
     r->max_size = max_size;
+    r->wake_fd = -1;
     return r;
 }
 
@@ -139,6 +171,7 @@ void pyvfio_reader_free(struct pyvfio_reader *r)
     free(r->marks);
     free(r->dropped);
     free(r->out);
+    free(r->rdata);
     free(r->buf);
     free(r);
 }
@@ -306,6 +339,7 @@ ssize_t pyvfio_recv(struct pyvfio_reader *r, int sock)
     mh.msg_iovlen = 1;
     mh.msg_control = control.buf;
     mh.msg_controllen = sizeof(control.buf);
+    r->reads++;
     n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC); /* a client's fds never leak into a child */
     if (n < 0)
         return -errno;
@@ -473,7 +507,7 @@ int pyvfio_next(struct pyvfio_reader *r)
  * see pyvfio_recv; the caller checks it and calls pyvfio_commit, then this again) or -errno
  * (-EINTR included: the caller decides whether to go on). One call per message on the fast
  * path, where a read and a parse would otherwise be two, plus the Python between them. */
-int pyvfio_next_from(struct pyvfio_reader *r, int sock)
+static int pyvfio_next_from(struct pyvfio_reader *r, int sock)
 {
     for (;;) {
         int kind = pyvfio_next(r);
@@ -481,6 +515,14 @@ int pyvfio_next_from(struct pyvfio_reader *r, int sock)
 
         if (kind != PYVFIO_NONE)
             return kind;
+        if (r->wake_fd >= 0) { /* no signal wakes this thread: watch the wake fd too */
+            struct pollfd p[2] = {{sock, POLLIN, 0}, {r->wake_fd, POLLIN, 0}};
+
+            if (poll(p, 2, -1) < 0)
+                return -errno;
+            if (p[1].revents)
+                return PYVFIO_INTERRUPTED;
+        }
         n = pyvfio_recv(r, sock);
         if (n == PYVFIO_RECV_SPECIAL)
             return PYVFIO_SPECIAL;
@@ -600,8 +642,8 @@ static int send_all(int sock, struct iovec *iov, int n, const int *fds, int nfds
 }
 
 /* Encode and send one message: header, payload, fds with its first byte. 0 or -errno. */
-int pyvfio_send(int sock, uint32_t msg_id, uint32_t command, uint32_t flags, uint32_t error,
-                const char *payload, size_t n, const int *fds, int nfds)
+static int pyvfio_send(int sock, uint32_t msg_id, uint32_t command, uint32_t flags,
+                       uint32_t error, const char *payload, size_t n, const int *fds, int nfds)
 {
     unsigned char hdr[PYVFIO_HEADER_SIZE];
     struct iovec iov[2];
@@ -623,7 +665,8 @@ int pyvfio_send(int sock, uint32_t msg_id, uint32_t command, uint32_t flags, uin
 
 /* The reply to the fast access next() returned: the access echoed, then `n` bytes of `data`
  * (a read's; 0 for a write). 0 or -errno. */
-int pyvfio_reply_access(const struct pyvfio_reader *r, int sock, const char *data, size_t n)
+static int pyvfio_reply_access(const struct pyvfio_reader *r, int sock, const char *data,
+                               size_t n)
 {
     unsigned char head[PYVFIO_HEADER_SIZE + PYVFIO_ACCESS_SIZE];
     unsigned char *q = head + PYVFIO_HEADER_SIZE;
@@ -642,4 +685,126 @@ int pyvfio_reply_access(const struct pyvfio_reader *r, int sock, const char *dat
     iov[1].iov_base = (void *)data;
     iov[1].iov_len = n;
     return send_all(sock, iov, n ? 2 : 1, NULL, 0);
+}
+
+/* --- the sender: one per socket, its lock serialises every send ------------------------------ */
+
+struct pyvfio_sender {
+    pthread_mutex_t lock;
+    int sock;
+    int closed; /* under lock: nothing is sent any more */
+};
+
+struct pyvfio_sender *pyvfio_sender_new(int sock)
+{
+    struct pyvfio_sender *s = calloc(1, sizeof(*s));
+
+    if (s == NULL)
+        return NULL;
+    if (pthread_mutex_init(&s->lock, NULL) != 0) {
+        free(s);
+        return NULL;
+    }
+    s->sock = sock;
+    return s;
+}
+
+void pyvfio_sender_free(struct pyvfio_sender *s)
+{
+    if (s == NULL)
+        return;
+    pthread_mutex_destroy(&s->lock);
+    free(s);
+}
+
+/* No more sends from now on; one in progress finishes first. */
+void pyvfio_sender_close(struct pyvfio_sender *s)
+{
+    pthread_mutex_lock(&s->lock);
+    s->closed = 1;
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* pyvfio_send() under the lock: 0, -errno, or PYVFIO_CLOSED. */
+int pyvfio_sender_send(struct pyvfio_sender *s, uint32_t msg_id, uint32_t command,
+                       uint32_t flags, uint32_t error, const char *payload, size_t n,
+                       const int *fds, int nfds)
+{
+    int rc;
+
+    pthread_mutex_lock(&s->lock);
+    rc = s->closed ? PYVFIO_CLOSED
+                   : pyvfio_send(s->sock, msg_id, command, flags, error, payload, n, fds, nfds);
+    pthread_mutex_unlock(&s->lock);
+    return rc;
+}
+
+/* --- the loop ------------------------------------------------------------------------------- */
+
+/* The callbacks (msgshim.py): the region handler of r->slot's connection, with the GIL. The
+ * value ones are called for 1, 2, 4 and 8 bytes when the region has PYVFIO_INT_READ /
+ * PYVFIO_INT_WRITE; the others take the data as bytes (a read leaves its reply's data in
+ * r->rdata). Each sets r->status when it is not PYVFIO_CB_REPLY. */
+static uint64_t pyvfio_read_value(int slot, uint32_t index, uint64_t offset, uint32_t count);
+static void pyvfio_read_bytes(int slot, uint32_t index, uint64_t offset, uint32_t count);
+static void pyvfio_write_value(int slot, uint32_t index, uint64_t offset, uint32_t count,
+                               uint64_t value);
+static void pyvfio_write_bytes(int slot, uint32_t index, uint64_t offset, uint32_t count,
+                               const char *data);
+
+static int is_value_size(uint32_t count)
+{
+    return count == 1 || count == 2 || count == 4 || count == 8;
+}
+
+/* Serve fast accesses from r's socket (s's) until something else comes: returns what
+ * pyvfio_next_from() returns when it is not a fast access (PYVFIO_MESSAGE, PYVFIO_SPECIAL,
+ * PYVFIO_ERROR, PYVFIO_INTERRUPTED, -errno), or PYVFIO_INTERRUPTED (r->stop), PYVFIO_STOPPED
+ * (a callback's PYVFIO_CB_STOP), PYVFIO_CLOSED (the sender is closed before a reply), -errno
+ * (a reply's send, or no memory). After any return the reader stands between two messages. */
+int pyvfio_serve(struct pyvfio_reader *r, struct pyvfio_sender *s)
+{
+    for (;;) {
+        unsigned char value[8];
+        const unsigned char *data = NULL;
+        size_t n = 0;
+        int kind, rc;
+
+        if (__atomic_load_n(&r->stop, __ATOMIC_ACQUIRE))
+            return PYVFIO_INTERRUPTED;
+        kind = pyvfio_next_from(r, s->sock);
+        if (kind != PYVFIO_FAST_READ && kind != PYVFIO_FAST_WRITE)
+            return kind;
+        r->status = PYVFIO_CB_REPLY;
+        if (kind == PYVFIO_FAST_READ) {
+            if ((r->region_int[r->index] & PYVFIO_INT_READ) && is_value_size(r->count)) {
+                put_le(value, pyvfio_read_value(r->slot, r->index, r->offset, r->count),
+                       (int)r->count);
+                data = value;
+            } else {
+                if (grow((void **)&r->rdata, &r->caprdata, r->count ? r->count : 1, 1) < 0)
+                    return -ENOMEM;
+                pyvfio_read_bytes(r->slot, r->index, r->offset, r->count);
+                data = r->rdata;
+            }
+            n = r->count;
+        } else {
+            const unsigned char *p = r->buf + r->payload + PYVFIO_ACCESS_SIZE;
+
+            if ((r->region_int[r->index] & PYVFIO_INT_WRITE) && is_value_size(r->count))
+                pyvfio_write_value(r->slot, r->index, r->offset, r->count,
+                                   get_le(p, (int)r->count));
+            else
+                pyvfio_write_bytes(r->slot, r->index, r->offset, r->count, (const char *)p);
+        }
+        if (r->status == PYVFIO_CB_STOP)
+            return PYVFIO_STOPPED;
+        if (r->status != PYVFIO_CB_REPLY || (r->flags & PYVFIO_FLAG_NO_REPLY))
+            continue; /* answered by Python, or posted */
+        pthread_mutex_lock(&s->lock);
+        rc = s->closed ? PYVFIO_CLOSED : pyvfio_reply_access(r, s->sock, (const char *)data, n);
+        pthread_mutex_unlock(&s->lock);
+        if (rc)
+            return rc;
+    }
 }

@@ -17,7 +17,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from helpers import WAIT, RawPeer
@@ -26,9 +26,11 @@ from hypothesis import strategies as st
 from test_framing import Stream, per_send, reads_of, streams
 
 from vfio_user_server import msgshim
-from vfio_user_server.endpoint import Region, VfioDevice
-from vfio_user_server.errors import FramingError, VfioUserError
+from vfio_user_server.device import PciDevice
+from vfio_user_server.endpoint import Endpoint, Region, VfioDevice
+from vfio_user_server.errors import ConnectionClosed, FramingError, VfioUserError
 from vfio_user_server.irq import IrqController
+from vfio_user_server.pci import Bar
 from vfio_user_server.protocol import codec
 from vfio_user_server.protocol.constants import HEADER_SIZE, Command, HeaderFlag, MsgType
 from vfio_user_server.protocol.framing import MessageReader
@@ -255,6 +257,9 @@ class Regions(VfioDevice):
             1: Region(0x40, read=self._read),  # read-only
             2: Region(0x40, write=self._write),  # write-only
             3: Region(0, read=self._read, write=self._write),  # empty
+            # value handlers beside the bytes ones (1, 2, 4, 8 bytes), as PciDevice's BARs
+            5: Region(0x100, read=self._read5, write=self._write5,
+                      read_value=self._read_value, write_value=self._write_value),
             6: Region(0x30, read=lambda off, n: bytes(self.mem[off:off + n]),
                       allow_short_read=True),  # the ROM: short reads past its end
             7: Region(0x100, read=self._read, write=self._write),
@@ -278,6 +283,33 @@ class Regions(VfioDevice):
             raise KeyError("a bug in the device")
         self.mem[offset:offset + len(data)] = data
 
+    def _read_value(self, offset: int, size: int) -> int:
+        self.calls.append(("read value", offset, size))
+        if offset == 0x80:
+            raise VfioUserError("refused", errno=errno.EACCES)
+        if offset == 0x90:
+            raise ValueError("a bug in the device")
+        return int.from_bytes(self.mem[offset:offset + size], "little")
+
+    def _write_value(self, offset: int, size: int, value: int) -> None:
+        self.calls.append(("write value", offset, size, value))
+        if offset == 0x80:
+            raise VfioUserError("refused", errno=errno.EPERM)
+        if offset == 0x90:
+            raise KeyError("a bug in the device")
+        self.mem[offset:offset + size] = value.to_bytes(size, "little")
+
+    def _read5(self, offset: int, count: int) -> bytes:
+        if count in (1, 2, 4, 8):
+            return self._read_value(offset, count).to_bytes(count, "little")
+        return self._read(offset, count)
+
+    def _write5(self, offset: int, data: bytes) -> None:
+        if len(data) in (1, 2, 4, 8):
+            self._write_value(offset, len(data), int.from_bytes(data, "little"))
+        else:
+            self._write(offset, data)
+
     def regions(self) -> Mapping[int, Region]:
         return self._regions
 
@@ -285,101 +317,243 @@ class Regions(VfioDevice):
         self.calls.append(("reset",))
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[bool, tuple[Server,
-                                                                                   Regions]]]:
-    tmp = tmp_path_factory.mktemp("fast")
+class Bars(PciDevice):
+    """A PciDevice with the MSI-X table and PBA in BAR 0 beside registers: the framework's
+    own BAR handlers (value and bytes), recording what the device sees."""
+
+    vendor_id = 0x1B36
+    device_id = 0x0001
+    class_code = 0xFF0000
+    bars: ClassVar = {0: Bar(0x1000), 2: Bar(0x100)}
+    msix_vectors = 4
+    msix_table_offset = 0x800
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, ...]] = []
+        self.regs: dict[tuple[int, int], int] = {}
+
+    def bar_read(self, bar: int, offset: int, size: int) -> int:
+        self.calls.append(("read", bar, offset, size))
+        if offset == 0x80:
+            raise VfioUserError("refused", errno=errno.EACCES)
+        if offset == 0x90:
+            return -1  # masked to the access size
+        return self.regs.get((bar, offset), 0x1122334455667788 + offset)
+
+    def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        self.calls.append(("write", bar, offset, size, value))
+        if offset == 0x80:
+            raise ValueError("a bug in the device")
+        self.regs[bar, offset] = value
+
+
+def make_servers(tmp: Path, make: Callable[[], VfioDevice]) -> dict[bool, tuple[Server, Any]]:
     caps = ServerCapabilities(max_data_xfer_size=0x200)  # a limit the accesses can cross
     out = {}
     for fast in (True, False):
-        dev = Regions()
+        dev = make()
         srv = Server(dev, Path(tmp, f"{fast}.sock"), caps=caps, shim=fast).start()
         out[fast] = (srv, dev)
+    return out
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[bool, tuple[Server,
+                                                                                   Regions]]]:
+    out = make_servers(tmp_path_factory.mktemp("fast"), Regions)
+    yield out
+    for srv, _dev in out.values():
+        srv.close()
+
+
+@pytest.fixture(scope="module")
+def pci_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[bool, tuple[Server,
+                                                                                       Bars]]]:
+    out = make_servers(tmp_path_factory.mktemp("pci"), Bars)
     yield out
     for srv, _dev in out.values():
         srv.close()
 
 
 READ, WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
+FLAGS = st.sampled_from([0, int(HeaderFlag.NO_REPLY), int(MsgType.REPLY), int(HeaderFlag.ERROR),
+                         0x40])
+MORE = st.sampled_from([0, 0, 0, 1, -1])  # bytes more or fewer than the count says
 access = st.tuples(
     st.sampled_from([READ, WRITE]),
-    st.sampled_from([0, 1, 2, 3, 4, 6, 7, 8, 9, 16, 0xFFFFFFFF]),  # region
+    st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 0xFFFFFFFF]),  # region
     st.one_of(st.sampled_from([0, 0x2E, 0x3C, 0x80, 0x90, 0xA0, 0xFC, 0x100, 2**64 - 4]),
               st.integers(0, 0x110)),  # offset
-    st.sampled_from([0, 1, 2, 4, 8, 0x10, 0x101, 0x201, 0xFFFFFFFF]),  # count
-    st.sampled_from([0, int(HeaderFlag.NO_REPLY), int(MsgType.REPLY), int(HeaderFlag.ERROR),
-                     0x40]),  # flags
-    st.sampled_from([0, 0, 0, 1, -1]),  # bytes more or fewer than the count says
+    st.sampled_from([0, 1, 2, 3, 4, 8, 0x10, 0x101, 0x201, 0xFFFFFFFF]),  # count
+    FLAGS,
+    MORE,
 )
+pci_access = st.tuples(
+    st.sampled_from([READ, WRITE]),
+    st.sampled_from([0, 2, 7]),  # BAR 0 (registers, MSI-X table and PBA), BAR 2, config
+    st.one_of(st.sampled_from([0, 0x80, 0x90, 0x800, 0x804, 0x80C, 0x83C, 0x900, 0x904]),
+              st.integers(0, 0x1000)),
+    st.sampled_from([1, 2, 3, 4, 6, 8, 16]),
+    st.sampled_from([0, 0, int(HeaderFlag.NO_REPLY)]),
+    st.just(0),
+)
+#: how a burst ends: a read whose reply ends it, the client's end of stream after whole
+#: messages, or in the middle of one
+ENDS = st.sampled_from(["read", "eof", "eof inside"])
 
 
-def exchange(path: Path, negotiate: bool, accesses: list[tuple[int, ...]]) -> list[Any]:
-    """Send the accesses in one burst, then a read whose reply ends them; every reply."""
+def encode_access(msg_id: int, cmd: int, region: int, offset: int, count: int, flags: int,
+                  more: int) -> bytes:
+    payload = RegionAccess(offset, region, count).pack()
+    if cmd == WRITE:
+        payload += bytes(range(max(0, min(count, 0x210) + more) % 256))[:0x210]
+    elif more > 0:
+        payload += b"x"
+    return codec.encode(codec.Message(msg_id, cmd, flags, 0, payload))
+
+
+def exchange(path: Path, version_at: int | None, accesses: list[tuple[int, ...]],
+             end: str = "read") -> list[Any]:
+    """Send the accesses in one burst, VERSION and DEVICE_GET_INFO before access
+    ``version_at`` (None: never), then the end; every reply."""
     peer = RawPeer(path)
     try:
         replies: list[Any] = []
-        if negotiate:
-            caps = {"max_msg_fds": 16, "max_data_xfer_size": MAX_DATA_XFER_SIZE}
-            peer.send(codec.encode(codec.request(0, Command.VERSION,
-                                                 codec.encode_version(0, 0, caps))))
-            peer.send(codec.encode(codec.request(0, Command.DEVICE_GET_INFO,
-                                                 DeviceInfo(16, 0, 0, 0).pack())))
-            replies += [peer.recv_message(), peer.recv_message()]
         burst = b""
-        for i, (cmd, region, offset, count, flags, more) in enumerate(accesses):
-            payload = RegionAccess(offset, region, count).pack()
-            if cmd == WRITE:
-                payload += bytes(range(max(0, min(count, 0x210) + more) % 256))[:0x210]
-            elif more > 0:
-                payload += b"x"
-            burst += codec.encode(codec.Message(i + 1, cmd, flags, 0, payload))
-        end = 0xFFFF
-        burst += codec.encode(codec.request(end, READ, RegionAccess(0, 7, 4).pack()))
+        caps = {"max_msg_fds": 16, "max_data_xfer_size": MAX_DATA_XFER_SIZE}
+        for i, acc in enumerate([*accesses, None]):
+            if i == version_at:
+                burst += codec.encode(codec.request(0, Command.VERSION,
+                                                    codec.encode_version(0, 0, caps)))
+                burst += codec.encode(codec.request(0, Command.DEVICE_GET_INFO,
+                                                    DeviceInfo(16, 0, 0, 0).pack()))
+            if acc is not None:
+                burst += encode_access(i + 1, *acc)
+        last = 0xFFFF
+        if end == "read":
+            burst += codec.encode(codec.request(last, READ, RegionAccess(0, 7, 4).pack()))
+        elif end == "eof inside":
+            burst += encode_access(last, READ, 0, 0, 4, 0, 0)[:20]
         peer.send(burst)
+        if end != "read":
+            peer.sock.shutdown(socket.SHUT_WR)
         while True:
-            m = peer.recv_message()
+            try:
+                m = peer.recv_message()
+            except ConnectionClosed:
+                return replies
             replies.append((m.msg_id, m.command, m.flags, m.error, m.payload))
-            if m.msg_id == end:
+            if m.msg_id == last:
                 return replies
     finally:
         peer.close()
 
 
-@settings(max_examples=120 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
-@given(st.booleans(), st.lists(access, max_size=12))
-def test_fast_path_and_python_path_answer_alike(
-        servers: dict[bool, tuple[Server, Regions]], negotiate: bool,
-        accesses: list[tuple[int, ...]]) -> None:
+def both_paths(servers: dict[bool, tuple[Server, Any]], version_at: int | None,
+               accesses: list[tuple[int, ...]], end: str, state: Callable[[Any], Any]
+               ) -> None:
     outcomes = []
     for fast in (True, False):
         srv, dev = servers[fast]
-        dev.calls.clear()
-        dev.mem[:] = bytes(len(dev.mem))
         served = srv.connections_served
-        replies = exchange(srv.path, negotiate, accesses)
-        srv.wait_for_disconnect(served + 1, timeout=30)
-        outcomes.append((replies, dev.calls[:], bytes(dev.mem)))
+        replies = exchange(srv.path, version_at, accesses, end)
+        srv.wait_for_disconnect(served + 1, timeout=30)  # everything sent was handled
+        outcomes.append((replies, state(dev)))
     assert outcomes[0] == outcomes[1]
 
 
-def test_the_fast_path_serves_accesses_without_the_endpoint(
+@settings(max_examples=120 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(st.lists(access, max_size=12), st.data())
+def test_fast_path_and_python_path_answer_alike(
+        servers: dict[bool, tuple[Server, Regions]], accesses: list[tuple[int, ...]],
+        data: st.DataObject) -> None:
+    version_at = data.draw(st.one_of(st.none(), st.integers(0, len(accesses))))
+    end = data.draw(ENDS)
+    for _fast, (_srv, dev) in servers.items():
+        dev.calls.clear()
+        dev.mem[:] = bytes(len(dev.mem))
+    both_paths(servers, version_at, accesses, end,
+               lambda dev: (dev.calls[:], bytes(dev.mem)))
+
+
+@settings(max_examples=60 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.lists(pci_access, max_size=12), ENDS)
+def test_pci_bars_answer_alike_on_both_paths(
+        pci_servers: dict[bool, tuple[Server, Bars]], accesses: list[tuple[int, ...]],
+        end: str) -> None:
+    """PciDevice's own BAR handlers: registers, split accesses, MSI-X table and PBA."""
+    for _fast, (_srv, dev) in pci_servers.items():
+        dev.calls.clear()
+        dev.regs.clear()
+    both_paths(pci_servers, 0, accesses, end,
+               lambda dev: (dev.calls[:], dict(dev.regs), dev.msix.table.read(0x800, 0x40)))
+
+
+def test_the_loop_serves_a_burst_without_the_endpoint_and_in_one_read(
         servers: dict[bool, tuple[Server, Regions]], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Proof that the fast path runs: the endpoint is not called for a good access."""
+    """Proof that the loop runs: only what the fast path does not take reaches the endpoint
+    or returns to Python, and a burst of posted writes already in the buffer is served before
+    the next read of the socket."""
     srv, _dev = servers[True]
     handled: list[int] = []
-    real = msgshim.FastPath.handle_one
+    returns: list[int] = []
+    paths: list[msgshim.FastPath] = []
+    real_handle = Endpoint.handle
+    real_one = msgshim.FastPath.handle_one
 
-    def counting(self: msgshim.FastPath) -> codec.Message | None:
-        msg = real(self)
-        handled.append(-1 if msg is None else msg.command)
-        return msg
+    def handle(self: Endpoint, msg: codec.Message) -> codec.Message | None:
+        handled.append(msg.command)
+        return real_handle(self, msg)
 
-    monkeypatch.setattr(msgshim.FastPath, "handle_one", counting)
+    def handle_one(self: msgshim.FastPath) -> codec.Message | None:
+        paths.append(self)
+        returns.append(self._r.reads)
+        return real_one(self)
+
+    monkeypatch.setattr(Endpoint, "handle", handle)
+    monkeypatch.setattr(msgshim.FastPath, "handle_one", handle_one)
     served = srv.connections_served
-    replies = exchange(srv.path, True, [(WRITE, 0, 8, 4, 0, 0), (READ, 0, 8, 4, 0, 0)])
+    posted = [(WRITE, 0, 8 + 4 * (i % 2), 4, int(HeaderFlag.NO_REPLY), 0) for i in range(40)]
+    replies = exchange(srv.path, 0, [*posted, (READ, 0, 8, 4, 0, 0)])
     value = struct.unpack_from("<I", replies[-2][4], RegionAccess.SIZE)[0]
     assert value == 0x03020100
-    srv.wait_for_disconnect(served + 1, timeout=30)  # the last access counted
-    assert handled == [Command.VERSION, Command.DEVICE_GET_INFO, -1, -1, -1]
+    srv.wait_for_disconnect(served + 1, timeout=30)
+    assert handled == [Command.VERSION, Command.DEVICE_GET_INFO]
+    # the loop returned for VERSION, DEVICE_GET_INFO and the end of the stream only: the
+    # burst (one send, so one read) was served whole before the next read, the end of stream
+    assert len(returns) == 3 and returns == [0, 1, 1] and paths[0]._r.reads == 2
     assert max_message_size(0x200) == srv.caps.max_message_size
+
+
+class Interrupting(Regions):
+    """A handler that raises what is not an Exception (as a signal handler's may)."""
+
+    def _read_value(self, offset: int, size: int) -> int:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_what_is_not_an_exception_goes_up_the_loop_on_both_paths(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
+    """A handler's KeyboardInterrupt ends the server's loop thread with it, the connection
+    closed on the way (no error reply: it is not the client's error), on either path."""
+    seen: list[type[BaseException]] = []
+    monkeypatch.setattr("threading.excepthook", lambda args: seen.append(args.exc_type))
+    srv = Server(Interrupting(), tmp_path / "s.sock", shim=fast).start()
+    try:
+        peer = RawPeer(srv.path)
+        try:
+            peer.send(codec.encode(codec.request(0, Command.VERSION, codec.encode_version(
+                0, 0, {"max_msg_fds": 16, "max_data_xfer_size": MAX_DATA_XFER_SIZE}))))
+            peer.recv_message()
+            peer.send(codec.encode(codec.request(1, READ, RegionAccess(0, 5, 4).pack())))
+            assert peer.at_eof()
+        finally:
+            peer.close()
+        srv.join(timeout=30)
+        assert seen == [KeyboardInterrupt]
+    finally:
+        srv.close()

@@ -85,6 +85,8 @@ class JobSlot:
             self._result = None
             self.job = job
             os.write(self._pipe_w, b"u")
+            if conn is not None:
+                conn.interrupt()  # the shim's loop returns before its next message
             thread = conn.loop_thread if conn is not None else None
             if self.by_signal and conn is not None and thread is not None:
                 with contextlib.suppress(OSError):  # the client left: the loop is done anyway

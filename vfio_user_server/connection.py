@@ -19,14 +19,13 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .dma import DmaAccessor, DmaMapTable
 from .endpoint import DeviceContext, Endpoint, VfioDevice
 from .errors import ConnectionClosed
-from .msgshim import FastPath, ShimMessageReader, sender
+from .msgshim import FastPath, ShimMessageReader, ShimSender
 from .protocol import codec
 from .protocol.constants import Command
 from .protocol.session import Session
@@ -68,15 +67,16 @@ class Connection:
         #: the device was told about this client (vfio_attach), so it hears it leave
         self.device_connected = False
         self.ctx = DeviceContext(self.dma, self.table, self._worker.submit, None)
-        #: the C shim (vfio_user_server.msgshim): REGION_READ/WRITE served without a Message,
-        #: replies encoded and sent in C. Not while tracing: the trace describes each Message.
+        #: the C shim (vfio_user_server.msgshim): every send encoded and sent in C under the
+        #: shim's lock (not send_lock), and REGION_READ/WRITE served by its loop without a
+        #: Message. Not the loop while tracing: the trace describes each Message.
         reader = self.reader.reader
         self.fast: FastPath | None = None
-        self._csend: Callable[[int, codec.Message], None] | None = None
+        self.csender: ShimSender | None = None
         if isinstance(reader, ShimMessageReader):
-            self._csend = sender(reader)
+            self.csender = ShimSender(sock.fileno(), reader)
             if not server.tracing and self.reader.direct:
-                self.fast = FastPath(self, reader)
+                self.fast = FastPath(self, reader, self.csender)
 
     @loop_thread
     def bind_loop_thread(self, thread: threading.Thread) -> None:
@@ -91,13 +91,28 @@ class Connection:
         """Write one message (a reply, or a request to the client) with its fds."""
         if self.server.tracing:
             self.server._trace(describe(msg, direction="->"))
+        if self.csender is not None:  # the shim's lock and closed flag
+            self.csender.send(msg)
+            return
         with self.send_lock:
             if self.closed:
                 raise ConnectionClosed("connection is closed")
-            if self._csend is not None:
-                self._csend(self.sock.fileno(), msg)
-            else:
-                send_bytes(self.sock, codec.encode(msg), msg.fds)  # fds travel with the header
+            send_bytes(self.sock, codec.encode(msg), msg.fds)  # fds travel with the header
+
+    @any_thread
+    def interrupt(self) -> None:
+        """The loop thread returns from the shim's loop before its next message (a job is
+        waiting for it: vfio_user_server.between)."""
+        if self.fast is not None:
+            self.fast.interrupt()
+
+    @loop_thread
+    def _close_sends(self) -> None:
+        """Nothing is sent from now on (a send in progress finishes first)."""
+        with self.send_lock:
+            self.closed = True
+        if self.csender is not None:
+            self.csender.close()
 
     # --- receiving and dispatch -------------------------------------------------------------
     @loop_thread
@@ -145,8 +160,7 @@ class Connection:
         """
         if self.closed:
             return
-        with self.send_lock:
-            self.closed = True
+        self._close_sends()
         self.session.close()
         self.requester.close()
         self.reader.close()  # fds of a message that never arrived whole
@@ -174,8 +188,7 @@ class Connection:
         client. The device stays quiesced: it is the old process's, and no longer serves."""
         if self.closed:
             return
-        with self.send_lock:
-            self.closed = True
+        self._close_sends()
         self.requester.close()
         self.reader.close()  # our copies of the fds of a message not yet whole
         self._worker.shutdown(wait=True, cancel_futures=True)

@@ -51,6 +51,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar, final
 
 from . import state as _state
+from .bar_region import bar_region
 from .dma import DmaAccessor
 from .endpoint import DeviceContext, Region, VfioDevice
 from .errors import DeviceDefinitionError, DmaError, IrqError, StateError
@@ -637,8 +638,7 @@ class PciDevice(VfioDevice):
             bar = self.config.bars[index]
             if bar is None:
                 continue
-            regions[index] = Region(bar.size, read=self._bar_reader(index),
-                                    write=self._bar_writer(index))
+            regions[index] = bar_region(self, index, bar.size, self._msix_table_written)
             if bar.mapped:  # shared memory in front of the trapped handlers
                 self._mapped[index] = map_bar(index, bar, regions[index], self.msix)
         if self.rom is not None:
@@ -658,44 +658,8 @@ class PciDevice(VfioDevice):
         with self.lock:
             self.config.write(offset, data)
 
-    def _msix_owns(self, bar: int, offset: int, count: int) -> bool:
-        return self.msix is not None and self.msix.table.owns(bar, offset, count)
-
-    def _bar_reader(self, bar: int) -> Callable[[int, int], bytes]:
-        def read(offset: int, count: int) -> bytes:
-            with self.lock:
-                if self._msix_owns(bar, offset, count):
-                    assert self.msix is not None
-                    return self.msix.table.read(offset, count, bar)
-                if count in (1, 2, 4, 8):
-                    return (self.bar_read(bar, offset, count) & ((1 << 8 * count) - 1)
-                            ).to_bytes(count, "little")
-                out = bytearray()
-                for pos, size in _split(offset, count):
-                    value = self.bar_read(bar, pos, size) & ((1 << 8 * size) - 1)
-                    out += value.to_bytes(size, "little")
-                return bytes(out)
-
-        return read
-
-    def _bar_writer(self, bar: int) -> Callable[[int, bytes], None]:
-        def write(offset: int, data: bytes) -> None:
-            with self.lock:
-                if self._msix_owns(bar, offset, len(data)):
-                    assert self.msix is not None
-                    table = self.msix.table
-                    if table.table_bar == bar and offset < table.table_offset + table.table_size:
-                        self._msix_table_used = True
-                    table.write(offset, data, bar)
-                    return
-                if len(data) in (1, 2, 4, 8):
-                    self.bar_write(bar, offset, len(data), int.from_bytes(data, "little"))
-                    return
-                for pos, size in _split(offset, len(data)):
-                    chunk = data[pos - offset:pos - offset + size]
-                    self.bar_write(bar, pos, size, int.from_bytes(chunk, "little"))
-
-        return write
+    def _msix_table_written(self) -> None:
+        self._msix_table_used = True
 
 
 class _OwnStateError(StateError):
@@ -752,17 +716,3 @@ def _kind(value: object) -> type:
 def _same_kind(current: object, value: object) -> bool:
     """A loaded value may replace the current one: same kind, or either is None."""
     return current is None or value is None or _kind(current) is _kind(value)
-
-
-def _split(offset: int, count: int) -> list[tuple[int, int]]:
-    """Split an access into naturally aligned 4/2/1-byte pieces."""
-    pieces = []
-    end = offset + count
-    pos = offset
-    while pos < end:
-        for size in (4, 2, 1):
-            if pos % size == 0 and pos + size <= end:
-                pieces.append((pos, size))
-                pos += size
-                break
-    return pieces

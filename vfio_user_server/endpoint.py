@@ -82,6 +82,12 @@ class Region:
     msix_mappable: bool = False
     #: the ROM may answer a read short of its size (QEMU loops on short ROM reads)
     allow_short_read: bool = False
+    #: Optional: ``read`` and ``write`` of 1, 2, 4 or 8 bytes with the value as an integer
+    #: (little-endian; a read gives ``0 <= value < 2 ** (8 * size)``), for the C shim's loop,
+    #: which then calls the device with no bytes on the way. They answer exactly as ``read``
+    #: and ``write`` do; whoever replaces those drops these (a mapped BAR).
+    read_value: Callable[[int, int], int] | None = None
+    write_value: Callable[[int, int, int], None] | None = None
 
     @property
     def flags(self) -> int:

@@ -173,6 +173,7 @@ def map_bar(index: int, bar: Bar, region: Region, msix: MsiX | None) -> MappedBa
                 trapped_write(pos, piece)
 
     region.read, region.write = read, write
+    region.read_value = region.write_value = None  # the trapped ones: not for the areas
     region.mmap = MmapSpec(mem.fd, 0, areas=list(bar.mapped))
     return mem
 

@@ -324,6 +324,8 @@ class Server:
         refuser = threading.Thread(target=self._refuse_others, args=(done_r, client),
                                    name=f"vfio-user-refuser:{self.path.name}", daemon=True)
         refuser.start()
+        if self.upgradable and not self._slot.by_signal and conn.fast is not None:
+            conn.fast.watch(self._slot.pipe)  # the shim's loop polls it before each read
         try:
             while not self._stopping.is_set():
                 if self.upgradable:  # a hand-over between two messages, even inside a burst
@@ -332,7 +334,9 @@ class Server:
                     if not self._slot.by_signal and not conn.reader.reader.has_message():
                         r, _, _ = select.select([conn.sock.fileno(), self._slot.pipe], [], [])
                         if conn.sock.fileno() not in r:
-                            continue  # the hand-over is taken at the top
+                            if self._run_upgrade_job(conn):  # drains the pipe, job or not
+                                break
+                            continue
                 try:
                     conn.handle_one()
                 except BlockingIOError:  # a read cut short for a hand-over (never otherwise)

@@ -250,7 +250,7 @@ class SupervisedConnection(Connection):
         self.reader: PeekingReader = PeekingReader(sock, server.caps.max_message_size)
         # the C reader and sender work on whole reads; here a message is peeked, then consumed
         self.fast = None
-        self._csend = None
+        self.csender = None
         #: the header of the message the dead process was handling (a recovered connection)
         self.lost: bytes | None = None
         self._maps: dict[int, tuple[int, int, int, bool]] = {}  # what the supervisor has

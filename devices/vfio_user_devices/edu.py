@@ -228,23 +228,29 @@ class Edu(PciDevice):
         return value & ((1 << 8 * size) - 1)
 
     def _read32(self, offset: int) -> int:
-        regs = {
-            REG_ID: EDU_ID,
-            REG_LIVENESS: self.liveness,
-            REG_FACTORIAL: self.fact,
-            REG_STATUS: self.status,
-            REG_IRQ_STATUS: self.irq_status,
-        }
-        return regs.get(offset, U32)
+        # one comparison per register (as QEMU's switch), not a dict of them all per read
+        if offset == REG_ID:
+            return EDU_ID
+        if offset == REG_LIVENESS:
+            return self.liveness
+        if offset == REG_FACTORIAL:
+            return self.fact
+        if offset == REG_STATUS:
+            return self.status
+        if offset == REG_IRQ_STATUS:
+            return self.irq_status
+        return U32
 
     def _read64(self, offset: int) -> int:
-        regs = {
-            REG_DMA_SRC: self.dma_src,
-            REG_DMA_DST: self.dma_dst,
-            REG_DMA_COUNT: self.dma_count,
-            REG_DMA_CMD: self.dma_cmd,
-        }
-        return regs.get(offset, U64)
+        if offset == REG_DMA_SRC:
+            return self.dma_src
+        if offset == REG_DMA_DST:
+            return self.dma_dst
+        if offset == REG_DMA_COUNT:
+            return self.dma_count
+        if offset == REG_DMA_CMD:
+            return self.dma_cmd
+        return U64
 
     def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
         if not _valid(offset, size):
