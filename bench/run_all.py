@@ -160,31 +160,84 @@ def build_mmio_loop() -> Path:
 _LOOP_RE = re.compile(r"read_ns=(\d+) write_ns=(\d+) id=(0x[0-9a-f]+)")
 
 
-def guest_session(sockets: list[str], extra_args: list[str], loop: Path, n: int, runs: int,
-                  server_pid: int | None, props: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Boot a guest, run mmio_loop ``runs`` times; server memory after attach and after."""
+# Slots of the guest section's devices (one guest holds them all, see guest_rep())
+_SLOT0 = 0x10
+
+
+def guest_rep(servers: dict[str, tuple[Callable[[str], list[str]], dict[str, str] | None]],
+              tmp: str, loop: Path, n: int, rounds: int, rep: int) -> list[dict[str, Any]]:
+    """One repetition of the guest section: ONE guest holding every edu under test.
+
+    QEMU's in-process ``edu``, then for each server (ours with the shim, ours pure Python, the
+    C peer) two devices: one with QEMU's default posted writes and one with
+    ``x-no-posted-writes=on``, each served by its own process. ``mmio_loop -d BDF`` then times
+    each device in turn, ``rounds`` times, the order rotated every round, and every round gives
+    one figure per server (one record each). Timing every server inside the same guest takes
+    the guest's boot-to-boot variation (up to 1.8x between boots of the same configuration on
+    a quiet machine) out of the ratios: a round's figures are taken seconds apart in the same
+    TCG guest. The memory figures are the posted-write server's: idle before the boot, attached
+    after it, after the last round.
+    """
     from vfio_user_server.testing.guest import QemuMachine, VfioUserDevice
 
-    devs = [VfioUserDevice(s, props=props or {}) for s in sockets]
-    result: dict[str, Any] = {"read_ns": [], "write_ns": []}
-    # booted cold: a restored template hot-plugs its devices, and the in-process reference
-    # (-device edu on QEMU's command line) is not in the template
-    with QemuMachine(sockets=devs, extra_args=extra_args, files={"/bin/mmio_loop": loop},
-                     cold_boot=True, name="bench") as vm:
-        if server_pid is not None:
-            result["attached"] = memory_kib(server_pid)
-        for _ in range(runs):
-            res = vm.run(f"/bin/mmio_loop -n {n}", timeout=600).check()
-            m = _LOOP_RE.search(res.output)
-            if not m:
-                raise RuntimeError(f"mmio_loop said: {res.output!r}")
-            check_id(m.group(3))
-            result["read_ns"].append(int(m.group(1)))
-            result["write_ns"].append(int(m.group(2)))
-            result["id"] = m.group(3)
-        if server_pid is not None:
-            result["after_loop"] = memory_kib(server_pid)
-    return result
+    plan: list[tuple[str, str, str]] = [("qemu-in-process", "posted", "")]  # name, kind, sock
+    for name in servers:
+        for kind in ("posted", "sync"):
+            plan.append((name, kind, os.path.join(tmp, f"{name}-{kind}-{rep}.sock")))
+    slot = {key[:2]: _SLOT0 + i for i, key in enumerate(plan)}
+    bdf = {key: f"0000:00:{s:02x}.0" for key, s in slot.items()}
+    with contextlib.ExitStack() as stack:
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        for name, kind, sock in plan[1:]:
+            argv, env = servers[name]
+            proc = stack.enter_context(server(argv(sock), sock, env))
+            if kind == "posted":
+                procs[name] = proc
+        time.sleep(0.5)
+        recs: dict[str, dict[str, Any]] = {
+            name: {"bench": "guest", "rep": rep, "server": name, "read_ns": [],
+                   "write_ns": [], "sync_write_ns": []} for name, _, _ in plan}
+        for name, proc in procs.items():
+            recs[name]["idle"] = memory_kib(proc.pid)
+        devs = [VfioUserDevice(sock, props={"addr": f"{slot[(name, kind)]:#x}",
+                                            **({"x-no-posted-writes": True}
+                                               if kind == "sync" else {})})
+                for name, kind, sock in plan[1:]]
+        inproc = ["-device", f"edu,addr={_SLOT0:#x}"]
+        # booted cold: the in-process reference must be on QEMU's command line
+        with QemuMachine(sockets=devs, extra_args=inproc, files={"/bin/mmio_loop": loop},
+                         cold_boot=True, name="bench") as vm:
+            for name, proc in procs.items():
+                recs[name]["attached"] = memory_kib(proc.pid)
+            for rnd in range(rounds):
+                shift = rnd % len(plan)
+                for name, kind, _ in plan[shift:] + plan[:shift]:
+                    res = vm.run(f"/bin/mmio_loop -d {bdf[(name, kind)]} -n {n}",
+                                 timeout=600).check()
+                    m = _LOOP_RE.search(res.output)
+                    if not m:
+                        raise RuntimeError(f"mmio_loop said: {res.output!r}")
+                    check_id(m.group(3))
+                    rec = recs[name]
+                    if kind == "posted":
+                        rec["read_ns"].append(int(m.group(1)))
+                        rec["write_ns"].append(int(m.group(2)))
+                    else:
+                        rec["sync_write_ns"].append(int(m.group(2)))
+            for name, proc in procs.items():
+                recs[name]["after_loop"] = memory_kib(proc.pid)
+    out: list[dict[str, Any]] = []
+    for rnd in range(rounds):  # one record per server and round: the rows pair them by index
+        for name, _, _ in plan:
+            rec = dict(recs[name])
+            for k in ("read_ns", "write_ns", "sync_write_ns"):
+                rec[k] = rec[k][rnd] if rec[k] else None
+            rec["round"] = rnd
+            if rnd:
+                for phase in ("idle", "attached", "after_loop"):
+                    rec.pop(phase, None)
+            out.append(rec)
+    return out
 
 
 def check_id(read: str) -> None:
@@ -300,6 +353,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each measurement")
     ap.add_argument("-n", type=int, default=20000, help="accesses per raw-client measurement")
     ap.add_argument("--guest-n", type=int, default=5000, help="accesses per guest loop")
+    ap.add_argument("--guest-rounds", type=int, default=3,
+                    help="loops per device and repetition, in the one guest of a repetition")
     ap.add_argument("--nvme-ops", type=int, default=2000,
                     help="4 KiB requests per NVMe figure (128 KiB: an eighth)")
     ap.add_argument("--nvme-configs", default=",".join(nvme_bench.CONFIGS),
@@ -396,41 +451,30 @@ def main() -> int:
         if "guest" in want or "memory" in want:
             loop = build_mmio_loop()
             for rep in range(args.reps):
-                res2 = guest_session([], ["-device", "edu"], loop, args.guest_n, 1, None)
-                inproc = {"read": res2["read_ns"][0], "write": res2["write_ns"][0]}
-                emit({"bench": "guest", "rep": rep, "server": "qemu-in-process", **inproc})
-                for name, (argv, env) in servers.items():
-                    sock = os.path.join(tmp, f"{name}.sock")
-                    with server(argv(sock), sock, env) as proc:
-                        time.sleep(0.5)
-                        idle = memory_kib(proc.pid)
-                        res2 = guest_session([sock], [], loop, args.guest_n, 1, proc.pid)
-                    # Again with QEMU's posted writes off: each write waits for its reply.
-                    with server(argv(sock), sock, env) as proc:
-                        sync = guest_session([sock], [], loop, args.guest_n, 1, None,
-                                             {"x-no-posted-writes": True})
-                    rec = {"bench": "guest", "rep": rep, "server": name,
-                           "read_ns": res2["read_ns"][0], "write_ns": res2["write_ns"][0],
-                           "sync_write_ns": sync["write_ns"][0], "id": res2.get("id"),
-                           "idle": idle, "attached": res2.get("attached"),
-                           "after_loop": res2.get("after_loop")}
+                recs = guest_rep(servers, tmp, loop, args.guest_n, args.guest_rounds, rep)
+                for rec in recs:
                     emit(rec)
-                    if "guest" in want:
+                for rec in recs:
+                    name = rec["server"]
+                    if "guest" in want and name != "qemu-in-process":
                         for k, title in (("read_ns", "read"),
                                          ("write_ns", "write, posted (QEMU default)"),
                                          ("sync_write_ns", "write, x-no-posted-writes=on")):
-                            ref = inproc.get(k.split("_")[0]) if k != "sync_write_ns" else None
                             r = row(f"guest trapped edu BAR0 {title}", "us", cpeer_label)
                             r.add(name, rec[k] / 1000)
-                            if ref is not None:
-                                r.runs.setdefault("inproc", []).append(ref / 1000)
-                                r.note = f"QEMU in-process edu {med(r.runs['inproc'])} us"
-                    if "memory" in want:
+                    elif "guest" in want:
+                        for k, title in (("read_ns", "read"),
+                                         ("write_ns", "write, posted (QEMU default)")):
+                            r = row(f"guest trapped edu BAR0 {title}", "us", cpeer_label)
+                            r.runs.setdefault("inproc", []).append(rec[k] / 1000)
+                            r.note = f"QEMU in-process edu {med(r.runs['inproc'])} us"
+                for rec in recs:
+                    if "memory" in want and "idle" in rec:
                         for phase in ("idle", "attached", "after_loop"):
                             for k, v in (rec.get(phase) or {}).items():
                                 row(f"edu server {k.split('_')[0].upper()} "
                                     f"{phase.replace('_', ' ')}", "MiB",
-                                    cpeer_label).add(name, v / 1024)
+                                    cpeer_label).add(rec["server"], v / 1024)
         if "dma" in want:
             dma = dma_bench.measure(0.02 if args.short else 0.25, args.reps)
             for fig, s in dma.items():
