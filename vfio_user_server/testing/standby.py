@@ -56,13 +56,16 @@ class StandbyPool:
 
     def enable(self) -> None:
         """Turn the pool on (the pytest plugin does), unless ``$PYVFIO_STANDBY=0``."""
-        self._enabled = True
+        with self._cond:
+            self._enabled = True
+            self._closed = False
 
     def take(self, key: str, timeout: float) -> QemuMachine | None:
         """The standby for ``key`` (waiting for it if it is being made), or None."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._making == key and (self._ready is None or self._ready[0] != key):
+            while (self._ready is None or self._ready[0] != key) and (
+                    self._making == key or (self._wanted is not None and self._wanted[0] == key)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
@@ -93,13 +96,12 @@ class StandbyPool:
             old.close()
 
     def _run(self) -> None:
+        # Never returns: the QEMU processes this thread started (adopted guests too) get
+        # SIGKILL when it exits (die_with_parent), so it lives as long as the process.
         while True:
             with self._cond:
-                while self._wanted is None and not self._closed:
+                while self._wanted is None or self._closed:
                     self._cond.wait()
-                if self._closed:
-                    return
-                assert self._wanted is not None
                 key, make = self._wanted
                 self._wanted = None
                 self._making = key
@@ -121,9 +123,11 @@ class StandbyPool:
                 drop.close()
 
     def close(self) -> None:
-        """End the standby guest (and the one being made, once made)."""
+        """End the standby guest (and the one being made, once made); :meth:`enable` turns
+        the pool on again."""
         with self._cond:
             self._closed = True
+            self._wanted = None
             ready, self._ready = self._ready, None
             self._cond.notify_all()
         if ready is not None:
