@@ -223,7 +223,11 @@ class _GuestRestore(_GuestAgent):
         self.restored = True
         template, made = self._template()
         skey = self._standby_key(template)
-        standby = POOL.take(skey, self.boot_timeout) if POOL.enabled else None
+        # No standby with extra QEMU arguments: they may name host state that two QEMUs
+        # must not share (a memory-backend-file: the standby's restore would overwrite the
+        # running guest's RAM).
+        pooled = POOL.enabled and not self.extra_args
+        standby = POOL.take(skey, self.boot_timeout) if pooled else None
         adopted = standby is not None and self._adopt(standby)
         if adopted:
             t0 = time.monotonic()
@@ -246,7 +250,8 @@ class _GuestRestore(_GuestAgent):
             machine._start_standby(template)
             return machine
 
-        POOL.refill(skey, make)
+        if pooled:
+            POOL.refill(skey, make)
         how = ("a standby guest adopted" if adopted
                else f"snapshot loaded in {loaded:.2f} s")
         msg = (

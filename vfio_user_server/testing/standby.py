@@ -9,7 +9,9 @@ and runs one warm-up command (``:``), with no device. The next guest with that s
 it (:meth:`~vfio_user_server.testing.guest_restore._GuestRestore._restore`) and only plugs
 its devices and settles, which sets the clock and mixes in a host seed after the hand-over.
 
-A standby has never served a test: no test's guest state reaches another. The pool holds one
+A standby has never served a test: no test's guest state reaches another. A guest with
+``extra_args`` gets none: they may name host state two QEMUs must not share (a
+``memory-backend-file``). The pool holds one
 standby (ready or being made) per process; a request for another setup replaces it. Its QEMU
 is started by the pool's thread, which lives as long as the process, so ``die_with_parent``
 kills it with the process (a pytest-xdist worker that crashes too); :meth:`StandbyPool.close`
