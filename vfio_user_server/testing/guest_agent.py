@@ -139,22 +139,24 @@ class _GuestAgent(_GuestProcess):
                     chunk = sock.recv(65536)
                 except OSError:
                     chunk = b""
+                # A standby guest's reader serves the machine that adopted it (see .standby).
+                owner = self._agent_owner
                 if not chunk:
-                    with self._cond:
-                        self._agent_eof = True
-                        self._cond.notify_all()
+                    with owner._cond:
+                        owner._agent_eof = True
+                        owner._cond.notify_all()
                     return
                 alog.write(chunk)
                 events = stream.feed(chunk)
                 if not events:
                     continue
-                with self._cond:
+                with owner._cond:
                     for event in events:
                         if isinstance(event, AgentReady):
-                            self._ready_count += 1
+                            owner._ready_count += 1
                         else:
-                            self._results[event.cid] = (event.status, event.output)
-                    self._cond.notify_all()
+                            owner._results[event.cid] = (event.status, event.output)
+                    owner._cond.notify_all()
 
     def _wait_ready(self, count: int, deadline: float) -> None:
         with self._cond:

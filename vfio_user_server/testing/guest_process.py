@@ -113,6 +113,8 @@ class _GuestProcess:
         self._next_id = 0
         self._send_lock = threading.Lock()
         self._agent_eof = False
+        #: The machine whose state the agent reader updates (another one after an adoption).
+        self._agent_owner: _GuestProcess = self
         self._failed = False
         self._closed = False
         self._device_counter = 0

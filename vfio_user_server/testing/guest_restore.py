@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from vfio_user_server.testing.guest_base import (
     _as_device,
     _port_bdf,
 )
+from vfio_user_server.testing.standby import POOL
 
 log = logging.getLogger("vfio_user_server.testing.guest")
 
@@ -60,32 +63,25 @@ class _GuestRestore(_GuestAgent):
             },
         }
 
+    def _settings(self) -> dict[str, Any]:
+        """The settings a guest with this setup but no device is made with (the template,
+        a standby)."""
+        return {
+            "modules": self.modules, "module_params": self.module_params, "files": self.files,
+            "memory_mib": self.memory_mib, "smp": self.smp, "accel": self.accel,
+            "shared_memory": self.shared_memory, "iommu": self.iommu, "verbose": self.verbose,
+            "cmdline": self.cmdline, "extra_args": self.extra_args, "no_reboot": self.no_reboot,
+            "boot_timeout": self.boot_timeout, "keep_workdir": False,
+            "die_with_parent": self.die_with_parent, "hotplug_ports": self._port_count(),
+        }
+
     def _make_template(self, folder: Path) -> dict[str, Any]:
         """Boot the template guest cold, stop it and save it into ``folder``."""
         from vfio_user_server.testing.guest import QemuMachine  # the class this is a layer of
 
         assert self.prov is not None
-        boot = QemuMachine(
-            self.prov,
-            modules=self.modules,
-            module_params=self.module_params,
-            files=self.files,
-            memory_mib=self.memory_mib,
-            smp=self.smp,
-            accel=self.accel,
-            shared_memory=self.shared_memory,
-            iommu=self.iommu,
-            verbose=self.verbose,
-            cmdline=self.cmdline,
-            extra_args=self.extra_args,
-            no_reboot=self.no_reboot,
-            boot_timeout=self.boot_timeout,
-            keep_workdir=False,
-            name="pyvfio-template",
-            die_with_parent=self.die_with_parent,
-            cold_boot=True,
-            hotplug_ports=self._port_count(),
-        )
+        boot = QemuMachine(self.prov, name="pyvfio-template", cold_boot=True,
+                           **self._settings())
         boot._is_template = True
         with boot:
             want = self._argv(boot.workdir or folder, boot._path("initramfs.cpio.gz"),
@@ -124,29 +120,39 @@ class _GuestRestore(_GuestAgent):
                 raise self._error(f"migration did not finish while {doing}")
             time.sleep(0.01)
 
-    def _restore(self) -> None:
-        """Start from the template snapshot (made first if missing), hot-plug the devices."""
+    def _template(self) -> tuple[snapshot.Template, bool]:
+        """The template snapshot of this setup (made first if missing) and whether made now."""
         assert self.prov is not None
-        self.restored = True
         inputs = self._template_inputs()
         key = snapshot.key_of(inputs)
         folder = snapshot.cache_folder(self.prov.cache_dir)
-        template, made = snapshot.get_or_create(
+        return snapshot.get_or_create(
             folder, key, lambda tmp: {**self._make_template(tmp), "inputs": inputs},
             timeout=3 * self.boot_timeout,
         )
+
+    def _standby_key(self, template: snapshot.Template) -> str:
+        """What a standby must share with this guest: its command line but for the work
+        folder and the name, and whether QEMU dies with its parent."""
+        argv = self._argv(Path("@WORKDIR"), template.initramfs, "@NAME", devices=False,
+                          console_append=True)
+        return json.dumps([argv, self.die_with_parent])
+
+    def _launch(self, template: snapshot.Template) -> float:
+        """Start QEMU paused on the template snapshot (loaded when this returns); returns
+        QEMU's start time."""
+        self.restored = True
         self.template = template
-        self.template_made = made
         self.ports = [f"{PORT_PREFIX}{i}" for i in range(self._port_count())]
         # The template's boot console first, so the console log tells the whole story.
         with open(self.console_log, "wb") as out:
             with contextlib.suppress(OSError):
                 out.write(template.console_log.read_bytes())
-            out.write(f"\n{RESTORE_MARKER} {key}\n".encode())
+            out.write(f"\n{RESTORE_MARKER} {template.key}\n".encode())
         self._listen_agent()
         argv = self._argv(self.workdir or Path(), template.initramfs, self.name,
                           devices=False, console_append=True)
-        t0 = self._spawn([*argv, "-incoming", "defer"], f" restored-from={key}")
+        t0 = self._spawn([*argv, "-incoming", "defer", "-S"], f" restored-from={template.key}")
         deadline = t0 + self.boot_timeout
         self._start_agent_reader(deadline)
         self._connect_qmp(deadline)
@@ -156,23 +162,102 @@ class _GuestRestore(_GuestAgent):
             self.qmp("migrate-incoming", uri=f"file:{template.ram}")
             self._wait_migration(deadline, "restoring the template snapshot")
         except GuestError:
-            template.discard()
+            if not self._closed:  # closed under it (a standby at exit): the file is fine
+                template.discard()
             raise
         except Exception as exc:
-            template.discard()
+            if not self._closed:
+                template.discard()
             raise self._error(f"cannot restore the template snapshot {template.folder}: "
                               f"{exc}") from exc
-        loaded = time.monotonic() - t0
-        if self.qmp("query-status").get("status") != "running":
+        return t0
+
+    def _start_standby(self, template: snapshot.Template) -> None:
+        """Start as a standby (see :mod:`.standby`): restored, resumed, one warm-up command."""
+        from vfio_user_server.testing.guest import _live  # the class this is a layer of
+
+        assert self.workdir is None
+        self.workdir = Path(tempfile.mkdtemp(prefix="pyvfio-standby-"))
+        _live.add(self)  # type: ignore[arg-type]
+        try:
+            self._launch(template)
             self.qmp("cont")
+            self.run(":", timeout=self.boot_timeout, check=True)
+        except BaseException:
+            self._failed = True
+            self.close()  # type: ignore[attr-defined]
+            raise
+
+    def _adopt(self, standby: _GuestRestore) -> bool:
+        """Take over ``standby``'s QEMU, work folder and agent; False if the folder cannot
+        move to this guest's (then ``standby`` is closed)."""
+        from vfio_user_server.testing.guest import _live
+
+        assert self.workdir is not None and standby.workdir is not None
+        try:
+            if self._own_workdir:
+                os.rmdir(self.workdir)
+                self.workdir = standby.workdir
+            else:
+                os.rename(standby.workdir, self.workdir)  # onto our empty folder
+        except OSError as exc:
+            log.info("not using the standby guest: %s", exc)
+            standby.close()  # type: ignore[attr-defined]
+            return False
+        for name in ("proc", "_qmp", "_listener", "_agent_sock", "_reader", "_cond",
+                     "_results", "_next_id", "_ready_count", "_agent_eof", "_send_lock",
+                     "_started_at", "template", "ports", "restored", "_device_counter"):
+            setattr(self, name, getattr(standby, name))
+        standby._agent_owner = self
+        standby._closed = True  # its close() must not end what is now ours
+        _live.discard(standby)  # type: ignore[arg-type]
+        self.template_made = False
+        return True
+
+    def _restore(self) -> None:
+        """Start from the template snapshot (made first if missing), or adopt a standby
+        guest restored from it; hot-plug the devices."""
+        from vfio_user_server.testing.guest import QemuMachine  # the class this is a layer of
+
+        assert self.prov is not None
+        self.restored = True
+        template, made = self._template()
+        skey = self._standby_key(template)
+        # No standby with extra QEMU arguments: they may name host state that two QEMUs
+        # must not share (a memory-backend-file: the standby's restore would overwrite the
+        # running guest's RAM).
+        pooled = POOL.enabled and not self.extra_args
+        standby = POOL.take(skey, self.boot_timeout) if pooled else None
+        adopted = standby is not None and self._adopt(standby)
+        if adopted:
+            t0 = time.monotonic()
+            loaded = 0.0
+        else:
+            t0 = self._launch(template)
+            loaded = time.monotonic() - t0
+            self.qmp("cont")
+        self.template_made = made
+        deadline = t0 + self.boot_timeout
         for dev in list(self.devices):
             self._plug(dev)
         self._settle(deadline)
         self.boot_time = time.monotonic() - t0
+        prov, settings = self.prov, self._settings()
+
+        def make() -> QemuMachine:
+            machine = QemuMachine(prov, name="pyvfio-standby", cold_boot=False, **settings)
+            machine.accel = self.accel
+            machine._start_standby(template)
+            return machine
+
+        if pooled:
+            POOL.refill(skey, make)
+        how = ("a standby guest adopted" if adopted
+               else f"snapshot loaded in {loaded:.2f} s")
         msg = (
             f"guest {self.name!r} restored in {self.boot_time:.2f} s "
-            f"(snapshot loaded in {loaded:.2f} s, {len(self.devices)} device(s) hot-plugged; "
-            f"template {key}{' made now' if made else ''}; accel={self.accel}, QEMU "
+            f"({how}, {len(self.devices)} device(s) hot-plugged; "
+            f"template {template.key}{' made now' if made else ''}; accel={self.accel}, QEMU "
             f"{self.prov.qemu.version})"
         )
         log.info(msg)

@@ -48,6 +48,7 @@ import pytest
 
 from ..endpoint import VfioDevice
 from ..errors import ProvisioningError
+from . import standby
 from .harness import DeviceLike, Guest
 from .provision import Provisioned, provision
 
@@ -62,11 +63,16 @@ LONE_CLASS_HINT = (
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    standby.POOL.enable()  # a guest restored while the current test runs (see .standby)
     config.addinivalue_line(
         "markers",
         f"{MARKER}(*devices, devices=[...], cold_boot=False, **options): devices (names, "
         "classes or instances) served to the `guest` fixture's QEMU, and Guest options",
     )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    standby.POOL.close()
 
 
 def _all_subclasses(cls: type) -> Iterator[type]:
