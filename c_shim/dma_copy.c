@@ -86,6 +86,42 @@ int pyvfio_dma_install(void)
     return install_result;
 }
 
+/*
+ * memcpy, avoiding one slow case of glibc's x86-64 memcpy (before glibc 2.39, bug 30994):
+ * between about 2 KiB and the non-temporal threshold it copies with `rep movsb`, which on AMD
+ * Zen runs 10-50x slower when the destination lies a few bytes past the source modulo the
+ * 4 KiB page (measured here: 128 KiB copies at 2.8 GB/s instead of 30 GB/s when
+ * dst - src = 16 mod 4096, the skew between a bytearray's data, 16 bytes into its malloc
+ * page, and a page-aligned mmap). In that case copy in 2 KiB pieces, below the `rep movsb`
+ * threshold, which glibc copies with vector loads and stores (15-18 GB/s). At 1 MiB and
+ * above glibc uses its vector or non-temporal loop, which does not suffer from the skew.
+ */
+#define SKEW_WINDOW 64u
+#define CHUNK 2048u
+#define CHUNK_UP_TO (1u << 20)
+
+static void copy_bytes(void *dst, const void *src, size_t n)
+{
+    uintptr_t skew = ((uintptr_t)dst - (uintptr_t)src) & 4095u;
+
+    if (skew == 0 || skew >= SKEW_WINDOW || n <= CHUNK || n >= CHUNK_UP_TO) {
+        memcpy(dst, src, n);
+        return;
+    }
+    {
+        char *d = dst;
+        const char *s = src;
+
+        while (n > CHUNK) {
+            memcpy(d, s, CHUNK);
+            d += CHUNK;
+            s += CHUNK;
+            n -= CHUNK;
+        }
+        memcpy(d, s, n);
+    }
+}
+
 /* memcpy(dst, src, n) where the guest side is [guest, guest + n). Returns 0, or the signal
  * (SIGBUS, SIGSEGV) that stopped the copy part way. */
 static int guarded_copy(void *dst, const void *src, size_t n, uintptr_t guest)
@@ -99,7 +135,7 @@ static int guarded_copy(void *dst, const void *src, size_t n, uintptr_t guest)
     if (sig == 0) {
         current = &g;
         __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the guard is set before the copy starts */
-        memcpy(dst, src, n);
+        copy_bytes(dst, src, n);
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
     }
     current = NULL;

@@ -161,7 +161,10 @@ class DmaAccessor:
             m._refs += 1
         try:
             start = m.offset + (iova - m.iova)
-            if mfile.trusted:  # sealed against shrinking: a plain copy cannot fault
+            # Sealed against shrinking: a plain copy cannot fault. With the C shim, copy through
+            # it anyway: its memcpy avoids glibc's slow `rep movsb` when the buffer sits a few
+            # bytes past the guest address modulo 4 KiB (c_shim/dma_copy.c, BENCHMARKS.md).
+            if mfile.trusted and table._copy.name != "c-shim":
                 with memoryview(mfile.mm) as whole, whole[start:start + n] as view:
                     if write:
                         view[:] = buf
