@@ -19,7 +19,10 @@
  * run the device's handler for it without an error (a request, no fds, a payload of the exact
  * shape, a state that accepts it, a region that has the access and holds it whole, no more
  * data than advertised); anything else comes out as a plain message and Python handles it,
- * error replies included.
+ * error replies included. It also takes the one DEVICE_SET_IRQS request Python approved byte
+ * for byte (r->irq_set: QEMU's INTx EOI, SET_IRQS(INTX, NONE|UNMASK, 0, 1), which the client
+ * sends after every INTx interrupt and waits for with the vCPU stopped); its rules are
+ * Python's, C only compares the bytes.
  *
  * The loop, pyvfio_serve(): reads, takes every fast access already in the buffer before the
  * next recvmsg, calls the region's Python handler through one extern "Python" callback per
@@ -54,6 +57,7 @@
 #define PYVFIO_INTERRUPTED 5 /* serve(): r->stop or the wake fd (a job between two messages) */
 #define PYVFIO_STOPPED 6 /* serve(): a callback asked to stop (Python holds the exception) */
 #define PYVFIO_CLOSED 7 /* serve(): the sender is closed */
+#define PYVFIO_FAST_SET_IRQS 8 /* the SET_IRQS request of r->irq_set (no fds) */
 #define PYVFIO_ERROR (-1)
 
 /* what a callback says in r->status (set by Python only when it is not PYVFIO_CB_REPLY) */
@@ -74,6 +78,7 @@
 #define PYVFIO_RECV_SPECIAL 0 /* fds, flags or end of stream: r->rbytes, r->rflags, r->rfds */
 
 #define MAX_REGIONS 16
+#define MAX_IRQ_SET 32 /* bytes of the approved SET_IRQS payload (QEMU's: 20) */
 #define MIN_ROOM (64 * 1024)
 #define FIRST_CAP (256 * 1024)
 
@@ -108,6 +113,10 @@ struct pyvfio_reader {
     uint64_t region_size[MAX_REGIONS];
     unsigned char region_perm[MAX_REGIONS]; /* bit 0 readable, bit 1 writable */
     unsigned char region_int[MAX_REGIONS];  /* PYVFIO_INT_READ, PYVFIO_INT_WRITE */
+    /* the SET_IRQS payload Python approved (0 bytes: none), taken while r->accepts has the
+     * command's bit */
+    unsigned char irq_set[MAX_IRQ_SET];
+    uint32_t irq_set_len;
     /* the loop: which Python object the callbacks serve, the callback's answer, the data of
      * a read answered as bytes, and the wake-ups */
     int slot;
@@ -414,6 +423,13 @@ static const struct pyvfio_mark *middle_mark(const struct pyvfio_reader *r, size
 #define HDR(f) get_le(p + PYVFIO_HEADER_##f##_OFF, PYVFIO_HEADER_##f##_LEN)
 #define ACC(f) get_le(q + PYVFIO_ACCESS_##f##_OFF, PYVFIO_ACCESS_##f##_LEN)
 
+/* A request (posted or not), with no error flag or unknown bits: the only messages the fast
+ * path takes; for anything else the Python path says what. */
+static int is_plain_request(const struct pyvfio_reader *r)
+{
+    return (r->flags & ~(uint32_t)PYVFIO_FLAG_NO_REPLY) == PYVFIO_TYPE_COMMAND;
+}
+
 /* Is the whole message at p a REGION_READ / REGION_WRITE the Python path would hand to the
  * device's handler without an error? Then decode it into r and say which. */
 static int fast_access(struct pyvfio_reader *r, const unsigned char *p)
@@ -430,8 +446,8 @@ static int fast_access(struct pyvfio_reader *r, const unsigned char *p)
         writing = 1;
     else
         return 0;
-    if ((r->flags & ~(uint32_t)PYVFIO_FLAG_NO_REPLY) != PYVFIO_TYPE_COMMAND)
-        return 0; /* a reply, an error flag, unknown bits: the Python path says what */
+    if (!is_plain_request(r))
+        return 0;
     if (!(r->accepts >> r->command & 1) || body < PYVFIO_ACCESS_SIZE)
         return 0;
     offset = ACC(OFFSET);
@@ -451,8 +467,24 @@ static int fast_access(struct pyvfio_reader *r, const unsigned char *p)
     return writing ? PYVFIO_FAST_WRITE : PYVFIO_FAST_READ;
 }
 
+/* Is the whole message at p the SET_IRQS request Python approved (r->irq_set), while the
+ * session state lets SET_IRQS through? No rule of SET_IRQS is here: Python validated these
+ * exact bytes as the endpoint and irq_request.py do (msgshim.FastPath.allow_set_irqs). */
+static int fast_set_irqs(const struct pyvfio_reader *r, const unsigned char *p)
+{
+    if (r->command != PYVFIO_CMD_DEVICE_SET_IRQS || r->irq_set_len == 0
+        || r->irq_set_len > MAX_IRQ_SET || !is_plain_request(r)
+        || !(r->accepts >> r->command & 1))
+        return 0;
+    if (r->size - PYVFIO_HEADER_SIZE != r->irq_set_len
+        || memcmp(p + PYVFIO_HEADER_SIZE, r->irq_set, r->irq_set_len) != 0)
+        return 0;
+    return PYVFIO_FAST_SET_IRQS;
+}
+
 /* framing.py's next_message: the next whole message, or why none. Returns PYVFIO_NONE (feed
- * more), PYVFIO_MESSAGE, PYVFIO_FAST_READ / PYVFIO_FAST_WRITE (only with r->fast, no fds), or
+ * more), PYVFIO_MESSAGE, PYVFIO_FAST_READ / PYVFIO_FAST_WRITE /
+ * PYVFIO_FAST_SET_IRQS (only with r->fast, no fds), or
  * PYVFIO_ERROR (r->err, now and on every later call); -ENOMEM. */
 int pyvfio_next(struct pyvfio_reader *r)
 {
@@ -492,6 +524,8 @@ int pyvfio_next(struct pyvfio_reader *r)
             return rc;
     } else if (r->fast) {
         kind = fast_access(r, p);
+        if (kind == 0)
+            kind = fast_set_irqs(r, p);
         if (kind == 0)
             kind = PYVFIO_MESSAGE;
     }
@@ -751,10 +785,33 @@ static void pyvfio_write_value(int slot, uint32_t index, uint64_t offset, uint32
                                uint64_t value);
 static void pyvfio_write_bytes(int slot, uint32_t index, uint64_t offset, uint32_t count,
                                const char *data);
+/* The approved SET_IRQS request (r->irq_set), applied by the device's IRQ controller. */
+static void pyvfio_set_irqs(int slot);
 
 static int is_value_size(uint32_t count)
 {
     return count == 1 || count == 2 || count == 4 || count == 8;
+}
+
+/* The SET_IRQS request of r->irq_set: Python applies it (the IRQ controller keeps the INTx
+ * state), C sends the reply, the header alone as the Python path's codec.reply_to() makes it.
+ * 0, or what pyvfio_serve() returns. */
+static int serve_set_irqs(struct pyvfio_reader *r, struct pyvfio_sender *s)
+{
+    int rc;
+
+    r->status = PYVFIO_CB_REPLY;
+    pyvfio_set_irqs(r->slot);
+    if (r->status == PYVFIO_CB_STOP)
+        return PYVFIO_STOPPED;
+    if (r->status != PYVFIO_CB_REPLY || (r->flags & PYVFIO_FLAG_NO_REPLY))
+        return 0; /* answered by Python, or posted */
+    pthread_mutex_lock(&s->lock);
+    rc = s->closed ? PYVFIO_CLOSED
+                   : pyvfio_send(s->sock, r->msg_id, r->command, PYVFIO_TYPE_REPLY, 0, NULL, 0,
+                                 NULL, 0);
+    pthread_mutex_unlock(&s->lock);
+    return rc;
 }
 
 /* Serve fast accesses from r's socket (s's) until something else comes: returns what
@@ -773,6 +830,12 @@ int pyvfio_serve(struct pyvfio_reader *r, struct pyvfio_sender *s)
         if (__atomic_load_n(&r->stop, __ATOMIC_ACQUIRE))
             return PYVFIO_INTERRUPTED;
         kind = pyvfio_next_from(r, s->sock);
+        if (kind == PYVFIO_FAST_SET_IRQS) {
+            rc = serve_set_irqs(r, s);
+            if (rc)
+                return rc;
+            continue;
+        }
         if (kind != PYVFIO_FAST_READ && kind != PYVFIO_FAST_WRITE)
             return kind;
         r->status = PYVFIO_CB_REPLY;

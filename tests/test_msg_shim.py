@@ -2,7 +2,7 @@
 reference: the same random byte-and-fd streams, split into arbitrary reads, give both readers
 the same messages, the same errors and the same fds back; random REGION accesses (good and bad)
 get the same replies and the same device calls from a server on the fast path and one on the
-Python path.
+Python path; so do SET_IRQS requests among them (the loop answers QEMU's INTx EOI itself).
 
 These run whether or not PYVFIO_NO_SHIM is set (it only chooses what a server uses); without
 a built shim they are skipped, and ci/test builds it.
@@ -32,7 +32,14 @@ from vfio_user_server.errors import ConnectionClosed, FramingError, VfioUserErro
 from vfio_user_server.irq import IrqController
 from vfio_user_server.pci import Bar
 from vfio_user_server.protocol import codec
-from vfio_user_server.protocol.constants import HEADER_SIZE, Command, HeaderFlag, MsgType
+from vfio_user_server.protocol.constants import (
+    HEADER_SIZE,
+    Command,
+    HeaderFlag,
+    IrqIndex,
+    IrqSetFlag,
+    MsgType,
+)
 from vfio_user_server.protocol.framing import MessageReader
 from vfio_user_server.protocol.session import (
     MAX_DATA_XFER_SIZE,
@@ -40,7 +47,7 @@ from vfio_user_server.protocol.session import (
     ServerCapabilities,
     max_message_size,
 )
-from vfio_user_server.protocol.structs import DeviceInfo, RegionAccess
+from vfio_user_server.protocol.structs import DeviceInfo, IrqSet, RegionAccess
 from vfio_user_server.server import Server
 
 shim = pytest.importorskip("vfio_user_server._msg_shim")
@@ -245,12 +252,29 @@ def test_the_path_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPatch) 
 # --- the fast path against the Python path ------------------------------------------------------
 
 
+class RecordingIrqs(IrqController):
+    """An IRQ controller that records each SET_IRQS it applies, and the INTx state after it."""
+
+    def __init__(self, calls: list[tuple[Any, ...]]) -> None:
+        super().__init__(intx=True, msi_vectors=2, msix_vectors=0)
+        self.calls = calls
+
+    def set_irqs(self, index: int, flags: int, start: int, count: int, fds: Any,
+                 data: bytes = b"") -> None:
+        self.calls.append(("set_irqs", index, flags, start, count, len(fds), data))
+        try:
+            super().set_irqs(index, flags, start, count, fds, data)
+        finally:
+            st = self.state(IrqIndex.INTX)
+            self.calls.append(("intx", st.masked, st.level, st.fds != (None,)))
+
+
 class Regions(VfioDevice):
     """Regions of every kind, with handlers that record their calls and fail on purpose."""
 
     def __init__(self) -> None:
-        self.irqs = IrqController(intx=True, msi_vectors=0, msix_vectors=0)
         self.calls: list[tuple[Any, ...]] = []
+        self.irqs = RecordingIrqs(self.calls)
         self.mem = bytearray(0x100)
         self._regions = {
             0: Region(0x100, read=self._read, write=self._write),
@@ -377,6 +401,8 @@ def pci_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[bool,
 
 
 READ, WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
+SET = int(Command.DEVICE_SET_IRQS)
+EOI = int(IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_UNMASK)
 FLAGS = st.sampled_from([0, int(HeaderFlag.NO_REPLY), int(MsgType.REPLY), int(HeaderFlag.ERROR),
                          0x40])
 MORE = st.sampled_from([0, 0, 0, 1, -1])  # bytes more or fewer than the count says
@@ -388,6 +414,22 @@ access = st.tuples(
     st.sampled_from([0, 1, 2, 3, 4, 8, 0x10, 0x101, 0x201, 0xFFFFFFFF]),  # count
     FLAGS,
     MORE,
+)
+#: SET_IRQS: (SET, index, start, count, header flags, more, SET_IRQS flags); more 1 adds a data
+#: byte, -1 makes argsz one short. Half of them QEMU's INTx EOI, which the loop takes itself.
+set_irqs = st.one_of(
+    st.tuples(st.just(SET), st.just(0), st.just(0), st.just(1),
+              st.sampled_from([0, 0, int(HeaderFlag.NO_REPLY)]), st.just(0), st.just(EOI)),
+    st.tuples(
+        st.just(SET),
+        st.sampled_from([0, 0, 0, 1, 5]),  # INTx, MSI, no such index
+        st.sampled_from([0, 0, 0, 1]),
+        st.sampled_from([1, 1, 1, 0, 2]),
+        FLAGS,
+        MORE,
+        st.sampled_from([EOI, EOI, int(IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_MASK),
+                         int(IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER),
+                         int(IrqSetFlag.DATA_BOOL | IrqSetFlag.ACTION_UNMASK), 0x111])),
 )
 pci_access = st.tuples(
     st.sampled_from([READ, WRITE]),
@@ -403,8 +445,17 @@ pci_access = st.tuples(
 ENDS = st.sampled_from(["read", "eof", "eof inside"])
 
 
+def encode_set_irqs(msg_id: int, index: int, start: int, count: int, flags: int, more: int,
+                    irq_flags: int) -> bytes:
+    payload = IrqSet(IrqSet.SIZE - (more < 0), irq_flags, index, start, count).pack()
+    payload += b"\x01" * (more > 0)
+    return codec.encode(codec.Message(msg_id, SET, flags, 0, payload))
+
+
 def encode_access(msg_id: int, cmd: int, region: int, offset: int, count: int, flags: int,
-                  more: int) -> bytes:
+                  more: int, *irq_flags: int) -> bytes:
+    if cmd == SET:
+        return encode_set_irqs(msg_id, region, offset, count, flags, more, *irq_flags)
     payload = RegionAccess(offset, region, count).pack()
     if cmd == WRITE:
         payload += bytes(range(max(0, min(count, 0x210) + more) % 256))[:0x210]
@@ -465,7 +516,7 @@ def both_paths(servers: dict[bool, tuple[Server, Any]], version_at: int | None,
 
 @settings(max_examples=120 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
-@given(st.lists(access, max_size=12), st.data())
+@given(st.lists(st.one_of(access, set_irqs), max_size=12), st.data())
 def test_fast_path_and_python_path_answer_alike(
         servers: dict[bool, tuple[Server, Regions]], accesses: list[tuple[int, ...]],
         data: st.DataObject) -> None:
@@ -557,3 +608,102 @@ def test_what_is_not_an_exception_goes_up_the_loop_on_both_paths(
         assert seen == [KeyboardInterrupt]
     finally:
         srv.close()
+
+
+def eventfd_count(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def test_the_intx_eoi_is_answered_alike_and_by_the_loop_itself(
+        servers: dict[bool, tuple[Server, Regions]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU's INTx EOI, SET_IRQS(INTX, NONE|UNMASK, 0, 1), on both paths: refused before
+    negotiation, then among region accesses it unmasks, fires again while the line is high,
+    not while COMMAND.INTX_DISABLE is set, and a posted one is answered by nothing; with fds it
+    is refused. The loop takes it without the endpoint; with fds, before negotiation, or with
+    an error flag, the Python path does."""
+    handled: list[int] = []
+    real_handle = Endpoint.handle
+
+    def handle(self: Endpoint, msg: codec.Message) -> codec.Message | None:
+        handled.append(msg.command)
+        return real_handle(self, msg)
+
+    monkeypatch.setattr(Endpoint, "handle", handle)
+    intx = int(IrqIndex.INTX)
+    caps = {"max_msg_fds": 16, "max_data_xfer_size": MAX_DATA_XFER_SIZE}
+    outcomes: dict[bool, list[Any]] = {}
+    seen: dict[bool, list[int]] = {}
+    for fast in (True, False):
+        srv, dev = servers[fast]
+        dev.calls.clear()
+        handled.clear()
+        served = srv.connections_served
+        peer = RawPeer(srv.path)
+        trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        spare = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        out: list[Any] = []
+
+        def ask(data: bytes, fds: list[int] | None = None, replies: int = 1) -> None:
+            peer.send(data, fds)  # noqa: B023 (each run's own peer and list)
+            for _ in range(replies):
+                m = peer.recv_message()  # noqa: B023
+                out.append((m.msg_id, m.command, m.flags, m.error, m.payload))  # noqa: B023
+
+        def fired() -> None:
+            out.append(("fired", eventfd_count(trigger)))  # noqa: B023
+
+        try:
+            ask(encode_set_irqs(1, intx, 0, 1, 0, 0, EOI))  # before VERSION: EINVAL
+            ask(codec.encode(codec.request(2, Command.VERSION, codec.encode_version(0, 0, caps)))
+                + codec.encode(codec.request(3, Command.DEVICE_GET_INFO,
+                                             DeviceInfo(16, 0, 0, 0).pack())), replies=2)
+            trigger_req = IrqSet(IrqSet.SIZE, int(IrqSetFlag.DATA_EVENTFD
+                                                  | IrqSetFlag.ACTION_TRIGGER), intx, 0, 1)
+            ask(codec.encode(codec.request(4, SET, trigger_req.pack())), [trigger])
+            dev.irqs.intx_assert()  # fires and masks
+            fired()
+            # the line still high: the EOI among accesses unmasks, fires and masks again
+            ask(encode_access(5, WRITE, 0, 0, 4, 0, 0) + encode_set_irqs(6, intx, 0, 1, 0, 0, EOI)
+                + encode_access(7, READ, 0, 0, 4, 0, 0), replies=3)
+            fired()
+            dev.irqs.intx_deassert()
+            ask(encode_set_irqs(8, intx, 0, 1, 0, 0, EOI))  # low: unmasked, nothing fires
+            fired()
+            dev.irqs.set_intx_disabled(True)
+            dev.irqs.intx_assert()  # high but disabled: nothing fires, stays unmasked
+            ask(encode_set_irqs(9, intx, 0, 1, 0, 0, EOI))
+            fired()
+            dev.irqs.set_intx_disabled(False)  # enabled: the high line fires now
+            fired()
+            # posted: no reply (the read after it says it was handled), fires again
+            ask(encode_set_irqs(10, intx, 0, 1, int(HeaderFlag.NO_REPLY), 0, EOI)
+                + encode_access(11, READ, 0, 0, 4, 0, 0))
+            fired()
+            # with an fd: DATA_NONE takes none, refused on the Python path, the fd closed
+            ask(encode_set_irqs(12, intx, 0, 1, 0, 0, EOI), [spare])
+            fired()
+            # an error flag on a request: the Python path takes it (and applies it: it is a
+            # request all the same)
+            ask(encode_set_irqs(13, intx, 0, 1, int(HeaderFlag.ERROR), 0, EOI))
+            fired()
+            out.append(dev.irqs.state(intx).masked)
+        finally:
+            peer.close()
+            os.close(trigger)
+            os.close(spare)
+            srv.wait_for_disconnect(served + 1, timeout=30)
+            dev.irqs.intx_deassert()
+        outcomes[fast] = [*out, dev.calls[:]]
+        seen[fast] = [c for c in handled if c == SET]
+    assert outcomes[True] == outcomes[False]
+    fires = [x[1] for x in outcomes[True] if isinstance(x, tuple) and x[0] == "fired"]
+    assert fires == [1, 1, 0, 0, 1, 1, 0, 1]
+    errors = [x[3] for x in outcomes[True] if isinstance(x, tuple) and len(x) == 5
+              and x[0] in (1, 12)]
+    assert errors == [errno.EINVAL, errno.EINVAL]
+    # the Python path: all eight SET_IRQS; the loop: the one before VERSION, the trigger with
+    # its fd, the EOI with an fd and the one with an error flag
+    assert len(seen[False]) == 8 and len(seen[True]) == 4

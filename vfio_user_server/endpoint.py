@@ -194,11 +194,7 @@ class Endpoint:
                 raise ProtocolError("a reply where a request was expected")
             if not self.session.accepts(cmd):
                 self.session.check(cmd)  # raises the precise error
-            size = len(msg.payload)
-            if size < _MIN_PAYLOAD[cmd] or (size != _MIN_PAYLOAD[cmd] and cmd in _EXACT):
-                codec.check_request_size(Command(cmd), msg.payload)
-            if cmd in _MIN_ARGSZ:
-                _check_argsz(msg, _MIN_ARGSZ[cmd])
+            _check_layout(msg)
             if cmd in self.migration.gated:
                 self.migration.check_access(msg)
             if msg.fds and len(msg.fds) > self._max_fds[cmd]:
@@ -245,6 +241,22 @@ class Endpoint:
         only through the messages it hands to :meth:`handle`)."""
         return self.session.accepts(command) and command not in self.migration.gated
 
+    def plain_set_irqs(self, payload: bytes) -> tuple[int, int, int, int]:
+        """A DEVICE_SET_IRQS request without fds or data (``payload`` is the structure alone),
+        checked by every rule the Python path applies to it but the session and migration
+        states' (:meth:`ungated` says those as things stand): the command table's (size,
+        argsz) and the IRQ controller's validation. Returns its ``(index, flags, start,
+        count)`` for :meth:`IrqController.set_irqs <vfio_user_server.irq.IrqController.
+        set_irqs>`, which is what :func:`_set_irqs` calls with it; raises what the Python path
+        would answer with. The C shim's loop takes such a request byte for byte
+        (:meth:`vfio_user_server.msgshim.FastPath.allow_set_irqs`)."""
+        if len(payload) != IrqSet.SIZE:
+            raise ValueError(f"a plain SET_IRQS is {IrqSet.SIZE} bytes, not {len(payload)}")
+        _check_layout(codec.request(0, Command.DEVICE_SET_IRQS, payload))
+        req = IrqSet.unpack(payload)
+        self.device.irqs.check_plain(req.index, req.flags, req.start, req.count)
+        return req.index, req.flags, req.start, req.count
+
     @staticmethod
     def short_read(index: int, got: int, count: int) -> VfioUserError:
         """A region's read handler returned ``got`` bytes where ``count`` were asked for."""
@@ -283,6 +295,17 @@ class Endpoint:
         region = self._access_region(RegionAccess(offset, index, len(data)), True)
         assert region.write is not None
         region.write(offset, data)
+
+
+def _check_layout(msg: codec.Message) -> None:
+    """The command table's rules for a request's payload (a command the session accepts):
+    its size, and its argsz where it has one."""
+    cmd = msg.command
+    size = len(msg.payload)
+    if size < _MIN_PAYLOAD[cmd] or (size != _MIN_PAYLOAD[cmd] and cmd in _EXACT):
+        codec.check_request_size(Command(cmd), msg.payload)
+    if cmd in _MIN_ARGSZ:
+        _check_argsz(msg, _MIN_ARGSZ[cmd])
 
 
 def _check_argsz(msg: codec.Message, min_argsz: int) -> None:

@@ -201,6 +201,12 @@ class IrqController:
                         if fd >= 0 and fd not in owned:
                             close_fd(fd, "IRQ fd")
 
+    def check_plain(self, index: int, flags: int, start: int, count: int) -> None:
+        """Validate a SET_IRQS request without fds or data as :meth:`set_irqs` does
+        (IrqError EINVAL), applying nothing."""
+        with self._lock:
+            self._plain.validate(index, flags, start, count)
+
     # One applier per data type; each gets a request that passed validation.
 
     def _apply_none(self, req: SetIrqs) -> None:

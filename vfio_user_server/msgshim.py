@@ -20,7 +20,17 @@ dispatch, the reply's encoding and the socket calls. ``vfio_user_server._msg_shi
   (the session state accepts it, the region has it whole, no more data than advertised, no
   fds); every other message, bad accesses included, ends the loop, comes out as a Message and
   goes through :class:`~vfio_user_server.endpoint.Endpoint` as before. The limits come from
-  :mod:`~vfio_user_server.protocol.session` and the device, passed in per connection.
+  :mod:`~vfio_user_server.protocol.session` and the device, passed in per connection;
+* the same loop answers QEMU's INTx EOI, DEVICE_SET_IRQS(INTX, NONE|UNMASK, 0, 1), which the
+  client sends after every INTx interrupt, on the first BAR access after it, and waits for with
+  the vCPU stopped (``vfio_pci_intx_eoi``, a synchronous ``vfio_user_send_wait``). Python
+  checks those exact bytes once, by the Python path's own rules
+  (:meth:`Endpoint.plain_set_irqs <vfio_user_server.endpoint.Endpoint.plain_set_irqs>`), and
+  gives them to the shim (:meth:`FastPath.allow_set_irqs`); the shim takes a message equal to
+  them byte for byte, without fds, while the session state lets SET_IRQS through, calls the
+  IRQ controller's ``set_irqs`` with them through one callback (irq.py keeps the INTx line,
+  mask and eventfds) and sends the header-only reply. Every other SET_IRQS takes the Python
+  path.
 
 Measured (BENCHMARKS.md): the loop took the server's user-space instructions per message from
 about 23,900 (one C call per message, four with the GIL dropped and retaken) to about 10,400
@@ -34,17 +44,19 @@ runs. Without the shim nothing here is used but :func:`new_reader` and :func:`pa
 from __future__ import annotations
 
 import errno
+import functools
 import importlib
 import itertools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .dmacopy import ENV_NO_SHIM
 from .errors import ConnectionClosed, FramingError
 from .protocol.codec import Message
-from .protocol.constants import HEADER_SIZE, Command, HeaderFlag
+from .protocol.constants import HEADER_SIZE, Command, HeaderFlag, IrqIndex, IrqSetFlag
 from .protocol.framing import (
     MessageReader,
     check_pending,
@@ -53,19 +65,25 @@ from .protocol.framing import (
     no_data_error,
 )
 from .protocol.session import may_change_state
-from .protocol.structs import RegionAccess
+from .protocol.structs import IrqSet, RegionAccess
 
 if TYPE_CHECKING:
     from .connection import Connection
 
-__all__ = ["FastPath", "ShimMessageReader", "ShimSender", "load", "new_reader", "path_name"]
+__all__ = ["INTX_EOI", "FastPath", "ShimMessageReader", "ShimSender", "load", "new_reader",
+           "path_name"]
 
 log = logging.getLogger(__name__)
 
 _READ = int(Command.REGION_READ)
 _WRITE = int(Command.REGION_WRITE)
+_SET_IRQS = int(Command.DEVICE_SET_IRQS)
 _NO_REPLY = int(HeaderFlag.NO_REPLY)
 _ACCESS = RegionAccess.SIZE
+#: QEMU's INTx EOI (``vfio_device_irq_unmask``): SET_IRQS(INTX, NONE|UNMASK, 0, 1), argsz the
+#: structure's size
+INTX_EOI = IrqSet(IrqSet.SIZE, int(IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_UNMASK),
+                  int(IrqIndex.INTX), 0, 1).pack()
 
 
 def _import() -> Any | None:
@@ -102,6 +120,10 @@ def new_reader(max_size: int, shim: bool | None = None) -> MessageReader | ShimM
         return MessageReader(max_size)
     module = _import() if shim else load()
     return MessageReader(max_size) if module is None else ShimMessageReader(max_size, module)
+
+
+def _nothing() -> None:
+    """No SET_IRQS request is taken by the loop (FastPath.apply_set_irqs)."""
 
 
 def _os_error(rc: int) -> OSError:
@@ -326,8 +348,15 @@ def _install(ffi: Any, lib: Any) -> None:
         except BaseException as exc:
             path.failed(exc)
 
+    def pyvfio_set_irqs(slot: int) -> None:
+        path = _serving[slot]
+        try:
+            path.apply_set_irqs()
+        except BaseException as exc:
+            path.failed(exc)
+
     for callback in (pyvfio_read_value, pyvfio_read_bytes, pyvfio_write_value,
-                     pyvfio_write_bytes):
+                     pyvfio_write_bytes, pyvfio_set_irqs):
         ffi.def_extern(onerror=lost)(callback)  # by its name
     _installed.add(id(ffi))
 
@@ -373,6 +402,9 @@ class FastPath:
                 | (lib.PYVFIO_INT_WRITE if region.write is not None and region.write_value
                    else 0))
         r.max_xfer = conn.session.caps.max_data_xfer_size
+        #: the SET_IRQS request the loop takes (allow_set_irqs), applied as the Python path does
+        self.apply_set_irqs: Callable[[], None] = _nothing
+        self.allow_set_irqs(INTX_EOI)
         self.state_changed()
         #: the exception a callback stopped the loop with (raised by handle_one)
         self.stopped: BaseException | None = None
@@ -385,7 +417,30 @@ class FastPath:
         let through now (after every message the Python path handled: only those change
         them); a gated access goes to the Python path, which says what to do with it."""
         ungated = self.conn.endpoint.ungated
-        self._r.accepts = (ungated(_READ) << _READ) | (ungated(_WRITE) << _WRITE)
+        self._r.accepts = ((ungated(_READ) << _READ) | (ungated(_WRITE) << _WRITE)
+                           | (ungated(_SET_IRQS) << _SET_IRQS))
+
+    def allow_set_irqs(self, payload: bytes) -> bool:
+        """Let the loop answer the DEVICE_SET_IRQS request ``payload`` (without fds) itself,
+        in place of any it took before, if the Python path would apply it without an error
+        (:meth:`Endpoint.plain_set_irqs <vfio_user_server.endpoint.Endpoint.plain_set_irqs>`:
+        every rule but the session state's, which :meth:`state_changed` gives the shim). The
+        loop then calls the IRQ controller's ``set_irqs`` with it, as the Python path's handler
+        does, and sends the reply. False (and none taken) when it would be refused."""
+        r = self._r
+        r.irq_set_len = 0
+        self.apply_set_irqs = _nothing
+        if len(payload) > len(r.irq_set):
+            return False
+        try:
+            args = self.conn.endpoint.plain_set_irqs(payload)
+        except Exception:
+            return False
+        irqs = self.conn.endpoint.device.irqs
+        self.apply_set_irqs = functools.partial(irqs.set_irqs, *args, (), b"")
+        self.reader._ffi.memmove(r.irq_set, payload, len(payload))
+        r.irq_set_len = len(payload)
+        return True
 
     def interrupt(self) -> None:
         """(any thread) The loop returns before its next message (a job between two)."""
