@@ -32,6 +32,36 @@
 #define assert(c) ((c) ? (void)0 : (fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, \
                                             __LINE__, #c), abort()))
 
+/* pyvfio_serve()'s callbacks (Python's, through cffi) are never called here: the harness takes
+ * messages with pyvfio_next() and pyvfio_next_from() only */
+static uint64_t pyvfio_read_value(int slot, uint32_t index, uint64_t offset, uint32_t count)
+{
+    (void)slot, (void)index, (void)offset, (void)count;
+    abort();
+}
+static void pyvfio_read_bytes(int slot, uint32_t index, uint64_t offset, uint32_t count)
+{
+    (void)slot, (void)index, (void)offset, (void)count;
+    abort();
+}
+static void pyvfio_write_value(int slot, uint32_t index, uint64_t offset, uint32_t count,
+                               uint64_t value)
+{
+    (void)slot, (void)index, (void)offset, (void)count, (void)value;
+    abort();
+}
+static void pyvfio_write_bytes(int slot, uint32_t index, uint64_t offset, uint32_t count,
+                               const char *data)
+{
+    (void)slot, (void)index, (void)offset, (void)count, (void)data;
+    abort();
+}
+static void pyvfio_set_irqs(int slot)
+{
+    (void)slot;
+    abort();
+}
+
 #define FAKE_FD0 100000
 #define MAX_FAKE (1 << 16)
 
@@ -72,7 +102,14 @@ static void setup_fast(struct pyvfio_reader *r, uint8_t cfg)
     if (!(cfg & 4))
         return;
     r->fast = 1;
-    r->accepts = (uint64_t)1 << PYVFIO_CMD_REGION_READ | (uint64_t)1 << PYVFIO_CMD_REGION_WRITE;
+    r->accepts = (uint64_t)1 << PYVFIO_CMD_REGION_READ | (uint64_t)1 << PYVFIO_CMD_REGION_WRITE
+                 | (uint64_t)1 << PYVFIO_CMD_DEVICE_SET_IRQS;
+    /* QEMU's INTx EOI, as msgshim.FastPath.allow_set_irqs gives it: argsz 20, NONE|UNMASK,
+     * INTx, start 0, count 1 */
+    static const unsigned char eoi[20] = {20, 0, 0, 0, 0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                          1, 0, 0, 0};
+    memcpy(r->irq_set, eoi, sizeof(eoi));
+    r->irq_set_len = sizeof(eoi);
     r->max_xfer = (uint64_t)1 << ((cfg >> 3) & 0xf);
     for (int i = 0; i < MAX_REGIONS; i++) {
         r->region_size[i] = i % 3 == 2 ? 0 : (uint64_t)0x100 << i;
@@ -99,6 +136,11 @@ static int check_kind(struct pyvfio_reader *r, int kind, unsigned char *out, int
         else
             assert(r->size == PYVFIO_HEADER_SIZE + PYVFIO_ACCESS_SIZE);
     }
+    if (kind == PYVFIO_FAST_SET_IRQS) {
+        assert(r->fast && r->nfds == 0 && r->command == PYVFIO_CMD_DEVICE_SET_IRQS);
+        assert(r->size == PYVFIO_HEADER_SIZE + r->irq_set_len && r->size <= r->max_size);
+        assert(memcmp(r->buf + r->payload, r->irq_set, r->irq_set_len) == 0);
+    }
     if (kind == PYVFIO_MESSAGE && out != NULL) {
         for (int i = 0; i < r->nfds; i++) {
             int fd = r->fds[i];
@@ -108,7 +150,8 @@ static int check_kind(struct pyvfio_reader *r, int kind, unsigned char *out, int
             out[fd - FAKE_FD0] = 2;
         }
     }
-    return kind == PYVFIO_MESSAGE || kind == PYVFIO_FAST_READ || kind == PYVFIO_FAST_WRITE;
+    return kind == PYVFIO_MESSAGE || kind == PYVFIO_FAST_READ || kind == PYVFIO_FAST_WRITE
+           || kind == PYVFIO_FAST_SET_IRQS;
 }
 
 static unsigned char fake_state[MAX_FAKE];

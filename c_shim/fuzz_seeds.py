@@ -13,7 +13,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from vfio_user_server.protocol import codec  # noqa: E402
 from vfio_user_server.protocol.constants import HEADER_SIZE, Command, HeaderFlag  # noqa: E402
-from vfio_user_server.protocol.structs import RegionAccess  # noqa: E402
+from vfio_user_server.protocol.structs import IrqSet, RegionAccess  # noqa: E402
 
 
 def message(msg_id: int, command: int, payload: bytes, flags: int = 0) -> bytes:
@@ -33,12 +33,14 @@ def seeds() -> dict[str, bytes]:
                     int(HeaderFlag.NO_REPLY))
     big = message(3, Command.REGION_WRITE, RegionAccess(0, 7, 512).pack() + bytes(512))
     dma_map = message(4, Command.DMA_MAP, bytes(32))
+    eoi = message(5, Command.DEVICE_SET_IRQS, IrqSet(20, 0x11, 0, 0, 1).pack())  # INTx EOI
     out = {}
     for mode in (0x00, 0x80):
         cfg = mode | 0x04 | 12 << 3  # fast path on, 4 KiB of data per access
         out[f"accesses-{mode:x}"] = bytes([cfg]) + op(read) + op(write) + op(big)
         out[f"split-{mode:x}"] = bytes([cfg | 1]) + op(read[:10]) + op(read[10:] + write)
         out[f"fds-{mode:x}"] = bytes([cfg]) + op(dma_map, 1) + op(read) + op(write[:20], 2)
+        out[f"eoi-{mode:x}"] = bytes([cfg]) + op(read + eoi) + op(eoi, 1) + op(eoi[:30])
     return out
 
 
