@@ -4,25 +4,30 @@
 one per map crossed; :class:`DmaAccessor` reads and writes a range through them: directly where
 the map is mmapped (a memoryview for sealed, zero-copy maps, a guarded copy otherwise), and with
 ``DMA_READ`` / ``DMA_WRITE`` messages through the server's :class:`MessageDma` where the map has
-no fd. Moved out of :mod:`vfio_user_server.dma` (which re-exports every name) to keep each module
-one job; see that module's docstring for the map table's rules.
-"""
+no fd. With the C shim, a range inside the map the accessor used last is copied by one C call
+(the fast path: a cached translation, the map's pin reference and the guarded copy). Moved out
+of :mod:`vfio_user_server.dma` (which re-exports every name) to keep each module one job; see
+that module's docstring for the map table's rules."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import signal
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from .dmacopy import fault_error
 from .errors import DmaError
 
 if TYPE_CHECKING:
-    from .dma import DmaMapping, DmaMapTable, DmaWindow
+    import mmap
 
-__all__ = ["DmaAccessor", "MessageDma", "Segment", "WindowCache"]
+    from .dma import DmaMapping, DmaMapTable
+
+__all__ = ["DmaAccessor", "DmaWindow", "MessageDma", "Segment", "WindowCache"]
 
 log = logging.getLogger("vfio_user_server.dma")
 
@@ -130,6 +135,32 @@ class DmaAccessor:
     def __init__(self, table: DmaMapTable, message_dma: MessageDma | None = None) -> None:
         self.table = table
         self.message_dma = message_dma
+        # The fast path (C shim only): the last map used, as one tuple swapped whole, so any
+        # thread may use the accessor: (table generation, first IOVA, end IOVA, host address
+        # minus IOVA, pin, readable, writable, mapping). The pin, not the generation, is what
+        # makes it safe: a copy through a closed pin touches nothing and takes the slow path.
+        self._fast: tuple[int, int, int, int, Any, bool, bool, DmaMapping] | None = None
+        shim = table._shim
+        if shim is not None:
+            self._pin_read = shim._lib.pyvfio_pin_read
+            self._pin_write = shim._lib.pyvfio_pin_write
+            self._from_buffer = shim._ffi.from_buffer
+            self._pin_last = shim.pin_last
+            self._pin_stale = shim.pin_stale
+
+    def _fast_miss(self, r: int, fast: tuple[int, int, int, int, Any, bool, bool, DmaMapping],
+                   what: str, iova: int, n: int) -> bool:
+        """A fast-path copy returned ``r`` (not 0): raise for a fault, True if it is done,
+        False if it copied nothing (the map was removed: the slow path reports it)."""
+        if r & self._pin_last:
+            self.table._pin_done(fast[7])
+        if r & self._pin_stale:
+            self._fast = None
+            return False
+        sig = r & 0xFF
+        if sig:
+            raise fault_error(what, fast[3] + iova, n, signal.Signals(sig).name)
+        return True
 
     def _msg(self) -> MessageDma:
         if self.message_dma is None:
@@ -159,6 +190,9 @@ class DmaAccessor:
                     or not (m.writable if write else m.readable)):
                 return False
             m._refs += 1
+            if m._pin is not None:  # the shim: cache the map for the fast path
+                self._fast = (table.generation, m.iova, m.end, mfile.addr + m.offset - m.iova,
+                              m._pin, m.readable, m.writable, m)
         try:
             start = m.offset + (iova - m.iova)
             # Sealed against shrinking: a plain copy cannot fault. With the C shim, copy through
@@ -180,6 +214,14 @@ class DmaAccessor:
 
     def read_into(self, iova: int, buf: bytearray | memoryview) -> None:
         """Fill the writable buffer ``buf`` from guest memory at ``iova``."""
+        fast = self._fast
+        if fast is not None and fast[0] == self.table.generation and fast[5]:
+            n = buf.nbytes if isinstance(buf, memoryview) else len(buf)
+            if fast[1] <= iova and iova + n <= fast[2]:
+                r = self._pin_read(fast[4], fast[3] + iova,
+                                   self._from_buffer(buf, require_writable=True), n)
+                if not r or self._fast_miss(r, fast, "read", iova, n):
+                    return
         with memoryview(buf) as raw, raw.cast("B") as dst:
             if self._one_map(iova, dst, False):
                 return
@@ -209,6 +251,14 @@ class DmaAccessor:
 
     def write(self, iova: int, data: _Buffer) -> None:
         """Write ``data`` to guest memory at ``iova``."""
+        fast = self._fast
+        if fast is not None and fast[0] == self.table.generation and fast[6]:
+            n = data.nbytes if isinstance(data, memoryview) else len(data)
+            if fast[1] <= iova and iova + n <= fast[2]:
+                src = data if isinstance(data, bytes) else self._from_buffer(data)
+                r = self._pin_write(fast[4], fast[3] + iova, src, n)
+                if not r or self._fast_miss(r, fast, "write", iova, n):
+                    return
         with memoryview(data) as raw, raw.cast("B") as src:
             if self._one_map(iova, src, True):
                 return
@@ -331,3 +381,19 @@ class WindowCache:
             del self._windows[0]
         self._windows.append(new)
         return new if (new.writable if write else new.readable) else None
+
+
+class DmaWindow:
+    """One mmapped map seen by :meth:`DmaMapTable.window`: IOVA ``[start, end)`` is
+    ``mm[iova + delta]``."""
+
+    __slots__ = ("delta", "end", "mm", "readable", "start", "writable")
+
+    def __init__(self, start: int, end: int, mm: mmap.mmap, delta: int, readable: bool,
+                 writable: bool) -> None:
+        self.start = start
+        self.end = end
+        self.mm = mm
+        self.delta = delta
+        self.readable = readable
+        self.writable = writable
