@@ -24,6 +24,8 @@ ffibuilder.cdef(
     void pyvfio_pin_init(struct pyvfio_pin *p);
     void pyvfio_pin_close(struct pyvfio_pin *p);
     int pyvfio_pin_refs(struct pyvfio_pin *p);
+    int pyvfio_pin_hold(struct pyvfio_pin *p);
+    int pyvfio_pin_release(struct pyvfio_pin *p);
     int pyvfio_pin_read(struct pyvfio_pin *p, uintptr_t guest, char *dst, size_t n);
     int pyvfio_pin_write(struct pyvfio_pin *p, uintptr_t guest, const char *src, size_t n);
     int pyvfio_pin_wait(struct pyvfio_pin *p, long timeout_ms);

@@ -227,6 +227,22 @@ static int pin_put(struct pyvfio_pin *p)
     return 0;
 }
 
+/* A reference held across several calls (the tests hold one to stand in for a copy in flight):
+ * 0, or PIN_STALE (closed: no reference taken). */
+int pyvfio_pin_hold(struct pyvfio_pin *p)
+{
+    __atomic_add_fetch(&p->refs, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&p->closed, __ATOMIC_SEQ_CST))
+        return PIN_STALE | pin_put(p);
+    return 0;
+}
+
+/* Drop a reference of pyvfio_pin_hold: 0, or PIN_LAST. */
+int pyvfio_pin_release(struct pyvfio_pin *p)
+{
+    return pin_put(p);
+}
+
 /* Guarded copy under a reference on the pin. Returns 0, or the signal that stopped the copy,
  * or'ed with PIN_STALE (closed: nothing copied) and PIN_LAST. */
 static int pin_copy(struct pyvfio_pin *p, void *dst, const void *src, size_t n, uintptr_t guest)
