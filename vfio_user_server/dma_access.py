@@ -144,7 +144,8 @@ class DmaAccessor:
         if shim is not None:
             self._pin_read = shim._lib.pyvfio_pin_read
             self._pin_write = shim._lib.pyvfio_pin_write
-            self._from_buffer = shim._ffi.from_buffer
+            self._from_buffer = shim._ffi.from_buffer  # called positionally: keywords cost
+            self._chars = shim._ffi.typeof("char[]")  # 0.3 us more per call (callgrind)
             self._pin_last = shim.pin_last
             self._pin_stale = shim.pin_stale
 
@@ -219,7 +220,7 @@ class DmaAccessor:
             n = buf.nbytes if isinstance(buf, memoryview) else len(buf)
             if fast[1] <= iova and iova + n <= fast[2]:
                 r = self._pin_read(fast[4], fast[3] + iova,
-                                   self._from_buffer(buf, require_writable=True), n)
+                                   self._from_buffer(self._chars, buf, True), n)
                 if not r or self._fast_miss(r, fast, "read", iova, n):
                     return
         with memoryview(buf) as raw, raw.cast("B") as dst:
@@ -255,7 +256,8 @@ class DmaAccessor:
         if fast is not None and fast[0] == self.table.generation and fast[6]:
             n = data.nbytes if isinstance(data, memoryview) else len(data)
             if fast[1] <= iova and iova + n <= fast[2]:
-                src = data if isinstance(data, bytes) else self._from_buffer(data)
+                src = (data if isinstance(data, bytes)
+                       else self._from_buffer(self._chars, data, False))
                 r = self._pin_write(fast[4], fast[3] + iova, src, n)
                 if not r or self._fast_miss(r, fast, "write", iova, n):
                     return
