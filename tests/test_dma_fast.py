@@ -59,9 +59,12 @@ def table(shim: dmacopy.ShimCopy) -> Iterator[DmaMapTable]:
 
 
 def _warm(acc: DmaAccessor, iova: int = BASE) -> None:
-    """One read through the general path, which caches the map for the fast path."""
-    acc.read_into(iova, bytearray(8))
-    assert acc._fast is not None
+    """One read and one write through the general path, which cache the map for the fast
+    path (the map must be readable and writable)."""
+    buf = bytearray(8)
+    acc.read_into(iova, buf)
+    acc.write(iova, buf)
+    assert acc._fast_r is not None and acc._fast_w is not None
 
 
 def test_fast_path_is_taken_and_correct(table: DmaMapTable) -> None:
@@ -70,7 +73,7 @@ def test_fast_path_is_taken_and_correct(table: DmaMapTable) -> None:
     table.add(BASE, SIZE, RW, fd, 0)
     acc = DmaAccessor(table)
     _warm(acc)
-    cached = acc._fast
+    cached = acc._fast_r, acc._fast_w
     buf = bytearray(PAGE)
     acc.read_into(BASE + 3, buf)
     assert bytes(buf) == (bytes(range(256)) * 17)[3 : 3 + PAGE]
@@ -82,7 +85,7 @@ def test_fast_path_is_taken_and_correct(table: DmaMapTable) -> None:
     with memoryview(b"\xef" * 100) as src:
         acc.write(BASE + PAGE + 200, src)
     assert acc.read(BASE + PAGE, 300) == b"\xab" * 100 + b"\xcd" * 100 + b"\xef" * 100
-    assert acc._fast is cached  # every access above took the fast path
+    assert (acc._fast_r, acc._fast_w) == cached  # every access above took the fast path
     acc.read_into(BASE + SIZE - 4, bytearray(4))  # the last bytes
     acc.read_into(BASE + SIZE, bytearray(0))  # empty at the end: nothing to copy
 
@@ -91,7 +94,7 @@ def test_fast_path_errors_are_the_general_paths(table: DmaMapTable) -> None:
     table.add(BASE, SIZE, DmaProt.READ, memfd(1), 0)  # read-only
     table.add(BASE + SIZE, SIZE, DmaProt.WRITE, memfd(2), 0)  # write-only, adjacent
     acc = DmaAccessor(table)
-    _warm(acc)
+    acc.read_into(BASE, bytearray(8))
     with pytest.raises(DmaError, match="is read-only") as e:
         acc.write(BASE, b"x")
     assert e.value.errno == errno.EPERM
@@ -115,21 +118,21 @@ def test_map_replaced_at_the_same_iova(table: DmaMapTable, shim: dmacopy.ShimCop
     table.add(BASE, SIZE, RW, memfd(0x11), 0)
     acc = DmaAccessor(table)
     _warm(acc)
-    old = acc._fast
-    assert old is not None
+    old, old_w = acc._fast_r, acc._fast_w
+    assert old is not None and old_w is not None and old[2] is old_w[2]
     table.remove(BASE, SIZE)
     table.add(BASE, SIZE, RW, memfd(0x22), 0)
     assert acc.read(BASE, 16) == b"\x22" * 16  # the generation changed: a new translation
-    # Even with the generation forced to match, the old map's closed pin keeps the copy off
-    # the old memory: the fast path copies nothing and the general path serves the new map.
-    acc._fast = (table.generation, *old[1:])
+    # Even with the old map forced back into the cache, its closed pin keeps the copy off the
+    # old memory: the fast path copies nothing and the general path serves the new map.
+    acc._fast_r = old
     buf = bytearray(16)
     acc.read_into(BASE, buf)
     assert bytes(buf) == b"\x22" * 16
-    acc._fast = (table.generation, *old[1:])
+    acc._fast_w = old
     acc.write(BASE, b"\x33" * 16)
     assert acc.read(BASE, 16) == b"\x33" * 16
-    assert shim.pin_refs(old[4]) == 0
+    assert shim.pin_refs(old[2]) == 0
     assert table.mapped_file_count() == 1
 
 
@@ -138,7 +141,7 @@ def test_shrunk_memfd_under_the_fast_path(table: DmaMapTable) -> None:
     table.add(BASE, SIZE, RW, os.dup(fd), 0)
     acc = DmaAccessor(table)
     _warm(acc)
-    cached = acc._fast
+    cached = acc._fast_r, acc._fast_w
     os.ftruncate(fd, PAGE)  # the client takes all but the first page away
     try:
         assert acc.read(BASE, 16) == b"\x5a" * 16
@@ -147,8 +150,8 @@ def test_shrunk_memfd_under_the_fast_path(table: DmaMapTable) -> None:
         assert e.value.errno == errno.EFAULT
         with pytest.raises(DmaError, match="guest memory is gone"):
             acc.write(BASE + PAGE - 8, b"\1" * 16)  # crosses into the missing page
-        assert acc._fast is cached  # reported by the fast path itself
-        pin = cached[4] if cached is not None else None
+        assert (acc._fast_r, acc._fast_w) == cached  # reported by the fast path itself
+        pin = cached[0][2] if cached[0] is not None else None
         assert table._shim is not None and table._shim.pin_refs(pin) == 0
     finally:
         os.close(fd)

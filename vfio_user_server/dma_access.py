@@ -32,6 +32,8 @@ __all__ = ["DmaAccessor", "DmaWindow", "MessageDma", "Segment", "WindowCache"]
 log = logging.getLogger("vfio_user_server.dma")
 
 _Buffer = bytes | bytearray | memoryview
+#: A cached map of the fast path: (first IOVA, end IOVA, pin, host address - IOVA, mapping).
+_Fast = tuple[int, int, Any, int, "DmaMapping"]
 
 
 class MessageDma(Protocol):
@@ -135,11 +137,14 @@ class DmaAccessor:
     def __init__(self, table: DmaMapTable, message_dma: MessageDma | None = None) -> None:
         self.table = table
         self.message_dma = message_dma
-        # The fast path (C shim only): the last map used, as one tuple swapped whole, so any
-        # thread may use the accessor: (table generation, first IOVA, end IOVA, host address
-        # minus IOVA, pin, readable, writable, mapping). The pin, not the generation, is what
-        # makes it safe: a copy through a closed pin touches nothing and takes the slow path.
-        self._fast: tuple[int, int, int, int, Any, bool, bool, DmaMapping] | None = None
+        # The fast path (C shim only): the last map read and the last map written, each as one
+        # tuple swapped whole, so any thread may use the accessor: (first IOVA, end IOVA, pin,
+        # host address minus IOVA, mapping). The map's pin is what keeps it valid: the table
+        # closes it when the map goes (DMA_UNMAP, or a map replaced at the same IOVA: the table
+        # generation moves), and a copy through a closed pin touches nothing and drops the
+        # tuple, so the next access translates again. No generation check is needed per call.
+        self._fast_r: _Fast | None = None
+        self._fast_w: _Fast | None = None
         shim = table._shim
         if shim is not None:
             self._pin_read = shim._lib.pyvfio_pin_read
@@ -149,14 +154,13 @@ class DmaAccessor:
             self._pin_last = shim.pin_last
             self._pin_stale = shim.pin_stale
 
-    def _fast_miss(self, r: int, fast: tuple[int, int, int, int, Any, bool, bool, DmaMapping],
-                   what: str, iova: int, n: int) -> bool:
+    def _fast_miss(self, r: int, fast: _Fast, what: str, iova: int, n: int) -> bool:
         """A fast-path copy returned ``r`` (not 0): raise for a fault, True if it is done,
         False if it copied nothing (the map was removed: the slow path reports it)."""
         if r & self._pin_last:
-            self.table._pin_done(fast[7])
+            self.table._pin_done(fast[4])
         if r & self._pin_stale:
-            self._fast = None
+            self._fast_r = self._fast_w = None
             return False
         sig = r & 0xFF
         if sig:
@@ -192,8 +196,11 @@ class DmaAccessor:
                 return False
             m._refs += 1
             if m._pin is not None:  # the shim: cache the map for the fast path
-                self._fast = (table.generation, m.iova, m.end, mfile.addr + m.offset - m.iova,
-                              m._pin, m.readable, m.writable, m)
+                fast = (m.iova, m.end, m._pin, mfile.addr + m.offset - m.iova, m)
+                if write:
+                    self._fast_w = fast
+                else:
+                    self._fast_r = fast
         try:
             start = m.offset + (iova - m.iova)
             # Sealed against shrinking: a plain copy cannot fault. With the C shim, copy through
@@ -215,12 +222,12 @@ class DmaAccessor:
 
     def read_into(self, iova: int, buf: bytearray | memoryview) -> None:
         """Fill the writable buffer ``buf`` from guest memory at ``iova``."""
-        fast = self._fast
-        if fast is not None and fast[0] == self.table.generation and fast[5]:
-            n = buf.nbytes if isinstance(buf, memoryview) else len(buf)
-            if fast[1] <= iova and iova + n <= fast[2]:
-                r = self._pin_read(fast[4], fast[3] + iova,
-                                   self._from_buffer(self._chars, buf, True), n)
+        fast = self._fast_r
+        if fast is not None:
+            dst = self._from_buffer(self._chars, buf, True)
+            n = len(dst)
+            if fast[0] <= iova and iova + n <= fast[1]:
+                r = self._pin_read(fast[2], fast[3] + iova, dst, n)
                 if not r or self._fast_miss(r, fast, "read", iova, n):
                     return
         with memoryview(buf) as raw, raw.cast("B") as dst:
@@ -252,13 +259,12 @@ class DmaAccessor:
 
     def write(self, iova: int, data: _Buffer) -> None:
         """Write ``data`` to guest memory at ``iova``."""
-        fast = self._fast
-        if fast is not None and fast[0] == self.table.generation and fast[6]:
-            n = data.nbytes if isinstance(data, memoryview) else len(data)
-            if fast[1] <= iova and iova + n <= fast[2]:
-                src = (data if isinstance(data, bytes)
-                       else self._from_buffer(self._chars, data, False))
-                r = self._pin_write(fast[4], fast[3] + iova, src, n)
+        fast = self._fast_w
+        if fast is not None:
+            src = data if isinstance(data, bytes) else self._from_buffer(self._chars, data, False)
+            n = len(src)
+            if fast[0] <= iova and iova + n <= fast[1]:
+                r = self._pin_write(fast[2], fast[3] + iova, src, n)
                 if not r or self._fast_miss(r, fast, "write", iova, n):
                     return
         with memoryview(data) as raw, raw.cast("B") as src:
