@@ -180,6 +180,38 @@ def _round_down(value: int, align: int) -> int:
     return value - value % align
 
 
+def _map_file(fd: int, st: os.stat_result, seals: int, needed: int, want_write: bool,
+              iova: int) -> _MappedFile | None:
+    """mmap fd's whole file for :meth:`DmaMapTable._attach_file`; None: message DMA (logged)."""
+    length = st.st_size
+    blk = st.st_blksize
+    if blk > _PAGE_SIZE and length % blk:
+        # hugetlbfs: only whole huge pages can be mapped.
+        length = _round_down(length, blk)
+    if length < needed:
+        log.warning("DMA_MAP %#x: file too small (%#x bytes, map needs %#x); using message "
+                    "DMA", iova, st.st_size, needed)
+        return None
+    writable = True
+    try:
+        try:
+            mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED)
+        except PermissionError:
+            writable = False
+            mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except (OSError, ValueError, OverflowError) as e:
+        log.warning("DMA_MAP %#x: cannot mmap fd (%s); using message DMA", iova, e)
+        return None
+    if want_write and not writable:
+        mm.close()
+        log.warning("DMA_MAP %#x: fd is read-only but map is writable; using message DMA", iova)
+        return None
+    # hugetlbfs (blocks bigger than a page): a punched huge page is refilled from a pool
+    # that can be empty (SIGBUS) even with the seals, so those are never trusted.
+    trusted = bool(seals & fcntl.F_SEAL_SHRINK) and blk <= _PAGE_SIZE
+    return _MappedFile((st.st_dev, st.st_ino), fd, mm, length, writable, trusted)
+
+
 class DmaMapTable:
     """The DMA maps of one client, keyed by IOVA. Thread-safe.
 
@@ -247,8 +279,7 @@ class DmaMapTable:
             raise DmaError(f"DMA_MAP of size 0 at {iova:#x}", errno=errno.EINVAL)
         if iova + size > _IOVA_LIMIT:
             raise DmaError(
-                f"DMA_MAP {iova:#x}+{size:#x} overflows the IOVA space", errno=errno.EINVAL
-            )
+                f"DMA_MAP {iova:#x}+{size:#x} overflows the IOVA space", errno=errno.EINVAL)
         prot = int(prot)
         if prot & ~_PROT_MASK:
             log.debug("DMA_MAP %#x: ignoring unknown flag bits %#x", iova, prot & ~_PROT_MASK)
@@ -295,42 +326,16 @@ class DmaMapTable:
             log.warning("DMA_MAP %#x: fstat of fd failed (%s); using message DMA", iova, e)
             return None
         if not stat.S_ISREG(st.st_mode):
-            raise DmaError(
-                f"DMA_MAP {iova:#x}: the fd is not a regular file (mode {st.st_mode:#o})",
-                errno=errno.EINVAL,
-            )
+            raise DmaError(f"DMA_MAP {iova:#x}: the fd is not a regular file "
+                           f"(mode {st.st_mode:#o})", errno=errno.EINVAL)
         key = (st.st_dev, st.st_ino)
         mfile = self._files.get(key)
         if mfile is not None and mfile.length >= needed and (mfile.writable or not want_write):
             mfile.nmaps += 1
             return mfile
-        length = st.st_size
-        blk = st.st_blksize
-        if blk > _PAGE_SIZE and length % blk:
-            # hugetlbfs: only whole huge pages can be mapped.
-            length = _round_down(length, blk)
-        if length < needed:
-            log.warning("DMA_MAP %#x: file too small (%#x bytes, map needs %#x); using message "
-                        "DMA", iova, st.st_size, needed)
+        new = _map_file(fd, st, seals, needed, want_write, iova)
+        if new is None:
             return None
-        writable = True
-        try:
-            try:
-                mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED)
-            except PermissionError:
-                writable = False
-                mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except (OSError, ValueError, OverflowError) as e:
-            log.warning("DMA_MAP %#x: cannot mmap fd (%s); using message DMA", iova, e)
-            return None
-        if want_write and not writable:
-            mm.close()
-            log.warning("DMA_MAP %#x: fd is read-only but map is writable; using message DMA", iova)
-            return None
-        # hugetlbfs (blocks bigger than a page): a punched huge page is refilled from a pool
-        # that can be empty (SIGBUS) even with the seals, so those are never trusted.
-        trusted = bool(seals & fcntl.F_SEAL_SHRINK) and blk <= _PAGE_SIZE
-        new = _MappedFile(key, fd, mm, length, writable, trusted)
         new.nmaps = 1
         self._files[key] = new  # an older, smaller mapping stays alive for its own maps
         self._live_files.add(new)
@@ -363,10 +368,8 @@ class DmaMapTable:
                         break
                     m = self._maps[start]
                     if m.iova < iova or m.end > end:
-                        raise DmaError(
-                            f"DMA_UNMAP {iova:#x}+{size:#x} would split {m!r}",
-                            errno=errno.EINVAL,
-                        )
+                        raise DmaError(f"DMA_UNMAP {iova:#x}+{size:#x} would split {m!r}",
+                                       errno=errno.EINVAL)
                     victims.append(m)
             for m in victims:
                 self._unlink(m)
@@ -482,16 +485,13 @@ class DmaMapTable:
             m = self._find(addr)
             if m is None:
                 raise DmaError(
-                    f"DMA {iova:#x}+{length:#x}: {addr:#x} is not mapped", errno=errno.EFAULT
-                )
+                    f"DMA {iova:#x}+{length:#x}: {addr:#x} is not mapped", errno=errno.EFAULT)
             if write and not m.writable:
                 raise DmaError(
-                    f"DMA write {iova:#x}+{length:#x}: {m!r} is read-only", errno=errno.EPERM
-                )
+                    f"DMA write {iova:#x}+{length:#x}: {m!r} is read-only", errno=errno.EPERM)
             if not write and not m.readable:
                 raise DmaError(
-                    f"DMA read {iova:#x}+{length:#x}: {m!r} is not readable", errno=errno.EPERM
-                )
+                    f"DMA read {iova:#x}+{length:#x}: {m!r} is not readable", errno=errno.EPERM)
             n = min(end, m.end) - addr
             pieces.append((addr, n, m))
             addr += n
