@@ -289,3 +289,17 @@ def test_accessor_copies_at_every_skew(table: DmaMapTable, size: int) -> None:
                 acc.write(BASE + 3 * PAGE, view)
             assert acc.read(BASE + 3 * PAGE, size) == pattern[2 * PAGE : 2 * PAGE + size]
             acc.write(BASE + 3 * PAGE, pattern[3 * PAGE : 3 * PAGE + size])
+
+
+def test_fast_path_refuses_what_the_general_path_refuses(table: DmaMapTable) -> None:
+    table.add(BASE, SIZE, RW, memfd(0x77), 0)
+    acc = DmaAccessor(table)
+    _warm(acc)
+    with pytest.raises((TypeError, BufferError)):  # what the general path raises
+        acc.read_into(BASE, b"\0" * 16)  # type: ignore[arg-type]  # read-only
+    with memoryview(bytearray(64)) as whole, whole[::2] as strided:
+        with pytest.raises(TypeError):
+            acc.read_into(BASE, strided)
+        with pytest.raises(TypeError):
+            acc.write(BASE, strided)
+    assert acc.read(BASE, 4) == b"\x77" * 4

@@ -224,9 +224,12 @@ class DmaAccessor:
         """Fill the writable buffer ``buf`` from guest memory at ``iova``."""
         fast = self._fast_r
         if fast is not None:
-            dst = self._from_buffer(self._chars, buf, True)
-            n = len(dst)
-            if fast[0] <= iova and iova + n <= fast[1]:
+            try:
+                dst = self._from_buffer(self._chars, buf, True)
+            except BufferError:  # read-only or not contiguous: the general path's TypeError
+                dst = None
+            n = -1 if dst is None else len(dst)
+            if fast[0] <= iova and iova + n <= fast[1] and n >= 0:
                 r = self._pin_read(fast[2], fast[3] + iova, dst, n)
                 if not r or self._fast_miss(r, fast, "read", iova, n):
                     return
@@ -261,9 +264,13 @@ class DmaAccessor:
         """Write ``data`` to guest memory at ``iova``."""
         fast = self._fast_w
         if fast is not None:
-            src = data if isinstance(data, bytes) else self._from_buffer(self._chars, data, False)
-            n = len(src)
-            if fast[0] <= iova and iova + n <= fast[1]:
+            try:
+                src = (data if isinstance(data, bytes)
+                       else self._from_buffer(self._chars, data, False))
+            except BufferError:  # not contiguous: the general path's TypeError
+                src = None
+            n = -1 if src is None else len(src)
+            if fast[0] <= iova and iova + n <= fast[1] and n >= 0:
                 r = self._pin_write(fast[2], fast[3] + iova, src, n)
                 if not r or self._fast_miss(r, fast, "write", iova, n):
                     return
