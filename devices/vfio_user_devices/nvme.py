@@ -70,6 +70,7 @@ from .nvme_admin import (
     namespace_ids,
 )
 from .nvme_backend import BLOCK_SIZE, LBA_SHIFT, FileBackend, parse_size
+from .nvme_coalesce import Coalescer
 from .nvme_doorbells import PolledDoorbells, bar0
 from .nvme_io import GuestData, IoCommands
 from .nvme_queues import CompletionQueue, DataPath, HeldPost, SubmissionQueue
@@ -107,13 +108,14 @@ from .nvme_spec import (
     SHST_COMPLETE,
     SHST_OCCURRING,
     VERSION_1_4,
+    Feature,
     LogPage,
     aer_result,
     aqa_sizes,
     doorbell_queue,
     make_cap,
 )
-from .nvme_state import check_queue_state, queue_state, set_queue_state
+from .nvme_state import check_state, queue_state, set_queue_state
 
 __all__ = ["BLOCK_SIZE", "FileBackend", "NvmeController", "parse_size"]
 
@@ -193,6 +195,8 @@ class NvmeController(PciDevice):
         self.admin = AdminCommands(self, guest)
         self.datapath = DataPath(self, guest, self.admin, IoCommands(self, guest))
         self._cond = threading.Condition(self.lock)
+        #: Interrupt Coalescing (features 08h and 09h; :mod:`.nvme_coalesce`)
+        self.coalescer = Coalescer(self)
         self.csts = 0
         #: controller generation: each controller reset bumps it, and work fetched under an
         #: older one posts nothing
@@ -237,6 +241,8 @@ class NvmeController(PciDevice):
         self.pending_events: deque[int] = deque(maxlen=8)
         #: completions of held commands to post
         self.held_posts: list[HeldPost] = []
+        self.coalescer.drop()
+        self.coalescer.configure(self.features[Feature.INTERRUPT_COALESCING])
         if self.doorbells is not None:
             self.doorbells.clear()
         self._shutdown_pending = False
@@ -261,6 +267,7 @@ class NvmeController(PciDevice):
         if self.doorbells is not None:
             self.doorbells.close()
         self._stop_worker()
+        self.coalescer.stop()
         if self.backend.fd >= 0:
             self._sync("close")
         self.backend.close()
@@ -289,6 +296,7 @@ class NvmeController(PciDevice):
         if self.doorbells is not None:
             self.doorbells.stop()
         self._stop_worker()
+        self.coalescer.stop()
         self._sync("disconnect")
         with self.lock:
             # Queues point into memory that is gone: back to power-on state.
@@ -316,6 +324,7 @@ class NvmeController(PciDevice):
             self._paused = True
             if not self._cond.wait_for(lambda: not self._busy, _JOIN_TIMEOUT):
                 raise StateError("nvme: the worker did not finish its batch in time")
+            self.coalescer.flush()  # no held interrupt stays behind in a saved state
 
     def resume(self) -> None:
         with self.lock:
@@ -340,39 +349,7 @@ class NvmeController(PciDevice):
         self.temp_thresholds = {(t[0], t[1]): t[2] for t in value}
 
     def check_state(self, fields: Mapping[str, Any]) -> None:
-        for name in ("blocks", "max_queues"):
-            if fields[name] != getattr(self, name):
-                raise StateError(f"nvme: the state's {name} is {fields[name]}, this "
-                                 f"controller's {getattr(self, name)}")
-        for name, limit in (("cc", CC_WRITABLE), ("csts", 0xFFFFFFFF), ("aqa", AQA_WRITABLE),
-                            ("asq", (1 << 64) - PAGE_SIZE), ("acq", (1 << 64) - PAGE_SIZE),
-                            ("intms", 0xFFFFFFFF), ("power_cycles", (1 << 64) - 1)):
-            value = fields[name]
-            if not isinstance(value, int) or value < 0 or value & ~limit:
-                raise StateError(f"nvme: {name} {value!r} out of range")
-        for name in ("io_sq_limit", "io_cq_limit"):
-            value = fields[name]
-            if not isinstance(value, int) or not 1 <= value <= self.max_queues:
-                raise StateError(f"nvme: {name} {value!r} out of range")
-        for name in ("features", "vector_config", "stats"):
-            table = fields[name]
-            if not isinstance(table, dict) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
-                    for v in table.values()):
-                raise StateError(f"nvme: {name} is not a table of integers")
-        if set(fields["features"]) != set(self.features):
-            raise StateError("nvme: the state's features are not this controller's")
-        if set(fields["stats"]) != set(self.stats):
-            raise StateError("nvme: the state's SMART counters are not this controller's")
-        thresholds = fields["temperature_thresholds"]
-        if not isinstance(thresholds, list) or not all(
-                isinstance(t, list) and len(t) == 3
-                and all(isinstance(v, int) and 0 <= v <= 0xFFFF for v in t)
-                for t in thresholds):
-            raise StateError("nvme: temperature thresholds are not [selector, type, value]")
-        if not isinstance(fields["serial"], str) or not 0 < len(fields["serial"]) <= 20:
-            raise StateError("nvme: the serial number is 1 to 20 characters")
-        check_queue_state(self, fields["queue_state"])
+        check_state(self, fields)
 
     def state_loaded(self) -> None:
         self.gen += 1
@@ -380,6 +357,8 @@ class NvmeController(PciDevice):
         self.nguid, self.eui64, self.uuid = namespace_ids(self.serial)
         if self.doorbells is not None:
             self.doorbells.load()
+        self.coalescer.drop()
+        self.coalescer.configure(self.features[Feature.INTERRUPT_COALESCING])
         self._cond.notify_all()
 
     def bar_layout(self) -> Mapping[int, Bar]:
@@ -566,10 +545,26 @@ class NvmeController(PciDevice):
             self.pending_events.append(result)
 
     # --- interrupts (lock held) -------------------------------------------------------------------
-    def signal(self, cq: CompletionQueue) -> None:
-        """Interrupt for new entries in ``cq``."""
+    def signal(self, cq: CompletionQueue, n: int = 1) -> None:
+        """Interrupt for ``n`` new entries in ``cq``, unless coalescing holds it."""
         if not cq.ien:
             return
+        co = self.coalescer
+        if co.threshold and cq.qid and co.hold(cq.iv, n):
+            return
+        if co.held:
+            co.held.pop(cq.iv, None)  # this interrupt covers what the vector held
+        self._interrupt(cq)
+
+    def signal_vector(self, iv: int) -> None:
+        """The held interrupt of vector ``iv`` (:mod:`.nvme_coalesce`), if an I/O CQ on it
+        still holds entries the host has not consumed."""
+        for cq in self.cqs.values():
+            if cq.iv == iv and cq.qid and cq.ien and cq.used():
+                self._interrupt(cq)
+                return
+
+    def _interrupt(self, cq: CompletionQueue) -> None:
         msix, msi = self.msix, self.msi
         if msix is not None and msix.enabled:
             self.irqs.trigger(IrqIndex.MSIX, cq.iv if cq.iv < self.msix_vectors else 0)

@@ -340,10 +340,13 @@ class AdminCommands:
                 return 0
             if fid == Feature.INTERRUPT_VECTOR_CONFIG:
                 ctrl.vector_config[value & IVC_IV_MASK] = value & IVC_WRITABLE
+                ctrl.coalescer.vector_configured(value & IVC_IV_MASK)
                 return 0
             if fid == Feature.VOLATILE_WRITE_CACHE:
                 value &= VWC_WCE
             ctrl.features[fid] = value
+            if fid == Feature.INTERRUPT_COALESCING:
+                ctrl.coalescer.configure(value)
         return 0
 
     # --- the rest -------------------------------------------------------------------------------

@@ -212,7 +212,7 @@ class DataPath:
         sq.head = head
         cq.tail, cq.phase = tail, phase
         if posted:
-            ctrl.signal(cq)
+            ctrl.signal(cq, posted)
         return sq.head == sq.tail
 
     def process(self, gen: int, qid: int, base: int, head: int, size: int, n: int) -> None:
@@ -300,4 +300,4 @@ class DataPath:
             return
         with ctrl.lock:
             if gen == ctrl.gen:
-                ctrl.signal(cq)
+                ctrl.signal(cq, len(done))
