@@ -1,6 +1,6 @@
 """The NVMe controller's admin command set (:mod:`vfio_user_devices.nvme`), one handler per opcode.
 
-Admin commands run on the controller's worker thread only. A handler takes the command and the
+Admin commands run on the controller's worker threads only. A handler takes the command and the
 controller generation it was fetched under (a controller reset in between makes the commands
 that create state fail with ABORT_REQUESTED), and returns the completion's dword 0, or None for
 a command held until later (Asynchronous Event Request). It raises :class:`NvmeError` for an

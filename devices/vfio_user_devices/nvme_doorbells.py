@@ -6,7 +6,7 @@ QEMU maps it into the guest, so the driver's doorbell writes are plain stores th
 the vCPU. An :class:`~vfio_user_server.mapped.AreaWatcher` thread polls the doorbells of the
 queues the controller offers (the C shim waits without the GIL) and hands each changed value to
 the controller's doorbell handler, with its lock held, exactly as a trapped write would: on
-this thread a tail doorbell that finds the worker idle runs the inline path here.
+this thread a tail doorbell whose SQ has no batch in progress runs the inline path here.
 
 What differs from trapped doorbells:
 
