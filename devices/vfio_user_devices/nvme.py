@@ -541,25 +541,15 @@ class NvmeController(PciDevice):
 
     # --- interrupts (lock held) -------------------------------------------------------------------
     def signal(self, cq: CompletionQueue, n: int = 1) -> None:
-        """Interrupt for ``n`` new entries in ``cq``, unless coalescing holds it."""
+        """Interrupt for ``n`` new entries in ``cq``, unless coalescing holds it (``n`` 0: the
+        coalescer's own, for entries it held)."""
         if not cq.ien:
             return
         co = self.coalescer
-        if co.threshold and cq.qid and co.hold(cq.iv, n):
+        if co.threshold and cq.qid and n and co.hold(cq.iv, n):
             return
         if co.held:
             co.held.pop(cq.iv, None)  # this interrupt covers what the vector held
-        self._interrupt(cq)
-
-    def signal_vector(self, iv: int) -> None:
-        """The held interrupt of vector ``iv`` (:mod:`.nvme_coalesce`), if an I/O CQ on it
-        still holds entries the host has not consumed."""
-        for cq in self.cqs.values():
-            if cq.iv == iv and cq.qid and cq.ien and cq.used():
-                self._interrupt(cq)
-                return
-
-    def _interrupt(self, cq: CompletionQueue) -> None:
         msix, msi = self.msix, self.msi
         if msix is not None and msix.enabled:
             self.irqs.trigger(IrqIndex.MSIX, cq.iv if cq.iv < self.msix_vectors else 0)
@@ -572,6 +562,14 @@ class NvmeController(PciDevice):
             # update_intx() for a CQ that just got entries: no MSI on (checked above), so the
             # line goes high unless masked (a mask write already lowered it)
             self.set_intx(True)
+
+    def signal_vector(self, iv: int) -> None:
+        """The held interrupt of vector ``iv`` (:mod:`.nvme_coalesce`), if an I/O CQ on it
+        still holds entries the host has not consumed."""
+        for cq in self.cqs.values():
+            if cq.iv == iv and cq.qid and cq.ien and cq.used():
+                self.signal(cq, 0)
+                return
 
     def _update_interrupts(self) -> None:
         if (self._msi_pending and not self.intms & INTMS_VECTOR0 and self.msi is not None

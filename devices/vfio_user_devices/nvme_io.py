@@ -352,21 +352,16 @@ class IoCommands:
         except OSError as exc:
             log.error("nvme: backing file I/O failed: %s", exc)
             raise NvmeError(Status.INTERNAL_ERROR, str(exc)) from exc
+        stats = ctrl.stats
+        count, nbytes = ("writes", "write_bytes") if write else ("reads", "read_bytes")
         if inline:  # the lock is held
-            self._count(write, length)
+            stats[count] += 1
+            stats[nbytes] += length
         else:  # workers of other queues count too
             with ctrl.lock:
-                self._count(write, length)
+                stats[count] += 1
+                stats[nbytes] += length
         return 0
-
-    def _count(self, write: bool, length: int) -> None:
-        stats = self._ctrl.stats
-        if write:
-            stats["writes"] += 1
-            stats["write_bytes"] += length
-        else:
-            stats["reads"] += 1
-            stats["read_bytes"] += length
 
     def durable_now(self, cmd: SqeTuple) -> bool:
         """A write that must be durable before it completes: Force Unit Access, or the
