@@ -180,3 +180,19 @@ def test_two_sqs_sharing_a_small_cq_never_overrun_it(slow: Rig) -> None:
     assert (e.cid, e.sqid) == (blocked, 3)
     d.ring_cq(3)
     assert slow.dev.wait_idle(WAIT)
+
+
+def test_deleting_an_sq_waits_for_its_batch(slow: Rig) -> None:
+    d, backend = slow.d, backend_of(slow)
+    blocked = d.submit(1, IoOpcode.READ, nsid=1, prp1=DATA, cdw=(SLOW_LBA, 0, 7))
+    assert backend.entered.wait(WAIT)
+    delete = d.submit(0, AdminOpcode.DELETE_SQ, cdw=(1,))
+    d.ok(2, IoOpcode.FLUSH, nsid=1)  # the other queues go on meanwhile
+    assert not d.pending(0)  # Delete SQ waits for the read in progress
+    backend.gate.set()
+    e = d.poll(1)
+    assert (e.cid, e.status) == (blocked, 0)
+    e = d.poll(0)
+    assert (e.cid, e.status) == (delete, 0)
+    d.ring_cq(0)
+    assert 1 not in slow.dev.sqs

@@ -265,6 +265,12 @@ class AdminCommands:
             sq = ctrl.sqs.get(qid) if qid else None
             if sq is None:
                 raise NvmeError(Status.INVALID_QID, f"SQ {qid}")
+            # a batch of this SQ on another worker completes first (and so never posts to,
+            # or moves the head of, a queue created again under the same id)
+            ctrl.cond.wait_for(lambda: not sq.busy or gen != ctrl.gen)
+            self._check_generation(gen)
+            if ctrl.sqs.get(qid) is not sq:
+                raise NvmeError(Status.INVALID_QID, f"SQ {qid}")
             del ctrl.sqs[qid]
             cq = ctrl.cqs.get(sq.cqid)
             if cq is not None:
