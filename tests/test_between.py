@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import RawPeer, RecordingSample
 
+from vfio_user_server import msgshim
 from vfio_user_server.between import WAKE_SIGNAL
 from vfio_user_server.connection import Connection
 from vfio_user_server.protocol import codec
@@ -97,4 +98,56 @@ def test_a_job_posted_between_clients_runs_in_the_accept_loop(tmp_path: Path) ->
         assert server.run_between_messages(job, timeout=WAIT) is False
         assert seen == [None]
     finally:
+        server.close()
+
+
+class SignallingSample(RecordingSample):
+    """The sample device; a read of the scratch register while ``armed`` sends the wake signal
+    to the thread running the handler (the loop thread), as a hand-over's post() may at any
+    moment, here at the worst: while the loop is busy, after it looked for a job."""
+
+    armed = False
+
+    def bar_read(self, bar: int, offset: int, size: int) -> int:
+        if self.armed and bar == 0 and offset == REG_SCRATCH:
+            self.armed = False
+            signal.pthread_kill(threading.get_ident(), WAKE_SIGNAL)
+        return super().bar_read(bar, offset, size)
+
+
+def test_a_wake_signal_while_the_shims_loop_is_busy_ends_its_next_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shim's loop waits for the client in ppoll with the wake signal let through, and
+    keeps it blocked the rest of the time: a signal that comes while a handler runs is not
+    spent there, it ends the wait that follows (before the next message). Were it spent, the
+    wait would block until the client's next message, and a hand-over posted in that window
+    would wait with it."""
+    pytest.importorskip("vfio_user_server._msg_shim")  # ci/test builds it
+    returned = threading.Event()
+    real_one = msgshim.FastPath.handle_one
+
+    def handle_one(self: msgshim.FastPath) -> codec.Message | None:
+        out = real_one(self)
+        if out is None:
+            returned.set()
+        return out
+
+    monkeypatch.setattr(msgshim.FastPath, "handle_one", handle_one)
+    dev = SignallingSample()
+    server = Server(dev, tmp_path / "s.sock", upgradable=True, shim=True).start()
+    assert server._slot.by_signal
+    peer = RawPeer(server.path)
+    try:
+        version(peer)
+        conn = server.wait_for_client(WAIT)
+        assert conn.fast is not None and conn.fast._r.wake_signal == WAKE_SIGNAL
+        dev.armed = True
+        peer.send(scratch(2, None))
+        assert peer.recv_message().msg_id == 2
+        assert returned.wait(WAIT), "the signal sent during the handler was lost"
+        peer.send(scratch(3, 0x55) + scratch(4, None))  # and the loop serves on
+        assert peer.recv_message().msg_id == 3
+        assert peer.recv_message().payload[RegionAccess.SIZE:] == (0x55).to_bytes(4, "little")
+    finally:
+        peer.close()
         server.close()

@@ -391,6 +391,12 @@ class FastPath:
         """(any thread) The loop returns before its next message (a job between two)."""
         self._r.stop = 1
 
+    def wake_by(self, signum: int) -> None:
+        """The signal that wakes the loop thread for a job (vfio_user_server.between): the loop
+        blocks it while it runs and lets it through only while it waits for the client, so one
+        that comes at any other moment ends the next wait instead of being missed."""
+        self._r.wake_signal = signum
+
     def watch(self, fd: int) -> None:
         """Where no signal wakes the loop thread: the loop returns when ``fd`` is readable
         (polled with the socket before each read)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import msgshim
-from .between import JobSlot
+from .between import WAKE_SIGNAL, JobSlot
 from .connection import Connection
 from .dmacopy import default_copy
 from .endpoint import VfioDevice
@@ -324,8 +324,11 @@ class Server:
         refuser = threading.Thread(target=self._refuse_others, args=(done_r, client),
                                    name=f"vfio-user-refuser:{self.path.name}", daemon=True)
         refuser.start()
-        if self.upgradable and not self._slot.by_signal and conn.fast is not None:
-            conn.fast.watch(self._slot.pipe)  # the shim's loop polls it before each read
+        if self.upgradable and conn.fast is not None:
+            if self._slot.by_signal:
+                conn.fast.wake_by(WAKE_SIGNAL)  # let through only while the loop waits
+            else:
+                conn.fast.watch(self._slot.pipe)  # the shim's loop polls it before each read
         try:
             while not self._stopping.is_set():
                 if self.upgradable:  # a hand-over between two messages, even inside a burst
