@@ -315,7 +315,8 @@ class Server:
             self.connection = conn
             self._connected.notify_all()
         log.info("client connected on %s", self.path)
-        # The loop thread blocks in the client socket's recvmsg: no poll per message. The
+        # The loop thread blocks in the client socket's recvmsg (the shim's loop in a ppoll
+        # for POLLIN only, which sleeps through the wake-up of each reply read). The
         # INTx resample fds are watched by the interrupt controller's own thread, a second
         # client is refused by a small thread, and stop() shuts the socket down to end it.
         irqs = self.device.irqs
