@@ -117,7 +117,6 @@ struct pyvfio_reader {
     unsigned char *rdata;
     int stop;
     int wake_fd;
-    int wake_signal;
     uint64_t reads;
     unsigned char *buf;
     size_t cap, pos, len;

@@ -32,13 +32,9 @@
  * up other Python threads. One thread reads a reader; every send to a socket goes through
  * its pyvfio_sender, whose lock serialises them (device threads send requests too).
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE /* ppoll */
-#endif
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -121,7 +117,6 @@ struct pyvfio_reader {
     int stop;    /* set by another thread: serve() returns PYVFIO_INTERRUPTED */
     uint64_t reads; /* recvmsg calls so far (tests, profiles) */
     int wake_fd; /* >= 0: polled with the socket before each read (readable: interrupted) */
-    int wake_signal; /* > 0: the signal that interrupts serve()'s wait (blocked elsewhere in it) */
     /* the buffer: bytes [pos, len) not yet taken */
     unsigned char *buf;
     size_t cap, pos, len;
@@ -511,9 +506,8 @@ int pyvfio_next(struct pyvfio_reader *r)
  * access, PYVFIO_ERROR, PYVFIO_SPECIAL (a read with fds, flags or at the end of the stream:
  * see pyvfio_recv; the caller checks it and calls pyvfio_commit, then this again) or -errno
  * (-EINTR included: the caller decides whether to go on). One call per message on the fast
- * path, where a read and a parse would otherwise be two, plus the Python between them. It
- * waits in ppoll() with the signal mask `wait` (NULL: the thread's own). */
-static int pyvfio_next_from(struct pyvfio_reader *r, int sock, const sigset_t *wait)
+ * path, where a read and a parse would otherwise be two, plus the Python between them. */
+static int pyvfio_next_from(struct pyvfio_reader *r, int sock)
 {
     for (;;) {
         int kind = pyvfio_next(r);
@@ -526,9 +520,12 @@ static int pyvfio_next_from(struct pyvfio_reader *r, int sock, const sigset_t *w
              * recvmsg on a unix stream socket sleeps on the queue the kernel also wakes when
              * the peer has read what we sent (write space: EPOLLOUT), so every reply the
              * client takes would wake it once for nothing. poll asks for POLLIN only and
-             * sleeps through that wake-up. The wake fd, when there is one, is watched too. */
+             * sleeps through that wake-up. The wake fd, when there is one, is watched too.
+             * (No signal mask is changed here: a thread that changes its mask can take a
+             * process-directed signal meant for the main thread, which Python then never
+             * handles while the main thread sleeps.) */
             struct pollfd p[2] = {{sock, POLLIN, 0}, {r->wake_fd, POLLIN, 0}};
-            int rc = ppoll(p, r->wake_fd >= 0 ? 2 : 1, NULL, wait);
+            int rc = poll(p, r->wake_fd >= 0 ? 2 : 1, -1);
 
             if (rc < 0)
                 return -errno;
@@ -764,8 +761,6 @@ static void pyvfio_write_value(int slot, uint32_t index, uint64_t offset, uint32
 static void pyvfio_write_bytes(int slot, uint32_t index, uint64_t offset, uint32_t count,
                                const char *data);
 
-static int serve(struct pyvfio_reader *r, struct pyvfio_sender *s, const sigset_t *wait);
-
 static int is_value_size(uint32_t count)
 {
     return count == 1 || count == 2 || count == 4 || count == 8;
@@ -778,27 +773,6 @@ static int is_value_size(uint32_t count)
  * (a reply's send, or no memory). After any return the reader stands between two messages. */
 int pyvfio_serve(struct pyvfio_reader *r, struct pyvfio_sender *s)
 {
-    sigset_t block, saved, wait;
-    int rc;
-
-    if (r->wake_signal <= 0)
-        return serve(r, s, NULL);
-    /* The wake signal is blocked while the loop runs and let through only while it waits
-     * (ppoll swaps the masks atomically): one that comes before the wait, while a handler runs
-     * or a reply goes out, is pending, and ends the wait as soon as it begins. */
-    sigemptyset(&block);
-    sigaddset(&block, r->wake_signal);
-    if ((rc = pthread_sigmask(SIG_BLOCK, &block, &saved)) != 0)
-        return -rc;
-    wait = saved;
-    sigdelset(&wait, r->wake_signal);
-    rc = serve(r, s, &wait);
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    return rc;
-}
-
-static int serve(struct pyvfio_reader *r, struct pyvfio_sender *s, const sigset_t *wait)
-{
     for (;;) {
         unsigned char value[8];
         const unsigned char *data = NULL;
@@ -807,7 +781,7 @@ static int serve(struct pyvfio_reader *r, struct pyvfio_sender *s, const sigset_
 
         if (__atomic_load_n(&r->stop, __ATOMIC_ACQUIRE))
             return PYVFIO_INTERRUPTED;
-        kind = pyvfio_next_from(r, s->sock, wait);
+        kind = pyvfio_next_from(r, s->sock);
         if (kind != PYVFIO_FAST_READ && kind != PYVFIO_FAST_WRITE)
             return kind;
         r->status = PYVFIO_CB_REPLY;

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import msgshim
-from .between import WAKE_SIGNAL, JobSlot
+from .between import JobSlot
 from .connection import Connection
 from .dmacopy import default_copy
 from .endpoint import VfioDevice
@@ -315,7 +315,7 @@ class Server:
             self.connection = conn
             self._connected.notify_all()
         log.info("client connected on %s", self.path)
-        # The loop thread blocks in the client socket's recvmsg (the shim's loop in a ppoll
+        # The loop thread blocks in the client socket's recvmsg (the shim's loop in a poll
         # for POLLIN only, which sleeps through the wake-up of each reply read). The
         # INTx resample fds are watched by the interrupt controller's own thread, a second
         # client is refused by a small thread, and stop() shuts the socket down to end it.
@@ -325,15 +325,16 @@ class Server:
         refuser = threading.Thread(target=self._refuse_others, args=(done_r, client),
                                    name=f"vfio-user-refuser:{self.path.name}", daemon=True)
         refuser.start()
-        if self.upgradable and conn.fast is not None:
-            if self._slot.by_signal:
-                conn.fast.wake_by(WAKE_SIGNAL)  # let through only while the loop waits
-            else:
-                conn.fast.watch(self._slot.pipe)  # the shim's loop polls it before each read
+        fast = conn.fast if self.upgradable else None
+        if fast is not None:  # the shim's loop polls the job pipe with the socket, signal or not
+            fast.watch(self._slot.pipe)
         try:
             while not self._stopping.is_set():
                 if self.upgradable:  # a hand-over between two messages, even inside a burst
-                    if self._slot.job is not None and self._run_upgrade_job(conn):
+                    woken = False
+                    if fast is not None and fast.woken:  # take() drains the pipe, job or not
+                        fast.woken, woken = False, True
+                    if (woken or self._slot.job is not None) and self._run_upgrade_job(conn):
                         break
                     if not self._slot.by_signal and not conn.reader.reader.has_message():
                         r, _, _ = select.select([conn.sock.fileno(), self._slot.pipe], [], [])
