@@ -14,7 +14,7 @@ import pytest
 
 from vfio_user_devices.edu import EDU_ID, SCRATCH_OFFSET, SCRATCH_SIZE, Edu
 from vfio_user_server.errors import DeviceDefinitionError
-from vfio_user_server.mapped import AreaWatcher, MappedBar
+from vfio_user_server.mapped import AreaWatcher, MappedBar, PolledArea
 from vfio_user_server.mempoll import (
     MemoryWaiter,
     PythonWaiter,
@@ -266,6 +266,30 @@ def test_area_watcher_calls_back_and_honours_what_it_returns(waiter: MemoryWaite
         bar.close()
     with pytest.raises(ValueError):
         AreaWatcher(bar, 0, 8, on_change, name="outside")
+
+
+def test_polled_area_owns_its_watcher_and_memory() -> None:
+    class Counter(PolledArea):
+        def __init__(self, mem: MappedBar) -> None:
+            super().__init__(mem, 0x1000, 8, name="test-polled")
+            self.calls = threading.Semaphore(0)
+
+        def changed(self, before: bytes, after: bytes) -> None:
+            self.calls.release()
+
+    area = Counter(MappedBar(0, 0x2000, ((0x1000, 0x1000),)))
+    for _ in range(2):  # a client comes, goes, and another comes
+        area.start()
+        assert area.watcher.running
+        area.mem.set_u32(0x1004, area.mem.u32(0x1004) + 1)
+        assert area.calls.acquire(timeout=WAIT)
+        area.stop()
+        assert not area.watcher.running
+    area.start()
+    area.close()
+    assert not area.watcher.running
+    with pytest.raises(ValueError):
+        area.mem.u32(0x1000)  # released
 
 
 def test_live_upgrade_of_a_device_with_mapped_areas_is_refused(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ from .threads import device_thread
 if TYPE_CHECKING:
     from .pci import Bar, MsiX
 
-__all__ = ["AreaWatcher", "MappedBar", "MappedBars", "map_bar"]
+__all__ = ["AreaWatcher", "MappedBar", "MappedBars", "PolledArea", "map_bar"]
 
 log = logging.getLogger(__name__)
 
@@ -245,3 +245,33 @@ class AreaWatcher:
                 log.exception("%s: change handler failed", self.name)
             self.changes += 1
             last = now if seen is None else seen
+
+
+class PolledArea:
+    """A device's polled area: the mapped BAR's memory, one :class:`AreaWatcher` over
+    ``[offset, offset + length)`` of it, and their lifetime. A device part subclasses it and
+    implements :meth:`changed` (the watcher's ``on_change``); the device starts and stops the
+    polling with its client (``on_connect`` / ``on_disconnect``) and closes it with itself.
+    The NVMe polled doorbells and the virtio notify area are two.
+    """
+
+    def __init__(self, mem: MappedBar, offset: int, length: int, *, name: str) -> None:
+        self.mem = mem
+        self.offset = offset
+        self.length = length
+        self.watcher = AreaWatcher(mem, offset, length, self.changed, name=name)
+
+    def changed(self, before: bytes, after: bytes) -> bytes | None:
+        """The watcher saw ``after`` where it last saw ``before`` (the watcher's thread)."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.watcher.start()
+
+    def stop(self) -> None:
+        self.watcher.stop()
+
+    def close(self) -> None:
+        """Stop polling and release the memory (the device is closed)."""
+        self.watcher.stop()
+        self.mem.close()

@@ -22,23 +22,31 @@ the volatile write cache off, by a shutdown (CC.SHN) and when the client leaves 
 stopped by SIGTERM finishes the batch in progress and syncs before it exits).
 
 Threads: BAR handlers run on the server's loop thread with :attr:`lock` held and mostly only
-record state (doorbell values, register writes). A worker thread owned by the controller
-fetches submission queue entries, moves data and posts completions, one batch per queue at a
-time; it takes :attr:`lock` only to snapshot or commit queue state, never while doing DMA. With
-fd-backed guest RAM, data moves straight between the file and guest memory (``preadv`` into
-the mmapped guest pages); otherwise through DMA_READ / DMA_WRITE messages.
+record state (doorbell values, register writes). Worker threads owned by the controller
+(:mod:`.nvme_workers`: one, and more while work waits and all are busy, up to one per SQ)
+fetch submission queue entries, move data and post completions, one batch of one SQ per worker
+at a time, so several queues progress at once; a worker takes :attr:`lock` only to take or end
+a job and to commit queue state, never while doing DMA or file I/O. With fd-backed guest RAM,
+data moves straight between the file and guest memory (``preadv`` into the mmapped guest
+pages); otherwise through DMA_READ / DMA_WRITE messages.
 
-Inline path: an I/O SQ tail doorbell that finds the worker idle runs up to ``INLINE_MAX`` new
-commands right there, on the loop thread, with the lock held (so the worker cannot start
-meanwhile and no DMA unmap can arrive), which saves waking the worker. Only plain Reads and
-Writes (no FUA, volatile write cache on: no fsync) whose SQ entries, CQ, PRP lists and data
-are all in fd-backed guest memory qualify, since direct DMA is a memory copy but message DMA
-must never run on the loop thread. The first command that does not qualify (or that turns out
-to need message DMA) stops the run before any side effect of its own; it and the rest are left
-to the worker, in order. Admin commands always go to the worker.
+Inline path: an I/O SQ tail doorbell whose SQ has no batch in progress runs up to
+``INLINE_MAX`` new commands right there, on the loop thread, with the lock held (no DMA unmap
+can arrive meanwhile: unmaps are handled on the same thread), which saves waking a worker.
+Only plain Reads and Writes (no FUA, volatile write cache on: no fsync) whose SQ entries, CQ,
+PRP lists and data are all in fd-backed guest memory qualify, since direct DMA is a memory copy
+but message DMA must never run on the loop thread; a read asks the kernel not to wait for the
+disk (``RWF_NOWAIT``) and goes to a worker if it would. The first command that does not qualify
+(or that turns out to need message DMA or the disk) stops the run before any side effect the
+host can see (a read that would wait may have filled part of its own buffer, which the worker
+fills again before its completion); it and the rest are left to a worker, in order. Admin
+commands always go to a worker.
+
+Interrupts: one MSI-X vector per CQ, MSI or INTx (above); Interrupt Coalescing (features 08h
+and 09h) is applied by :mod:`.nvme_coalesce`.
 
 Modules: this one holds the registers, the controller state machine (CC, CSTS), doorbells,
-interrupts and the worker thread; :mod:`.nvme_queues` the data path (fetch, execute, complete,
+interrupts and the worker jobs; :mod:`.nvme_queues` the data path (fetch, execute, complete,
 inline or in worker batches); :mod:`.nvme_admin` the admin commands by opcode; :mod:`.nvme_io`
 the NVM command set and guest data movement; :mod:`.nvme_backend` the namespace's file;
 :mod:`.nvme_spec` the specification's numbers, layouts and command fields.
@@ -70,6 +78,7 @@ from .nvme_admin import (
     namespace_ids,
 )
 from .nvme_backend import BLOCK_SIZE, LBA_SHIFT, FileBackend, parse_size
+from .nvme_coalesce import Coalescer
 from .nvme_doorbells import PolledDoorbells, bar0
 from .nvme_io import GuestData, IoCommands
 from .nvme_queues import CompletionQueue, DataPath, HeldPost, SubmissionQueue
@@ -107,21 +116,21 @@ from .nvme_spec import (
     SHST_COMPLETE,
     SHST_OCCURRING,
     VERSION_1_4,
+    Feature,
     LogPage,
     aer_result,
     aqa_sizes,
     doorbell_queue,
     make_cap,
 )
-from .nvme_state import check_queue_state, queue_state, set_queue_state
+from .nvme_state import check_state, queue_state, set_queue_state
+from .nvme_workers import JOIN_TIMEOUT, Workers
 
 __all__ = ["BLOCK_SIZE", "FileBackend", "NvmeController", "parse_size"]
 
 log = logging.getLogger(__name__)
 
 MAX_IO_QUEUES = 16
-#: The worker's stop: how long closing waits for a batch in progress.
-_JOIN_TIMEOUT = 10.0
 
 
 class NvmeController(PciDevice):
@@ -192,17 +201,18 @@ class NvmeController(PciDevice):
         guest = GuestData(self)
         self.admin = AdminCommands(self, guest)
         self.datapath = DataPath(self, guest, self.admin, IoCommands(self, guest))
-        self._cond = threading.Condition(self.lock)
+        self.cond = threading.Condition(self.lock)
+        #: Interrupt Coalescing (features 08h and 09h; :mod:`.nvme_coalesce`)
+        self.coalescer = Coalescer(self)
         self.csts = 0
         #: controller generation: each controller reset bumps it, and work fetched under an
         #: older one posts nothing
         self.gen = 0
         self._disable_pending = False
-        self._worker: threading.Thread | None = None
-        self._stop = False
-        self._busy = False
+        #: worker threads (:mod:`.nvme_workers`)
+        self.workers = Workers(self)
         self._paused = False
-        # counters for SMART (the worker, or the loop thread inline while the worker is idle)
+        # counters for SMART (workers and the inline path, under the lock)
         self.stats = {"read_bytes": 0, "write_bytes": 0, "reads": 0, "writes": 0,
                       "flushes": 0}
         self.power_cycles = 1
@@ -220,7 +230,7 @@ class NvmeController(PciDevice):
         self.acq = 0
         self.intms = 0
         self._controller_reset()
-        self.csts = 0 if not self._busy else self.csts
+        self.csts = 0 if not self.workers.busy else self.csts
 
     def _controller_reset(self) -> None:
         """CC.EN 1 -> 0: delete all queues, drop held commands. Lock held."""
@@ -237,13 +247,15 @@ class NvmeController(PciDevice):
         self.pending_events: deque[int] = deque(maxlen=8)
         #: completions of held commands to post
         self.held_posts: list[HeldPost] = []
+        self.coalescer.drop()
+        self.coalescer.configure(self.features[Feature.INTERRUPT_COALESCING])
         if self.doorbells is not None:
             self.doorbells.clear()
         self._shutdown_pending = False
         self._msi_pending = False
         if self._intx_level:
             self.set_intx(False)
-        if self._busy:
+        if self.workers.busy:
             # The worker is moving data for the old queues; RDY drops when it is done.
             self._disable_pending = True
         else:
@@ -260,7 +272,8 @@ class NvmeController(PciDevice):
         """Stop the worker, make the namespace durable and close the backing file."""
         if self.doorbells is not None:
             self.doorbells.close()
-        self._stop_worker()
+        self.workers.stop()
+        self.coalescer.stop()
         if self.backend.fd >= 0:
             self._sync("close")
         self.backend.close()
@@ -274,11 +287,7 @@ class NvmeController(PciDevice):
     # --- connection ---------------------------------------------------------------------------
     def on_connect(self) -> None:
         with self.lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._stop = False
-                self._worker = threading.Thread(target=self._run, name=f"nvme-{self.serial}",
-                                                daemon=True)
-                self._worker.start()
+            self.workers.start()
             if self.doorbells is not None:
                 self.doorbells.start()
 
@@ -288,39 +297,33 @@ class NvmeController(PciDevice):
         # loses nothing the controller wrote.
         if self.doorbells is not None:
             self.doorbells.stop()
-        self._stop_worker()
+        self.workers.stop()
+        self.coalescer.stop()
         self._sync("disconnect")
         with self.lock:
             # Queues point into memory that is gone: back to power-on state.
             self.reset()
             self.csts = 0
 
-    def _stop_worker(self) -> None:
-        with self.lock:
-            self._stop = True
-            self._cond.notify_all()
-            worker, self._worker = self._worker, None
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(_JOIN_TIMEOUT)
-
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until the worker is between batches: every command it fetched is completed and
-        its interrupt signalled. False if it was still busy after ``timeout`` seconds."""
+        """Wait until no worker is in a batch: every command fetched is completed and its
+        interrupt signalled. False if it was still busy after ``timeout`` seconds."""
         with self.lock:
-            return self._cond.wait_for(lambda: not self._busy, timeout)
+            return self.cond.wait_for(lambda: not self.workers.busy, timeout)
 
     # --- device state (docs/state.md; the rule is in nvme_state's docstring) ----------------------
     def quiesce(self) -> None:
         """Start no batch and run nothing inline; wait for the batch in progress."""
         with self.lock:
             self._paused = True
-            if not self._cond.wait_for(lambda: not self._busy, _JOIN_TIMEOUT):
+            if not self.cond.wait_for(lambda: not self.workers.busy, JOIN_TIMEOUT):
                 raise StateError("nvme: the worker did not finish its batch in time")
+            self.coalescer.flush()  # no held interrupt stays behind in a saved state
 
     def resume(self) -> None:
         with self.lock:
             self._paused = False
-            self._cond.notify_all()
+            self.workers.wake()
 
     @property
     def queue_state(self) -> dict[str, Any]:
@@ -340,39 +343,7 @@ class NvmeController(PciDevice):
         self.temp_thresholds = {(t[0], t[1]): t[2] for t in value}
 
     def check_state(self, fields: Mapping[str, Any]) -> None:
-        for name in ("blocks", "max_queues"):
-            if fields[name] != getattr(self, name):
-                raise StateError(f"nvme: the state's {name} is {fields[name]}, this "
-                                 f"controller's {getattr(self, name)}")
-        for name, limit in (("cc", CC_WRITABLE), ("csts", 0xFFFFFFFF), ("aqa", AQA_WRITABLE),
-                            ("asq", (1 << 64) - PAGE_SIZE), ("acq", (1 << 64) - PAGE_SIZE),
-                            ("intms", 0xFFFFFFFF), ("power_cycles", (1 << 64) - 1)):
-            value = fields[name]
-            if not isinstance(value, int) or value < 0 or value & ~limit:
-                raise StateError(f"nvme: {name} {value!r} out of range")
-        for name in ("io_sq_limit", "io_cq_limit"):
-            value = fields[name]
-            if not isinstance(value, int) or not 1 <= value <= self.max_queues:
-                raise StateError(f"nvme: {name} {value!r} out of range")
-        for name in ("features", "vector_config", "stats"):
-            table = fields[name]
-            if not isinstance(table, dict) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
-                    for v in table.values()):
-                raise StateError(f"nvme: {name} is not a table of integers")
-        if set(fields["features"]) != set(self.features):
-            raise StateError("nvme: the state's features are not this controller's")
-        if set(fields["stats"]) != set(self.stats):
-            raise StateError("nvme: the state's SMART counters are not this controller's")
-        thresholds = fields["temperature_thresholds"]
-        if not isinstance(thresholds, list) or not all(
-                isinstance(t, list) and len(t) == 3
-                and all(isinstance(v, int) and 0 <= v <= 0xFFFF for v in t)
-                for t in thresholds):
-            raise StateError("nvme: temperature thresholds are not [selector, type, value]")
-        if not isinstance(fields["serial"], str) or not 0 < len(fields["serial"]) <= 20:
-            raise StateError("nvme: the serial number is 1 to 20 characters")
-        check_queue_state(self, fields["queue_state"])
+        check_state(self, fields)
 
     def state_loaded(self) -> None:
         self.gen += 1
@@ -380,7 +351,9 @@ class NvmeController(PciDevice):
         self.nguid, self.eui64, self.uuid = namespace_ids(self.serial)
         if self.doorbells is not None:
             self.doorbells.load()
-        self._cond.notify_all()
+        self.coalescer.drop()
+        self.coalescer.configure(self.features[Feature.INTERRUPT_COALESCING])
+        self.workers.wake()
 
     def bar_layout(self) -> Mapping[int, Bar]:
         if not self.polled_doorbells:
@@ -478,7 +451,7 @@ class NvmeController(PciDevice):
             log.info("nvme: shutdown requested")
             self._set_shst(SHST_OCCURRING)
             self._shutdown_pending = True
-            self._cond.notify_all()
+            self.workers.wake()
         elif not shn and old_shn and not self._shutdown_pending:
             self._set_shst(0)
 
@@ -531,10 +504,10 @@ class NvmeController(PciDevice):
             if value >= size or (value - cq.head) % size > used:
                 self._async_error(AER_INFO_INVALID_DOORBELL_VALUE)
                 return
-            was_full = used == size - 1
+            was_full = used >= size - 1 - cq.reserved  # no room: a worker may wait for some
             cq.head = value
             if was_full:
-                self._cond.notify_all()
+                self.workers.wake()
             if self._intx_level and value == cq.tail:
                 # the host consumed every entry: the line may go low. A line that is low
                 # stays low (a head doorbell only takes entries away), so with MSI-X or MSI
@@ -549,8 +522,9 @@ class NvmeController(PciDevice):
                 self._async_error(AER_INFO_INVALID_DOORBELL_VALUE)
                 return
             sq.tail = value
-            if qid == 0 or self._busy or self._paused or not self.datapath.inline(sq):
-                self._cond.notify_all()
+            # a batch in progress on this SQ takes the new entries when it ends
+            if not sq.busy and (qid == 0 or self._paused or not self.datapath.inline(sq)):
+                self.workers.wake()
 
     def _async_error(self, info: int) -> None:
         log.warning("nvme: invalid doorbell write (%s)",
@@ -561,15 +535,21 @@ class NvmeController(PciDevice):
         """Complete a held Asynchronous Event Request, or keep the event for the next one."""
         if self.held_aers:
             self.held_posts.append((0, 0, self.held_aers.pop(0), 0, result))
-            self._cond.notify_all()
+            self.workers.wake()
         else:
             self.pending_events.append(result)
 
     # --- interrupts (lock held) -------------------------------------------------------------------
-    def signal(self, cq: CompletionQueue) -> None:
-        """Interrupt for new entries in ``cq``."""
+    def signal(self, cq: CompletionQueue, n: int = 1) -> None:
+        """Interrupt for ``n`` new entries in ``cq``, unless coalescing holds it (``n`` 0: the
+        coalescer's own, for entries it held)."""
         if not cq.ien:
             return
+        co = self.coalescer
+        if co.threshold and cq.qid and n and co.hold(cq.iv, n):
+            return
+        if co.held:
+            co.held.pop(cq.iv, None)  # this interrupt covers what the vector held
         msix, msi = self.msix, self.msi
         if msix is not None and msix.enabled:
             self.irqs.trigger(IrqIndex.MSIX, cq.iv if cq.iv < self.msix_vectors else 0)
@@ -582,6 +562,14 @@ class NvmeController(PciDevice):
             # update_intx() for a CQ that just got entries: no MSI on (checked above), so the
             # line goes high unless masked (a mask write already lowered it)
             self.set_intx(True)
+
+    def signal_vector(self, iv: int) -> None:
+        """The held interrupt of vector ``iv`` (:mod:`.nvme_coalesce`), if an I/O CQ on it
+        still holds entries the host has not consumed."""
+        for cq in self.cqs.values():
+            if cq.iv == iv and cq.qid and cq.ien and cq.used():
+                self.signal(cq, 0)
+                return
 
     def _update_interrupts(self) -> None:
         if (self._msi_pending and not self.intms & INTMS_VECTOR0 and self.msi is not None
@@ -601,36 +589,24 @@ class NvmeController(PciDevice):
             self.set_intx(level)
 
     # --- worker -----------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            with self.lock:
-                job = None
-                while not self._stop:
-                    job = None if self._paused else self._next_job()
-                    if job is not None:
-                        break
-                    self._cond.wait()
-                if job is None:
-                    return
-                self._busy = True
-            try:
-                job()
-            except Exception:
-                log.exception("nvme: worker job failed")
-            finally:
-                with self.lock:
-                    self._busy = False
-                    if self._disable_pending:
-                        self._disable_pending = False
-                        self.csts &= ~(CSTS_RDY | CSTS_CFS | CSTS_SHST_MASK)
-                        if self._shutdown_pending:
-                            self._set_shst(SHST_OCCURRING)
-                        if self.cc & CC_EN:
-                            self._enable()
-                    self._cond.notify_all()
+    def jobs_done(self) -> None:
+        """The last job in progress ended: a controller reset waiting for it completes."""
+        if self._disable_pending:
+            self._disable_pending = False
+            self.csts &= ~(CSTS_RDY | CSTS_CFS | CSTS_SHST_MASK)
+            if self._shutdown_pending:
+                self._set_shst(SHST_OCCURRING)
+            if self.cc & CC_EN:
+                self._enable()
 
-    def _next_job(self) -> Callable[[], None] | None:
-        """Pick the next piece of work; called with the lock held."""
+    def work_waiting(self) -> bool:
+        """Would a worker find a job (lock held)?"""
+        return self._shutdown_pending or bool(self.held_posts) or self.datapath.has_job()
+
+    def next_job(self) -> Callable[[], None] | None:
+        """A worker's next job, None while paused (lock held)."""
+        if self._paused:
+            return None
         if self._shutdown_pending:
             self._shutdown_pending = False
             return self._do_shutdown

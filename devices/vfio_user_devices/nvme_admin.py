@@ -1,6 +1,6 @@
 """The NVMe controller's admin command set (:mod:`vfio_user_devices.nvme`), one handler per opcode.
 
-Admin commands run on the controller's worker thread only. A handler takes the command and the
+Admin commands run on the controller's worker threads only. A handler takes the command and the
 controller generation it was fetched under (a controller reset in between makes the commands
 that create state fail with ABORT_REQUESTED), and returns the completion's dword 0, or None for
 a command held until later (Asynchronous Event Request). It raises :class:`NvmeError` for an
@@ -265,6 +265,12 @@ class AdminCommands:
             sq = ctrl.sqs.get(qid) if qid else None
             if sq is None:
                 raise NvmeError(Status.INVALID_QID, f"SQ {qid}")
+            # a batch of this SQ on another worker completes first (and so never posts to,
+            # or moves the head of, a queue created again under the same id)
+            ctrl.cond.wait_for(lambda: not sq.busy or gen != ctrl.gen)
+            self._check_generation(gen)
+            if ctrl.sqs.get(qid) is not sq:
+                raise NvmeError(Status.INVALID_QID, f"SQ {qid}")
             del ctrl.sqs[qid]
             cq = ctrl.cqs.get(sq.cqid)
             if cq is not None:
@@ -340,10 +346,13 @@ class AdminCommands:
                 return 0
             if fid == Feature.INTERRUPT_VECTOR_CONFIG:
                 ctrl.vector_config[value & IVC_IV_MASK] = value & IVC_WRITABLE
+                ctrl.coalescer.vector_configured(value & IVC_IV_MASK)
                 return 0
             if fid == Feature.VOLATILE_WRITE_CACHE:
                 value &= VWC_WCE
             ctrl.features[fid] = value
+            if fid == Feature.INTERRUPT_COALESCING:
+                ctrl.coalescer.configure(value)
         return 0
 
     # --- the rest -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 from collections.abc import Callable
 from typing import Any
@@ -84,6 +85,11 @@ class FileBackend:
         self._sync = sync
         #: completed :meth:`sync` calls (what Flush and FUA cost the host)
         self.syncs = 0
+        #: :meth:`readv_nowait` asks the kernel not to wait (``RWF_NOWAIT``); cleared the first
+        #: time the file says it cannot (a memfd, some file systems)
+        self.nowait = hasattr(os, "RWF_NOWAIT")
+        #: reads :meth:`readv_nowait` declined because the data was not in the page cache
+        self.would_block = 0
         # Punching beyond EOF with KEEP_SIZE changes nothing: a harmless probe.
         self.can_punch = _fallocate.punch(fd, max(size, 0), PAGE_SIZE)
 
@@ -126,6 +132,29 @@ class FileBackend:
         total = views[0].nbytes if len(views) == 1 else sum(v.nbytes for v in views)
         if done != total:  # short read (file shrunk under us): finish piecewise
             self._slow_readv(views, offset, done)
+
+    def readv_nowait(self, views: list[memoryview], offset: int) -> bool:
+        """:meth:`readv` if it needs no wait for the disk (the loop thread's inline reads);
+        False if some of the data is not in the page cache, with ``views`` partly written or
+        not at all (the caller reads them again, on a worker)."""
+        if not self.nowait:
+            self.readv(views, offset)
+            return True
+        try:
+            done = os.preadv(self.fd, views, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            self.would_block += 1
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            self.nowait = False
+            self.readv(views, offset)
+            return True
+        if done != (views[0].nbytes if len(views) == 1 else sum(v.nbytes for v in views)):
+            self.would_block += 1  # partly cached (or past the end): the worker reads it all
+            return False
+        return True
 
     def _slow_readv(self, views: list[memoryview], offset: int, done: int) -> None:
         pos = 0

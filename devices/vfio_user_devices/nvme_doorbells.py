@@ -6,7 +6,7 @@ QEMU maps it into the guest, so the driver's doorbell writes are plain stores th
 the vCPU. An :class:`~vfio_user_server.mapped.AreaWatcher` thread polls the doorbells of the
 queues the controller offers (the C shim waits without the GIL) and hands each changed value to
 the controller's doorbell handler, with its lock held, exactly as a trapped write would: on
-this thread a tail doorbell that finds the worker idle runs the inline path here.
+this thread a tail doorbell whose SQ has no batch in progress runs the inline path here.
 
 What differs from trapped doorbells:
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from vfio_user_server.mapped import AreaWatcher, MappedBar
+from vfio_user_server.mapped import MappedBar, PolledArea
 from vfio_user_server.pci import Bar
 
 from .nvme_spec import DOORBELL_BASE
@@ -48,28 +48,15 @@ def bar0(size: int) -> Bar:
     return Bar(size, kind="mem64", mapped=((DOORBELL_BASE, DOORBELL_PAGE),))
 
 
-class PolledDoorbells:
+class PolledDoorbells(PolledArea):
     """The doorbell page of one controller and the thread that polls it."""
 
     def __init__(self, ctrl: NvmeController, mem: MappedBar) -> None:
         self._ctrl = ctrl
-        self.mem = mem
         #: SQ tail and CQ head of queues 0..max_queues, 4 bytes each
-        self.length = (ctrl.max_queues + 1) * 8
-        self._fmt = struct.Struct(f"<{self.length // 4}I")
-        self.watcher = AreaWatcher(mem, DOORBELL_BASE, self.length, self._changed,
-                                   name=f"nvme-doorbells-{ctrl.serial}")
-
-    def start(self) -> None:
-        self.watcher.start()
-
-    def stop(self) -> None:
-        self.watcher.stop()
-
-    def close(self) -> None:
-        """Stop polling and release the page (the controller is closed)."""
-        self.watcher.stop()
-        self.mem.close()
+        length = (ctrl.max_queues + 1) * 8
+        self._fmt = struct.Struct(f"<{length // 4}I")
+        super().__init__(mem, DOORBELL_BASE, length, name=f"nvme-doorbells-{ctrl.serial}")
 
     def clear(self, qid: int | None = None, is_cq: bool = False) -> None:
         """Zero one queue's doorbell (``qid``), or all of them (lock held)."""
@@ -86,7 +73,7 @@ class PolledDoorbells:
         for qid, cq in self._ctrl.cqs.items():
             self.mem.set_u32(DOORBELL_BASE + 8 * qid + 4, cq.head)
 
-    def _changed(self, before: bytes, after: bytes) -> bytes:
+    def changed(self, before: bytes, after: bytes) -> bytes:
         """Watcher thread: ring every doorbell whose value differs from its queue's (CQ heads
         first: they make room for the completions of new submissions). The page is read
         again under the lock and compared with the queues, not with the watcher's snapshots,

@@ -5,7 +5,7 @@ Python buffers: straight through the mmapped guest pages where every byte is fd-
 DMA_READ / DMA_WRITE messages. :class:`IoCommands` runs Read, Write, Flush, Write Zeroes and
 Dataset Management on namespace 1.
 
-Both serve two callers: the controller's worker thread, and the inline path on the loop thread
+Both serve two callers: the controller's worker threads, and the inline path on the loop thread
 (``inline=True``), where message DMA must never run. There, a step that would need it returns
 :attr:`Worker.NEEDED` before any side effect of the command, and the command is left to the
 worker.
@@ -150,9 +150,10 @@ class GuestData:
         permission asked for, or None (no fd, not sealed, not mapped, or split over maps)."""
         return self._windows.get(self._ctrl.dma.table, addr, length, write)
 
-    def _window_io(self, ranges: Ranges, offset: int, write: bool) -> bool:
+    def _window_io(self, ranges: Ranges, offset: int, write: bool) -> bool | Worker:
         """Inline only: the file I/O straight between the namespace and guest pages through
-        one window; False (nothing done) if the ranges are not all in one zero-copy map."""
+        one window; False (nothing done) if the ranges are not all in one zero-copy map,
+        :attr:`Worker.NEEDED` for a read that would wait for the disk."""
         first, n = ranges[0]
         w = self.window(first, n, not write)  # a Read writes guest memory
         if w is None:
@@ -167,8 +168,8 @@ class GuestData:
             try:
                 if write:
                     backend.writev(views, offset)
-                else:
-                    backend.readv(views, offset)
+                elif not backend.readv_nowait(views, offset):
+                    return Worker.NEEDED
             finally:
                 for v in views:
                     v.release()
@@ -266,8 +267,12 @@ class GuestData:
         ranges = self.ranges(cmd, length, inline)
         if isinstance(ranges, Worker):
             return ranges
-        if inline and ranges and self._window_io(ranges, offset, write):
-            return None
+        if inline and ranges:
+            done = self._window_io(ranges, offset, write)
+            if done is Worker.NEEDED:
+                return done
+            if done:
+                return None
         backend, dma = self._ctrl.backend, self._ctrl.dma
         try:
             m = mapped(dma.table, ranges, write=not write)
@@ -275,8 +280,10 @@ class GuestData:
                 if views is not None:
                     if write:
                         backend.writev(views, offset)
-                    else:
+                    elif not inline:
                         backend.readv(views, offset)
+                    elif not backend.readv_nowait(views, offset):
+                        return Worker.NEEDED
                     return None
         except DmaError as exc:
             raise NvmeError(Status.DATA_TRANSFER_ERROR, str(exc)) from exc
@@ -346,12 +353,14 @@ class IoCommands:
             log.error("nvme: backing file I/O failed: %s", exc)
             raise NvmeError(Status.INTERNAL_ERROR, str(exc)) from exc
         stats = ctrl.stats
-        if write:
-            stats["writes"] += 1
-            stats["write_bytes"] += length
-        else:
-            stats["reads"] += 1
-            stats["read_bytes"] += length
+        count, nbytes = ("writes", "write_bytes") if write else ("reads", "read_bytes")
+        if inline:  # the lock is held
+            stats[count] += 1
+            stats[nbytes] += length
+        else:  # workers of other queues count too
+            with ctrl.lock:
+                stats[count] += 1
+                stats[nbytes] += length
         return 0
 
     def durable_now(self, cmd: SqeTuple) -> bool:
@@ -361,16 +370,17 @@ class IoCommands:
 
     def _flush(self, cmd: SqeTuple, inline: bool) -> int:
         # Every write whose completion the host has seen returned from pwritev before its
-        # completion was posted, so the sync covers it (whatever queue it came from): writes
-        # run in order within a batch, the worker runs one batch at a time, and the inline
-        # path only while the worker is idle. A flush never runs inline.
+        # completion was posted, so the sync covers it (whatever queue it came from, inline
+        # or in another worker's batch). Writes still in progress on other queues have no
+        # completion yet, which a flush need not cover. A flush never runs inline.
         if cmd[SQE_NSID] != NSID_ALL:
             check_nsid(cmd[SQE_NSID])
         try:
             self._ctrl.backend.sync()
         except OSError as exc:
             raise NvmeError(Status.INTERNAL_ERROR, str(exc)) from exc
-        self._ctrl.stats["flushes"] += 1
+        with self._ctrl.lock:
+            self._ctrl.stats["flushes"] += 1
         return 0
 
     def _write_zeroes(self, cmd: SqeTuple, inline: bool) -> int:

@@ -3,11 +3,12 @@
 :class:`DataPath` fetches submission queue entries, runs them (admin commands through
 :class:`~vfio_user_devices.nvme_admin.AdminCommands`, I/O through
 :class:`~vfio_user_devices.nvme_io.IoCommands`), posts their completions and signals the
-completion queue's interrupt. It runs in batches on the controller's worker thread
-(:meth:`DataPath.process`), or inline on the loop thread for a doorbell that finds the worker
-idle (:meth:`DataPath.inline`): there a command that needs the worker comes back as
-:attr:`~vfio_user_devices.nvme_io.Worker.NEEDED`, which ends the inline run before any side
-effect of that command, and the worker takes it and the rest in order.
+completion queue's interrupt. It runs in batches on the controller's worker threads
+(:meth:`DataPath.process`, one batch per SQ at a time, several SQs at once), or inline on the
+loop thread for a doorbell whose SQ has no batch in progress (:meth:`DataPath.inline`): there
+a command that needs a worker comes back as :attr:`~vfio_user_devices.nvme_io.Worker.NEEDED`,
+which ends the inline run before any side effect of that command, and a worker takes it and
+the rest in order.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ HeldPost = tuple[int, int, int, int, int]
 
 
 class SubmissionQueue:
-    __slots__ = ("base", "cqid", "head", "qid", "size", "tail")
+    __slots__ = ("base", "busy", "cqid", "head", "qid", "size", "tail")
 
     def __init__(self, qid: int, base: int, size: int, cqid: int) -> None:
         self.qid = qid
@@ -65,6 +66,8 @@ class SubmissionQueue:
         self.cqid = cqid
         self.head = 0
         self.tail = 0
+        #: a worker's batch holds entries of this SQ (no other batch or inline run takes it)
+        self.busy = False
 
     def pending(self) -> int:
         """Entries the host submitted that the controller has not fetched."""
@@ -72,7 +75,8 @@ class SubmissionQueue:
 
 
 class CompletionQueue:
-    __slots__ = ("base", "head", "ien", "iv", "phase", "qid", "size", "sqids", "tail")
+    __slots__ = ("base", "head", "ien", "iv", "phase", "qid", "reserved", "size", "sqids",
+                 "tail")
 
     def __init__(self, qid: int, base: int, size: int, iv: int, ien: bool) -> None:
         self.qid = qid
@@ -84,12 +88,14 @@ class CompletionQueue:
         self.tail = 0
         self.phase = 1
         self.sqids: set[int] = set()
+        #: entries promised to workers' batches in progress (their commands' completions)
+        self.reserved = 0
 
     def used(self) -> int:
         return (self.tail - self.head) % self.size
 
     def free(self) -> int:
-        return self.size - 1 - self.used()
+        return self.size - 1 - self.used() - self.reserved
 
 
 class DataPath:
@@ -112,23 +118,50 @@ class DataPath:
             return lambda: self.post_held(posts, gen)
         if not ctrl.ready:
             return None
+        sq = self._next_sq(True)
+        if sq is None:
+            return None
+        cq = ctrl.cqs[sq.cqid]
+        n = min(sq.pending(), cq.free(), BATCH)
+        # The SQ is this batch's until it ends, and the CQ keeps room for its completions:
+        # other workers' batches and inline runs of other SQs go on meanwhile.
+        sq.busy = True
+        cq.reserved += n
+        gen, qid, base, head, size = ctrl.gen, sq.qid, sq.base, sq.head, sq.size
+
+        def job() -> None:
+            try:
+                self.process(gen, qid, base, head, size, n)
+            finally:
+                with ctrl.lock:
+                    sq.busy = False
+                    cq.reserved -= n
+
+        return job
+
+    def _next_sq(self, take: bool) -> SubmissionQueue | None:
+        """The next SQ round robin with entries to fetch, no batch in progress and room in
+        its CQ (a full CQ waits for its head doorbell); ``take`` moves the turn past it."""
+        ctrl = self._ctrl
         qids = list(ctrl.sqs)
         for i in range(len(qids)):
             sq = ctrl.sqs[qids[(self._rr + i) % len(qids)]]
-            if sq.tail == sq.head:
+            if sq.busy or sq.tail == sq.head or ctrl.cqs[sq.cqid].free() <= 0:
                 continue
-            n = min(sq.pending(), ctrl.cqs[sq.cqid].free(), BATCH)
-            if n <= 0:
-                continue  # CQ full: wait for its head doorbell
-            self._rr = (self._rr + i + 1) % len(qids)
-            gen, qid, base, head, size = ctrl.gen, sq.qid, sq.base, sq.head, sq.size
-            return lambda: self.process(gen, qid, base, head, size, n)
+            if take:
+                self._rr = (self._rr + i + 1) % len(qids)
+            return sq
         return None
+
+    def has_job(self) -> bool:
+        """Would :meth:`next_job` find a batch to start (lock held)?"""
+        return self._ctrl.ready and self._next_sq(False) is not None
 
     def inline(self, sq: SubmissionQueue) -> bool:
         """Execute up to :data:`INLINE_MAX` new I/O commands of ``sq`` here, on the loop thread.
 
-        Called with the lock held while the worker is idle, so nothing else processes queues.
+        Called with the lock held while no batch of this SQ is in progress (workers may be
+        in batches of other SQs: their CQ room is reserved, see :meth:`next_job`).
         Only plain reads and writes whose SQ entries, CQ, PRP lists and data are all in
         fd-backed (directly mapped) guest memory run here: everything else (message DMA,
         fsyncs, other opcodes) stops the inline run before its first side effect and is left
@@ -212,7 +245,7 @@ class DataPath:
         sq.head = head
         cq.tail, cq.phase = tail, phase
         if posted:
-            ctrl.signal(cq)
+            ctrl.signal(cq, posted)
         return sq.head == sq.tail
 
     def process(self, gen: int, qid: int, base: int, head: int, size: int, n: int) -> None:
@@ -232,7 +265,7 @@ class DataPath:
             entry = self.execute(SQE.unpack_from(raw, i * SQE_SIZE), qid, gen)
             if isinstance(entry, tuple):
                 done.append(entry)
-        self.complete(gen, qid, (head + n) % size, done)
+        self.complete(gen, qid, (head + n) % size, done, own=n)
 
     def execute(self, cmd: SqeTuple, qid: int, gen: int,
                 inline: bool = False) -> Completion | Worker | None:
@@ -262,8 +295,9 @@ class DataPath:
             self.complete(gen, sqid, head, [(cid, status, dw0)], cqid=cqid)
 
     def complete(self, gen: int, sqid: int, sq_head: int, done: list[Completion],
-                 cqid: int | None = None) -> None:
-        """Advance SQ ``sqid`` to ``sq_head``, post ``done`` to its CQ (or ``cqid``), signal."""
+                 cqid: int | None = None, own: int = 0) -> None:
+        """Advance SQ ``sqid`` to ``sq_head``, post ``done`` to its CQ (or ``cqid``), signal.
+        ``own``: the CQ entries the batch reserved (released when the batch ends)."""
         ctrl = self._ctrl
         with ctrl.lock:
             if gen != ctrl.gen:
@@ -275,10 +309,11 @@ class DataPath:
             cq = ctrl.cqs.get(cqid if cqid is not None else -1)
             if cq is None or not done:
                 return
-            if len(done) > cq.free():  # only held commands can overflow: keep them
-                for cid, status, dw0 in done[cq.free():]:
+            room = cq.free() + own
+            if len(done) > room:  # only held commands can overflow: keep them
+                for cid, status, dw0 in done[room:]:
                     ctrl.held_posts.append((cq.qid, sqid, cid, status, dw0))
-                done = done[:cq.free()]
+                done = done[:room]
             start, phase = cq.tail, cq.phase
             cq.tail = (cq.tail + len(done)) % cq.size
             if cq.tail <= start:
@@ -300,4 +335,4 @@ class DataPath:
             return
         with ctrl.lock:
             if gen == ctrl.gen:
-                ctrl.signal(cq)
+                ctrl.signal(cq, len(done))

@@ -372,6 +372,7 @@ def make_queue_counts(nsqr: int, ncqr: int) -> int:
 PM_PS_MASK = 0x1F  # Power Management: power state
 VWC_WCE = 1 << 0  # Volatile Write Cache: enable
 IVC_IV_MASK = 0xFFFF  # Interrupt Vector Configuration: IV in bits 15:0, CD in bit 16
+IVC_CD = 1 << 16  # Interrupt Vector Configuration: Coalescing Disable
 IVC_WRITABLE = 0x1FFFF
 
 

@@ -25,11 +25,12 @@ from vfio_user_server.errors import StateError
 
 from .nvme_admin import AERL, MQES
 from .nvme_queues import CompletionQueue, HeldPost, SubmissionQueue
+from .nvme_spec import AQA_WRITABLE, CC_WRITABLE, PAGE_SIZE
 
 if TYPE_CHECKING:
     from .nvme import NvmeController
 
-__all__ = ["check_queue_state", "queue_state", "set_queue_state"]
+__all__ = ["check_queue_state", "check_state", "queue_state", "set_queue_state"]
 
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
@@ -142,3 +143,40 @@ def set_queue_state(ctrl: NvmeController, value: Any) -> None:
     ctrl.pending_events.clear()
     ctrl.pending_events.extend(value["pending_events"])
     ctrl.held_posts = posts
+
+
+def check_state(ctrl: NvmeController, fields: Mapping[str, Any]) -> None:
+    """StateError unless ``fields`` (the controller's state fields) fit this controller."""
+    for name in ("blocks", "max_queues"):
+        if fields[name] != getattr(ctrl, name):
+            raise StateError(f"nvme: the state's {name} is {fields[name]}, this "
+                             f"controller's {getattr(ctrl, name)}")
+    for name, limit in (("cc", CC_WRITABLE), ("csts", 0xFFFFFFFF), ("aqa", AQA_WRITABLE),
+                        ("asq", (1 << 64) - PAGE_SIZE), ("acq", (1 << 64) - PAGE_SIZE),
+                        ("intms", 0xFFFFFFFF), ("power_cycles", (1 << 64) - 1)):
+        value = fields[name]
+        if not isinstance(value, int) or value < 0 or value & ~limit:
+            raise StateError(f"nvme: {name} {value!r} out of range")
+    for name in ("io_sq_limit", "io_cq_limit"):
+        value = fields[name]
+        if not isinstance(value, int) or not 1 <= value <= ctrl.max_queues:
+            raise StateError(f"nvme: {name} {value!r} out of range")
+    for name in ("features", "vector_config", "stats"):
+        table = fields[name]
+        if not isinstance(table, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+                for v in table.values()):
+            raise StateError(f"nvme: {name} is not a table of integers")
+    if set(fields["features"]) != set(ctrl.features):
+        raise StateError("nvme: the state's features are not this controller's")
+    if set(fields["stats"]) != set(ctrl.stats):
+        raise StateError("nvme: the state's SMART counters are not this controller's")
+    thresholds = fields["temperature_thresholds"]
+    if not isinstance(thresholds, list) or not all(
+            isinstance(t, list) and len(t) == 3
+            and all(isinstance(v, int) and 0 <= v <= 0xFFFF for v in t)
+            for t in thresholds):
+        raise StateError("nvme: temperature thresholds are not [selector, type, value]")
+    if not isinstance(fields["serial"], str) or not 0 < len(fields["serial"]) <= 20:
+        raise StateError("nvme: the serial number is 1 to 20 characters")
+    check_queue_state(ctrl, fields["queue_state"])

@@ -25,6 +25,8 @@ from blockdev_checks import (
 )
 
 from vfio_user_devices.nvme import NvmeController
+from vfio_user_devices.nvme_coalesce import TIME_UNIT
+from vfio_user_server.testing.guestprog import guest_program
 from vfio_user_server.testing.harness import Guest
 from vfio_user_server.testing.provision import Provisioned
 
@@ -51,8 +53,10 @@ def boot(prov: Provisioned, *, shared_memory: bool, name: str, smp: int = 1,
     with open(image, "wb") as f:
         f.truncate(SIZE)
     dev = NvmeController(image, polled_doorbells=polled_doorbells)
+    feat = guest_program("nvme_feat", source=Path(__file__).with_name("nvme_feat.c"))
     harness = Guest([dev], prov=prov, workdir=tmp / "work", modules=MODULES,
-                          shared_memory=shared_memory, no_reboot=False, name=name, smp=smp)
+                    shared_memory=shared_memory, no_reboot=False, name=name, smp=smp,
+                    files={"/bin/nvme_feat": feat})
     try:
         harness.start()
         g = NvmeGuest(harness, image, DISK)
@@ -139,6 +143,36 @@ def test_qd1_latency(nvme_guest: NvmeGuest) -> None:
     assert hashlib.sha256(g.host_bytes(start * bs, n * bs)).hexdigest() == want
     assert g.guest_sha256(f"dd if={DISK} bs={bs} skip={start} count={n} iflag=direct "
                           "2>/dev/null") == want
+
+
+def test_interrupt_coalescing_set_by_the_guest(nvme_guest: NvmeGuest) -> None:
+    """Features 08h and 09h through the admin passthrough ioctl (Linux's driver never sets
+    them): the controller applies them, and I/O with coalescing on loses no completion (a
+    lost interrupt would be the driver's 30 s timeout, and the data is checked)."""
+    g = nvme_guest
+    co = g.dev.coalescer
+    try:
+        assert g.run("nvme_feat /dev/nvme0 set 8 0x0a07").strip() == "result=0x0"
+        assert co.threshold == 8 and co.delay == 10 * TIME_UNIT
+        assert g.run("nvme_feat /dev/nvme0 get 8").strip() == "result=0xa07"
+        g.run("nvme_feat /dev/nvme0 set 9 0x10002")  # Coalescing Disable on vector 2
+        assert g.run("nvme_feat /dev/nvme0 get 9 2").strip() == "result=0x10002"
+        before = co.timeouts
+        n, bs, start = 200, 4096, 6000
+        g.run(f"dd if=/dev/urandom of=/tmp/c bs={bs} count={n} 2>/dev/null")
+        want = g.guest_sha256("cat /tmp/c")
+        for cpu in (0, 1):  # a queue (and vector) per vCPU: one coalesced, one not
+            g.run(f"taskset -c {cpu} dd if=/tmp/c of={DISK} bs={bs} seek={start} "
+                  f"count={n} oflag=direct 2>&1")
+            assert g.guest_sha256(f"taskset -c {cpu} dd if={DISK} bs={bs} skip={start} "
+                                  f"count={n} iflag=direct 2>/dev/null") == want
+        assert hashlib.sha256(g.host_bytes(start * bs, n * bs)).hexdigest() == want
+        # QD1 never reaches 8 entries: the coalesced queue's completions came by the timer
+        assert co.timeouts > before
+    finally:
+        g.run("nvme_feat /dev/nvme0 set 9 2")
+        g.run("nvme_feat /dev/nvme0 set 8 0")
+    assert co.threshold == 0 and co.held == {}
 
 
 def test_plain_ram_uses_message_dma(vfio_user_provisioned: Provisioned) -> None:

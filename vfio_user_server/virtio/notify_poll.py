@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from ..mapped import AreaWatcher, MappedBar
+from ..mapped import MappedBar, PolledArea
 
 if TYPE_CHECKING:
     from .pci import VirtioPciDevice
@@ -30,37 +30,23 @@ __all__ = ["SENTINEL", "NotifyPoller"]
 SENTINEL = 0xFFFFFFFF
 
 
-class NotifyPoller:
+class NotifyPoller(PolledArea):
     """The notify cells of one device (4 bytes per queue) and the thread that polls them."""
 
     def __init__(self, device: VirtioPciDevice, mem: MappedBar, offset: int,
                  multiplier: int) -> None:
         self._device = device
-        self.mem = mem
-        self.offset = offset
         self.multiplier = multiplier
-        self.length = device.num_queues * multiplier
-        self._cells = struct.Struct(f"<{self.length // 4}I")
+        length = device.num_queues * multiplier
+        self._cells = struct.Struct(f"<{length // 4}I")
+        super().__init__(mem, offset, length, name=f"virtio-notify-{type(device).__name__}")
         self.arm()
-        self.watcher = AreaWatcher(mem, offset, self.length, self._changed,
-                                   name=f"virtio-notify-{type(device).__name__}")
 
     def arm(self) -> None:
         """Every cell back to the sentinel (construction, device reset)."""
         self.mem.fill(self.offset, self.length, 0xFF)
 
-    def start(self) -> None:
-        self.watcher.start()
-
-    def stop(self) -> None:
-        self.watcher.stop()
-
-    def close(self) -> None:
-        """Stop polling and release the page (the device is closed)."""
-        self.watcher.stop()
-        self.mem.close()
-
-    def _changed(self, before: bytes, after: bytes) -> bytes:
+    def changed(self, before: bytes, after: bytes) -> bytes:
         """Watcher thread: re-arm the notified cells, then kick their queues."""
         del before
         cells = list(self._cells.unpack(after))
