@@ -19,6 +19,18 @@ ffibuilder.cdef(
     int pyvfio_dma_install(void);
     int pyvfio_dma_read(uintptr_t guest, void *dst, size_t n);
     int pyvfio_dma_write(uintptr_t guest, const void *src, size_t n);
+    void pyvfio_dma_copy_bytes(void *dst, const void *src, size_t n);
+    struct pyvfio_pin { ...; };
+    void pyvfio_pin_init(struct pyvfio_pin *p);
+    void pyvfio_pin_close(struct pyvfio_pin *p);
+    int pyvfio_pin_refs(struct pyvfio_pin *p);
+    int pyvfio_pin_hold(struct pyvfio_pin *p);
+    int pyvfio_pin_release(struct pyvfio_pin *p);
+    int pyvfio_pin_read(struct pyvfio_pin *p, uintptr_t guest, char *dst, size_t n);
+    int pyvfio_pin_write(struct pyvfio_pin *p, uintptr_t guest, const char *src, size_t n);
+    int pyvfio_pin_wait(struct pyvfio_pin *p, long timeout_ms);
+    #define PIN_LAST 0x100
+    #define PIN_STALE 0x200
     """
 )
 ffibuilder.set_source(

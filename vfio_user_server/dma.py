@@ -6,10 +6,12 @@ Every map brings a *new* fd copy, even for the same file, so files are deduplica
 ``(st_dev, st_ino)`` and mmapped once (``MAP_SHARED``, the whole file); the extra fds are
 closed at once and the mapping is closed when the last map on the file goes away.
 
-Direct accesses hold a reference on each map they touch. :meth:`DmaMapTable.remove` removes
-the map from lookups at once, then waits (up to ``unmap_timeout``) for those references to be
-released; if the timeout passes it logs a warning and defers the munmap to the release of the
-last reference, so memory in use is never unmapped.
+Direct accesses hold a reference on each map they touch (with the C shim, the accessor's fast
+path takes it on the map's *pin* in the same C call as the copy: ``c_shim/dma_copy.c``).
+:meth:`DmaMapTable.remove` removes the map from lookups (and closes its pin) at once, then waits
+(up to ``unmap_timeout``) for those references to be released; if the timeout passes it logs a
+warning and defers the munmap to the release of the last reference, so memory in use is never
+unmapped.
 
 Maps without an fd (plain ``-m`` guest RAM, the device's own BARs) are served with
 ``DMA_READ`` / ``DMA_WRITE`` messages through a :class:`MessageDma` the server supplies.
@@ -43,8 +45,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from .dma_access import DmaAccessor, MessageDma, Segment, WindowCache
-from .dmacopy import GuardedCopy, buffer_address, default_copy
+from .dma_access import DmaAccessor, DmaWindow, MessageDma, Segment, WindowCache
+from .dmacopy import GuardedCopy, ShimCopy, buffer_address, default_copy
 from .errors import DmaError
 from .fds import close_fd
 from .protocol.constants import DmaMapFlag
@@ -117,8 +119,8 @@ class DmaMapping:
     memory is mmapped here (else message DMA is needed).
     """
 
-    __slots__ = ("_deferred", "_file", "_r", "_refs", "_removed", "_w", "iova", "offset", "prot",
-                 "size")
+    __slots__ = ("_deferred", "_file", "_pin", "_r", "_refs", "_removed", "_w", "iova", "offset",
+                 "prot", "size")
 
     def __init__(
         self, iova: int, size: int, prot: int, offset: int, file: _MappedFile | None
@@ -132,6 +134,7 @@ class DmaMapping:
         self.offset = offset
         self._file = file
         self._refs = 0
+        self._pin: object = None  # the shim's reference count for fast-path copies
         self._removed = False
         self._deferred = False
 
@@ -177,6 +180,38 @@ def _round_down(value: int, align: int) -> int:
     return value - value % align
 
 
+def _map_file(fd: int, st: os.stat_result, seals: int, needed: int, want_write: bool,
+              iova: int) -> _MappedFile | None:
+    """mmap fd's whole file for :meth:`DmaMapTable._attach_file`; None: message DMA (logged)."""
+    length = st.st_size
+    blk = st.st_blksize
+    if blk > _PAGE_SIZE and length % blk:
+        # hugetlbfs: only whole huge pages can be mapped.
+        length = _round_down(length, blk)
+    if length < needed:
+        log.warning("DMA_MAP %#x: file too small (%#x bytes, map needs %#x); using message "
+                    "DMA", iova, st.st_size, needed)
+        return None
+    writable = True
+    try:
+        try:
+            mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED)
+        except PermissionError:
+            writable = False
+            mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except (OSError, ValueError, OverflowError) as e:
+        log.warning("DMA_MAP %#x: cannot mmap fd (%s); using message DMA", iova, e)
+        return None
+    if want_write and not writable:
+        mm.close()
+        log.warning("DMA_MAP %#x: fd is read-only but map is writable; using message DMA", iova)
+        return None
+    # hugetlbfs (blocks bigger than a page): a punched huge page is refilled from a pool
+    # that can be empty (SIGBUS) even with the seals, so those are never trusted.
+    trusted = bool(seals & fcntl.F_SEAL_SHRINK) and blk <= _PAGE_SIZE
+    return _MappedFile((st.st_dev, st.st_ino), fd, mm, length, writable, trusted)
+
+
 class DmaMapTable:
     """The DMA maps of one client, keyed by IOVA. Thread-safe.
 
@@ -209,6 +244,8 @@ class DmaMapTable:
         self.generation = 0
         #: Guarded copies for maps that are not zero-copy (the C shim or the Python path).
         self._copy = copy if copy is not None else default_copy()
+        #: The C shim's copier when it is the one used: direct maps get pins.
+        self._shim = self._copy if isinstance(self._copy, ShimCopy) else None
 
     @property
     def copy_name(self) -> str:
@@ -242,8 +279,7 @@ class DmaMapTable:
             raise DmaError(f"DMA_MAP of size 0 at {iova:#x}", errno=errno.EINVAL)
         if iova + size > _IOVA_LIMIT:
             raise DmaError(
-                f"DMA_MAP {iova:#x}+{size:#x} overflows the IOVA space", errno=errno.EINVAL
-            )
+                f"DMA_MAP {iova:#x}+{size:#x} overflows the IOVA space", errno=errno.EINVAL)
         prot = int(prot)
         if prot & ~_PROT_MASK:
             log.debug("DMA_MAP %#x: ignoring unknown flag bits %#x", iova, prot & ~_PROT_MASK)
@@ -258,6 +294,8 @@ class DmaMapTable:
                 if mfile is None or mfile.fd != fd:
                     close_fd(fd, "DMA fd")  # not needed: same file already mapped, or message DMA
             mapping = DmaMapping(iova, size, prot, offset if mfile else 0, mfile)
+            if mfile is not None and self._shim is not None:
+                mapping._pin = self._shim.new_pin()
             bisect.insort(self._starts, iova)
             self._maps[iova] = mapping
             self.generation += 1
@@ -288,46 +326,16 @@ class DmaMapTable:
             log.warning("DMA_MAP %#x: fstat of fd failed (%s); using message DMA", iova, e)
             return None
         if not stat.S_ISREG(st.st_mode):
-            raise DmaError(
-                f"DMA_MAP {iova:#x}: the fd is not a regular file (mode {st.st_mode:#o})",
-                errno=errno.EINVAL,
-            )
+            raise DmaError(f"DMA_MAP {iova:#x}: the fd is not a regular file "
+                           f"(mode {st.st_mode:#o})", errno=errno.EINVAL)
         key = (st.st_dev, st.st_ino)
         mfile = self._files.get(key)
         if mfile is not None and mfile.length >= needed and (mfile.writable or not want_write):
             mfile.nmaps += 1
             return mfile
-        length = st.st_size
-        blk = st.st_blksize
-        if blk > _PAGE_SIZE and length % blk:
-            # hugetlbfs: only whole huge pages can be mapped.
-            length = _round_down(length, blk)
-        if length < needed:
-            log.warning(
-                "DMA_MAP %#x: file too small (%#x bytes, map needs %#x); using message DMA",
-                iova,
-                st.st_size,
-                needed,
-            )
+        new = _map_file(fd, st, seals, needed, want_write, iova)
+        if new is None:
             return None
-        writable = True
-        try:
-            try:
-                mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED)
-            except PermissionError:
-                writable = False
-                mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except (OSError, ValueError, OverflowError) as e:
-            log.warning("DMA_MAP %#x: cannot mmap fd (%s); using message DMA", iova, e)
-            return None
-        if want_write and not writable:
-            mm.close()
-            log.warning("DMA_MAP %#x: fd is read-only but map is writable; using message DMA", iova)
-            return None
-        # hugetlbfs (blocks bigger than a page): a punched huge page is refilled from a pool
-        # that can be empty (SIGBUS) even with the seals, so those are never trusted.
-        trusted = bool(seals & fcntl.F_SEAL_SHRINK) and blk <= _PAGE_SIZE
-        new = _MappedFile(key, fd, mm, length, writable, trusted)
         new.nmaps = 1
         self._files[key] = new  # an older, smaller mapping stays alive for its own maps
         self._live_files.add(new)
@@ -360,10 +368,8 @@ class DmaMapTable:
                         break
                     m = self._maps[start]
                     if m.iova < iova or m.end > end:
-                        raise DmaError(
-                            f"DMA_UNMAP {iova:#x}+{size:#x} would split {m!r}",
-                            errno=errno.EINVAL,
-                        )
+                        raise DmaError(f"DMA_UNMAP {iova:#x}+{size:#x} would split {m!r}",
+                                       errno=errno.EINVAL)
                     victims.append(m)
             for m in victims:
                 self._unlink(m)
@@ -390,10 +396,20 @@ class DmaMapTable:
         del self._maps[mapping.iova]
         del self._starts[bisect.bisect_left(self._starts, mapping.iova)]
         mapping._removed = True
+        if mapping._pin is not None and self._shim is not None:
+            self._shim.pin_close(mapping._pin)
         self.generation += 1
+
+    def _pin_refs(self, mapping: DmaMapping) -> int:
+        pin, shim = mapping._pin, self._shim
+        return 0 if pin is None or shim is None else shim.pin_refs(pin)
 
     def _drain(self, maps: list[DmaMapping]) -> None:
         deadline = time.monotonic() + self.unmap_timeout
+        if self._shim is not None:
+            for m in maps:  # fast-path copies (pins closed by _unlink); without the lock
+                if m._pin is not None:
+                    self._shim.pin_wait(m._pin, deadline - time.monotonic())
         with self._lock:
             for m in maps:
                 while m._refs:
@@ -401,15 +417,11 @@ class DmaMapTable:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-                if m._refs:
+                busy = m._refs + self._pin_refs(m)
+                if busy:
                     m._deferred = True
-                    log.warning(
-                        "DMA unmap %r: %d access(es) still in flight after %.1fs; "
-                        "munmap deferred until they finish",
-                        m,
-                        m._refs,
-                        self.unmap_timeout,
-                    )
+                    log.warning("DMA unmap %r: %d access(es) still in flight after %.1fs; "
+                                "munmap deferred until they finish", m, busy, self.unmap_timeout)
                 else:
                     self._finish(m)
 
@@ -473,16 +485,13 @@ class DmaMapTable:
             m = self._find(addr)
             if m is None:
                 raise DmaError(
-                    f"DMA {iova:#x}+{length:#x}: {addr:#x} is not mapped", errno=errno.EFAULT
-                )
+                    f"DMA {iova:#x}+{length:#x}: {addr:#x} is not mapped", errno=errno.EFAULT)
             if write and not m.writable:
                 raise DmaError(
-                    f"DMA write {iova:#x}+{length:#x}: {m!r} is read-only", errno=errno.EPERM
-                )
+                    f"DMA write {iova:#x}+{length:#x}: {m!r} is read-only", errno=errno.EPERM)
             if not write and not m.readable:
                 raise DmaError(
-                    f"DMA read {iova:#x}+{length:#x}: {m!r} is not readable", errno=errno.EPERM
-                )
+                    f"DMA read {iova:#x}+{length:#x}: {m!r} is not readable", errno=errno.EPERM)
             n = min(end, m.end) - addr
             pieces.append((addr, n, m))
             addr += n
@@ -564,10 +573,20 @@ class DmaMapTable:
             if mapping._refs or not mapping._removed:
                 return  # only _drain() waits, and only for removed maps
             self._cond.notify_all()
-            if mapping._deferred:
-                mapping._deferred = False
-                log.info("DMA unmap %r: deferred munmap done", mapping)
-                self._finish(mapping)
+            self._finish_deferred(mapping)
+
+    def _pin_done(self, mapping: DmaMapping) -> None:
+        """A fast-path copy dropped the last reference on a removed map's pin."""
+        with self._lock:
+            if not mapping._refs:
+                self._finish_deferred(mapping)
+
+    def _finish_deferred(self, mapping: DmaMapping) -> None:
+        """The munmap :meth:`_drain` deferred, once nothing is in flight; lock held."""
+        if mapping._deferred and not self._pin_refs(mapping):
+            mapping._deferred = False
+            log.info("DMA unmap %r: deferred munmap done", mapping)
+            self._finish(mapping)
 
     @staticmethod
     def _call_hook(hook: Callable[[DmaMapping], None] | None, mapping: DmaMapping) -> None:
@@ -577,19 +596,3 @@ class DmaMapTable:
             hook(mapping)
         except Exception:
             log.exception("DMA hook %r failed for %r", hook, mapping)
-
-
-class DmaWindow:
-    """One mmapped map seen by :meth:`DmaMapTable.window`: IOVA ``[start, end)`` is
-    ``mm[iova + delta]``."""
-
-    __slots__ = ("delta", "end", "mm", "readable", "start", "writable")
-
-    def __init__(self, start: int, end: int, mm: mmap.mmap, delta: int, readable: bool,
-                 writable: bool) -> None:
-        self.start = start
-        self.end = end
-        self.mm = mm
-        self.delta = delta
-        self.readable = readable
-        self.writable = writable

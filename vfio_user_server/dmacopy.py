@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from .errors import DmaError
 
 __all__ = ["ENV_NO_SHIM", "GuardedCopy", "PythonCopy", "ShimCopy", "buffer_address",
-           "default_copy", "shim_available"]
+           "default_copy", "fault_error", "shim_available"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class GuardedCopy(Protocol):
         ...
 
 
-def _fault(what: str, addr: int, n: int, cause: str) -> DmaError:
+def fault_error(what: str, addr: int, n: int, cause: str) -> DmaError:
     return DmaError(
         f"DMA {what} of {n:#x} bytes at host {addr:#x}: guest memory is gone ({cause}); "
         "the client shrank or punched its memory file",
@@ -76,22 +76,47 @@ class ShimCopy:
     def __init__(self, module: Any) -> None:
         self._ffi = module.ffi
         self._lib = module.lib
+        #: PIN_LAST / PIN_STALE bits of the pin copies' results.
+        self.pin_last = int(module.lib.PIN_LAST)
+        self.pin_stale = int(module.lib.PIN_STALE)
         if self._lib.pyvfio_dma_install() != 0:
             raise OSError("the DMA shim could not install its SIGBUS/SIGSEGV handlers")
+
+    # Pins (c_shim/dma_copy.c): a DMA map's reference count for copies that take the
+    # reference, check the map is still there and copy, in one call (DmaAccessor's fast path).
+
+    def new_pin(self) -> Any:
+        """A new, open pin (a cffi ``struct pyvfio_pin *``, freed with the object)."""
+        pin = self._ffi.new("struct pyvfio_pin *")
+        self._lib.pyvfio_pin_init(pin)
+        return pin
+
+    def pin_close(self, pin: Any) -> None:
+        """Close the pin: fast-path copies through it stop touching the map."""
+        self._lib.pyvfio_pin_close(pin)
+
+    def pin_refs(self, pin: Any) -> int:
+        """Fast-path copies in flight on the pin."""
+        return int(self._lib.pyvfio_pin_refs(pin))
+
+    def pin_wait(self, pin: Any, timeout: float) -> int:
+        """Wait (without the GIL) up to ``timeout`` s for a closed pin's copies to finish;
+        return how many are still in flight."""
+        return int(self._lib.pyvfio_pin_wait(pin, max(0, int(timeout * 1000))))
 
     def read(self, addr: int, dst: memoryview) -> None:
         n = dst.nbytes
         with self._ffi.from_buffer(dst, require_writable=True) as p:
             sig = self._lib.pyvfio_dma_read(addr, p, n)
         if sig:
-            raise _fault("read", addr, n, signal.Signals(sig).name)
+            raise fault_error("read", addr, n, signal.Signals(sig).name)
 
     def write(self, addr: int, src: memoryview) -> None:
         n = src.nbytes
         with self._ffi.from_buffer(src) as p:
             sig = self._lib.pyvfio_dma_write(addr, p, n)
         if sig:
-            raise _fault("write", addr, n, signal.Signals(sig).name)
+            raise fault_error("write", addr, n, signal.Signals(sig).name)
 
 
 class PythonCopy:
@@ -138,9 +163,10 @@ class PythonCopy:
                 try:
                     got = os.preadv(fd, [rest], addr + done)
                 except OSError as exc:
-                    raise _fault("read", addr, n, os.strerror(exc.errno or errno.EIO)) from exc
+                    cause = os.strerror(exc.errno or errno.EIO)
+                    raise fault_error("read", addr, n, cause) from exc
             if got <= 0:
-                raise _fault("read", addr, n, f"short read at {done:#x}")
+                raise fault_error("read", addr, n, f"short read at {done:#x}")
             done += got
 
     def write(self, addr: int, src: memoryview) -> None:
@@ -150,9 +176,10 @@ class PythonCopy:
                 try:
                     put = os.pwrite(fd, rest, addr + done)
                 except OSError as exc:
-                    raise _fault("write", addr, n, os.strerror(exc.errno or errno.EIO)) from exc
+                    cause = os.strerror(exc.errno or errno.EIO)
+                    raise fault_error("write", addr, n, cause) from exc
             if put <= 0:
-                raise _fault("write", addr, n, f"short write at {done:#x}")
+                raise fault_error("write", addr, n, f"short write at {done:#x}")
             done += put
 
 
