@@ -549,12 +549,21 @@ static int pyvfio_next_from(struct pyvfio_reader *r, int sock)
 
         if (kind != PYVFIO_NONE)
             return kind;
-        if (r->wake_fd >= 0) { /* no signal wakes this thread: watch the wake fd too */
+        {
+            /* Wait for the client in poll, not in a blocking recvmsg: a reader asleep in
+             * recvmsg on a unix stream socket sleeps on the queue the kernel also wakes when
+             * the peer has read what we sent (write space: EPOLLOUT), so every reply the
+             * client takes would wake it once for nothing. poll asks for POLLIN only and
+             * sleeps through that wake-up. The wake fd, when there is one, is watched too.
+             * (No signal mask is changed here: a thread that changes its mask can take a
+             * process-directed signal meant for the main thread, which Python then never
+             * handles while the main thread sleeps.) */
             struct pollfd p[2] = {{sock, POLLIN, 0}, {r->wake_fd, POLLIN, 0}};
+            int rc = poll(p, r->wake_fd >= 0 ? 2 : 1, -1);
 
-            if (poll(p, 2, -1) < 0)
+            if (rc < 0)
                 return -errno;
-            if (p[1].revents)
+            if (r->wake_fd >= 0 && p[1].revents)
                 return PYVFIO_INTERRUPTED;
         }
         n = pyvfio_recv(r, sock);

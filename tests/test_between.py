@@ -4,6 +4,7 @@ handler can be installed; and a read interrupted that way loses no byte of a mes
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import RawPeer, RecordingSample
 
+from vfio_user_server import msgshim
 from vfio_user_server.between import WAKE_SIGNAL
 from vfio_user_server.connection import Connection
 from vfio_user_server.protocol import codec
@@ -97,4 +99,56 @@ def test_a_job_posted_between_clients_runs_in_the_accept_loop(tmp_path: Path) ->
         assert server.run_between_messages(job, timeout=WAIT) is False
         assert seen == [None]
     finally:
+        server.close()
+
+
+class PostingSample(RecordingSample):
+    """The sample device; a read of the scratch register while ``armed`` makes the job pipe
+    readable as a hand-over's post() does, here at the worst moment for the loop: while it is
+    busy, after it looked for a job and before it waits again (no flag, no signal)."""
+
+    armed: int | None = None  # the pipe's write end, while armed
+
+    def bar_read(self, bar: int, offset: int, size: int) -> int:
+        if self.armed is not None and bar == 0 and offset == REG_SCRATCH:
+            os.write(self.armed, b"u")
+            self.armed = None
+        return super().bar_read(bar, offset, size)
+
+
+def test_the_shims_loop_wakes_for_a_job_posted_while_it_is_busy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shim's loop waits in poll on the client socket and the job pipe: a wake-up that
+    comes while a handler runs ends the wait that follows (before the next message), and the
+    server drains the pipe then, so the loop serves on instead of waking again and again."""
+    pytest.importorskip("vfio_user_server._msg_shim")  # ci/test builds it
+    returned = threading.Event()
+    real_one = msgshim.FastPath.handle_one
+
+    def handle_one(self: msgshim.FastPath) -> codec.Message | None:
+        out = real_one(self)
+        if out is None and self.woken:
+            returned.set()
+        return out
+
+    monkeypatch.setattr(msgshim.FastPath, "handle_one", handle_one)
+    dev = PostingSample()
+    server = Server(dev, tmp_path / "s.sock", upgradable=True, shim=True).start()
+    assert server._slot.by_signal
+    peer = RawPeer(server.path)
+    try:
+        version(peer)
+        conn = server.wait_for_client(WAIT)
+        assert conn.fast is not None and conn.fast._r.wake_fd == server._slot.pipe
+        dev.armed = server._slot._pipe_w
+        peer.send(scratch(2, None))
+        assert peer.recv_message().msg_id == 2
+        assert returned.wait(WAIT), "the loop slept through the job pipe"
+        peer.send(scratch(3, 0x55) + scratch(4, None))  # and the loop serves on
+        assert peer.recv_message().msg_id == 3
+        assert peer.recv_message().payload[RegionAccess.SIZE:] == (0x55).to_bytes(4, "little")
+        with pytest.raises(BlockingIOError):  # drained
+            os.read(server._slot.pipe, 1)
+    finally:
+        peer.close()
         server.close()

@@ -10,10 +10,13 @@ blocks in the client socket's ``recvmsg``; :meth:`post` sets a short kernel read
 progress ends (EINTR, then the timeout: Python retries an interrupted read, the C shim too) and a
 read that starts later ends soon as well; the loop sees ``BlockingIOError``, takes the job and
 clears the timeout under the same lock :meth:`post` set it under, so neither happens without
-the other. The signal needs a handler (an ignored signal interrupts nothing), which only the
-main thread can install (:func:`wake_handler_installed`): a server made elsewhere, or where a
-handler from outside Python holds the signal, falls back to a ``select()`` on the socket and
-:attr:`JobSlot.pipe` before each read. Between clients the accept loop watches the pipe.
+the other. The C shim's loop waits in ``poll`` instead, on the socket and :attr:`JobSlot.pipe`
+(:meth:`~vfio_user_server.msgshim.FastPath.watch`): a job posted at any moment, even just
+before that wait, ends it. The signal needs a handler (an ignored signal interrupts nothing),
+which only the main thread can install (:func:`wake_handler_installed`): a server made
+elsewhere, or where a handler from outside Python holds the signal, falls back to a
+``select()`` on the socket and :attr:`JobSlot.pipe` before each read. Between clients the
+accept loop watches the pipe.
 """
 
 from __future__ import annotations

@@ -409,6 +409,9 @@ class FastPath:
         #: the exception a callback stopped the loop with (raised by handle_one)
         self.stopped: BaseException | None = None
         self.loop_thread: threading.Thread | None = None
+        #: the loop returned for a wake-up (the flag, a signal or the watched fd): the caller
+        #: looks for a job and drains the fd, then clears this
+        self.woken = False
         self._done = (lib.PYVFIO_INTERRUPTED, -errno.EINTR)
         r.fast = 1
 
@@ -447,8 +450,9 @@ class FastPath:
         self._r.stop = 1
 
     def watch(self, fd: int) -> None:
-        """Where no signal wakes the loop thread: the loop returns when ``fd`` is readable
-        (polled with the socket before each read)."""
+        """The loop returns when ``fd`` is readable (polled with the socket in the one wait
+        before each read: a job posted at any moment ends the next wait); :attr:`woken` says
+        so, for the caller to drain ``fd``."""
         self._r.wake_fd = fd
 
     def handle_one(self) -> Message | None:
@@ -470,6 +474,7 @@ class FastPath:
             return None
         if kind in self._done:  # interrupted: the caller looks for a job
             r.stop = 0
+            self.woken = True
             return None
         if kind == lib.PYVFIO_STOPPED:
             exc, self.stopped = self.stopped, None

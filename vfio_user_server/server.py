@@ -315,7 +315,8 @@ class Server:
             self.connection = conn
             self._connected.notify_all()
         log.info("client connected on %s", self.path)
-        # The loop thread blocks in the client socket's recvmsg: no poll per message. The
+        # The loop thread blocks in the client socket's recvmsg (the shim's loop in a poll
+        # for POLLIN only, which sleeps through the wake-up of each reply read). The
         # INTx resample fds are watched by the interrupt controller's own thread, a second
         # client is refused by a small thread, and stop() shuts the socket down to end it.
         irqs = self.device.irqs
@@ -324,12 +325,16 @@ class Server:
         refuser = threading.Thread(target=self._refuse_others, args=(done_r, client),
                                    name=f"vfio-user-refuser:{self.path.name}", daemon=True)
         refuser.start()
-        if self.upgradable and not self._slot.by_signal and conn.fast is not None:
-            conn.fast.watch(self._slot.pipe)  # the shim's loop polls it before each read
+        fast = conn.fast if self.upgradable else None
+        if fast is not None:  # the shim's loop polls the job pipe with the socket, signal or not
+            fast.watch(self._slot.pipe)
         try:
             while not self._stopping.is_set():
                 if self.upgradable:  # a hand-over between two messages, even inside a burst
-                    if self._slot.job is not None and self._run_upgrade_job(conn):
+                    woken = False
+                    if fast is not None and fast.woken:  # take() drains the pipe, job or not
+                        fast.woken, woken = False, True
+                    if (woken or self._slot.job is not None) and self._run_upgrade_job(conn):
                         break
                     if not self._slot.by_signal and not conn.reader.reader.has_message():
                         r, _, _ = select.select([conn.sock.fileno(), self._slot.pipe], [], [])
