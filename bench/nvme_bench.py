@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vfio_user_server.errors import GuestError
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -84,18 +86,41 @@ class Guest:
         return self._run(cmd, timeout)
 
 
+#: seconds one workload may take in the guest before its server counts as stalled: 2,000
+#: requests at the slowest rate a server finished with (QEMU's C server losing INTx edges at
+#: QD32, 22-40 IOPS) take under 100 s; a server that stops completing at all (the same C
+#: server at QD1, once) must cost a row, not the whole table
+WORKLOAD_LIMIT = 300.0
+
+
+class Stalled(GuestError):
+    """A workload ran into :data:`WORKLOAD_LIMIT`: ``key`` is its figure's name, ``figures``
+    what the configuration measured before it (the guest is not used again)."""
+
+    def __init__(self, key: str, figures: dict[str, float], why: str) -> None:
+        super().__init__(f"{key}: no result within {WORKLOAD_LIMIT:.0f} s ({why})")
+        self.key = key
+        self.figures = figures
+
+
 def measure(run: Runner, ops: int, workloads: tuple[Workload, ...] = WORKLOADS
             ) -> dict[str, float]:
     """Run every workload once; {key: IOPS or MB/s}. The disk is written once first, so that
-    reads find allocated blocks on every server."""
+    reads find allocated blocks on every server. A workload that times out raises
+    :class:`Stalled` with the figures taken before it."""
     run(f"dd if=/dev/zero of={DISK} bs=1M count=32 oflag=direct 2>/dev/null", 600)
     out: dict[str, float] = {}
     for w in workloads:
         n = ops if w.bs == 4096 else max(8, ops // 8)
         if w.qd > 1:
             n = max(n, 4 * w.qd)
-        text = run(f"/bin/aio_qd -f {DISK} -m {w.mode} -b {w.bs} -q {w.qd} -n {n} "
-                   f"-s {32 << 20}", 900)
+        try:
+            text = run(f"/bin/aio_qd -f {DISK} -m {w.mode} -b {w.bs} -q {w.qd} -n {n} "
+                       f"-s {32 << 20}", WORKLOAD_LIMIT)
+        except GuestError as e:
+            if "timed out" not in str(e):
+                raise
+            raise Stalled(w.key, out, str(e).split(";")[0]) from e
         m = _AIO_RE.search(text)
         if not m:
             raise RuntimeError(f"aio_qd said: {text!r}")

@@ -292,24 +292,29 @@ class Row:
 
     def __init__(self, label: str, unit: str, peer: str, note: str = "") -> None:
         self.label, self.unit, self.peer, self.note = label, unit, peer, note
-        self.runs: dict[str, list[float]] = {"shim": [], "python": [], "peer": []}
+        self.runs: dict[str, list[float | None]] = {"shim": [], "python": [], "peer": []}
 
     def add(self, column: str, value: float | None) -> None:
-        if value is not None:
-            self.runs[column].append(value)
+        """One run's value; None keeps the run's place (a run without a figure, e.g. a
+        server that stalled), so that runs stay paired by position."""
+        self.runs.setdefault(column, []).append(value)
+
+    def values(self, column: str) -> list[float]:
+        return [v for v in self.runs[column] if v is not None]
 
     def median(self, column: str) -> float | None:
-        v = self.runs[column]
+        v = self.values(column)
         return statistics.median(v) if v else None
 
     def ratio(self, column: str) -> float | None:
         """Median of the per-run ratios ours / peer (runs paired by position)."""
-        ours, peer = self.runs[column], self.runs["peer"]
+        ours, peer = self.values(column), self.values("peer")
         if not ours or not peer:
             return None
-        if len(peer) == 1:
+        if len(self.runs["peer"]) == 1:
             return statistics.median(ours) / peer[0] if peer[0] else None
-        pairs = [a / b for a, b in zip(ours, peer, strict=False) if b]
+        pairs = [a / b for a, b in zip(self.runs[column], self.runs["peer"], strict=False)
+                 if a is not None and b]
         return statistics.median(pairs) if pairs else None
 
 
@@ -408,16 +413,29 @@ def main() -> int:
         # NVMe first: the longest section and the one issue 8's NVMe targets are read from
         if "nvme" in want and nvme_names:
             tool = nvme_bench.build_aio_qd()
-            results: dict[str, dict[str, list[float]]] = {n: {} for n in nvme_names}
+            results: dict[str, dict[str, list[float | None]]] = {n: {} for n in nvme_names}
+            # configuration -> workload keys that stalled (no figure), with their runs
+            stalls: dict[str, dict[str, int]] = {n: {} for n in nvme_names}
             for rep in range(args.reps):
                 for name in nvme_names:
                     config = nvme_bench.CONFIGS[name]
-                    figures = nvme_bench.run_config(config, Path(tmp) / f"nvme-{name}-{rep}",
-                                                    args.nvme_ops, tool)
+                    stalled = None
+                    try:
+                        figures = nvme_bench.run_config(
+                            config, Path(tmp) / f"nvme-{name}-{rep}", args.nvme_ops, tool)
+                    except nvme_bench.Stalled as e:
+                        # this run has no figure from here on; the table goes on
+                        figures, stalled = e.figures, e.key
+                        print(f"run_all: {name}, run {rep + 1}: {e}", file=sys.stderr)
                     emit({"bench": "nvme", "rep": rep, "config": name, "irq": config.irq,
-                          "shim": config.shim, **{k: round(v, 1) for k, v in figures.items()}})
-                    for k, v in figures.items():
-                        results[name].setdefault(k, []).append(v)
+                          "shim": config.shim, **{k: round(v, 1) for k, v in figures.items()},
+                          **({"stalled": stalled} if stalled else {})})
+                    missing = False
+                    for w in nvme_bench.WORKLOADS:
+                        missing = missing or w.key == stalled
+                        if missing:
+                            stalls[name][w.key] = stalls[name].get(w.key, 0) + 1
+                        results[name].setdefault(w.key, []).append(figures.get(w.key))
             # (row suffix, peer, our configurations by column); polled doorbells: shim only
             nvme_rows = (
                 ("INTX", "cpeer-intx", {"shim": "ours-intx", "python": "ours-intx-py"}),
@@ -432,6 +450,11 @@ def main() -> int:
                     # "QEMU's C server at QD32 with INTx"): its QD32 figures are not a peer's
                     note = ("C server stalls: lost INTx edges" if peer_name == "cpeer-intx"
                             and w.qd > 1 else "")
+                    for cname in (peer_name, *mine.values()):
+                        if stalls.get(cname, {}).get(w.key):
+                            note = "; ".join(filter(None, (note, (
+                                f"{cname}: no figure in {stalls[cname][w.key]} of "
+                                f"{args.reps} runs (stalled or after a stall)"))))
                     r = row(f"NVMe {w.key.replace('_', ' ')}, {suffix}", w.unit,
                             peer_label if peer_name in results else "(not run)", note)
                     for col, cname in mine.items():
@@ -455,7 +478,7 @@ def main() -> int:
                 for op in ("read", "write"):
                     r = rows[f"raw client REGION_{op.upper()} round trip"]
                     r.runs.setdefault("floor", []).append(floor[op])
-                    r.note = f"Python echo floor {med(r.runs['floor'])} us"
+                    r.note = f"Python echo floor {med(r.values('floor'))} us"
         if "guest" in want or "memory" in want:
             loop = build_mmio_loop()
             for rep in range(args.reps):
@@ -475,7 +498,7 @@ def main() -> int:
                                          ("write_ns", "write, posted (QEMU default)")):
                             r = row(f"guest trapped edu BAR0 {title}", "us", cpeer_label)
                             r.runs.setdefault("inproc", []).append(rec[k] / 1000)
-                            r.note = f"QEMU in-process edu {med(r.runs['inproc'])} us"
+                            r.note = f"QEMU in-process edu {med(r.values('inproc'))} us"
                 for rec in recs:
                     if "memory" in want and "idle" in rec:
                         for phase in ("idle", "attached", "after_loop"):
