@@ -414,8 +414,6 @@ def main() -> int:
         if "nvme" in want and nvme_names:
             tool = nvme_bench.build_aio_qd()
             results: dict[str, dict[str, list[float | None]]] = {n: {} for n in nvme_names}
-            # configuration -> workload keys that stalled (no figure), with their runs
-            stalls: dict[str, dict[str, int]] = {n: {} for n in nvme_names}
             for rep in range(args.reps):
                 for name in nvme_names:
                     config = nvme_bench.CONFIGS[name]
@@ -430,11 +428,7 @@ def main() -> int:
                     emit({"bench": "nvme", "rep": rep, "config": name, "irq": config.irq,
                           "shim": config.shim, **{k: round(v, 1) for k, v in figures.items()},
                           **({"stalled": stalled} if stalled else {})})
-                    missing = False
-                    for w in nvme_bench.WORKLOADS:
-                        missing = missing or w.key == stalled
-                        if missing:
-                            stalls[name][w.key] = stalls[name].get(w.key, 0) + 1
+                    for w in nvme_bench.WORKLOADS:  # None: no figure (stalled, or after)
                         results[name].setdefault(w.key, []).append(figures.get(w.key))
             # (row suffix, peer, our configurations by column); polled doorbells: shim only
             nvme_rows = (
@@ -451,9 +445,10 @@ def main() -> int:
                     note = ("C server stalls: lost INTx edges" if peer_name == "cpeer-intx"
                             and w.qd > 1 else "")
                     for cname in (peer_name, *mine.values()):
-                        if stalls.get(cname, {}).get(w.key):
+                        lost = results.get(cname, {}).get(w.key, []).count(None)
+                        if lost:
                             note = "; ".join(filter(None, (note, (
-                                f"{cname}: no figure in {stalls[cname][w.key]} of "
+                                f"{cname}: no figure in {lost} of "
                                 f"{args.reps} runs (stalled or after a stall)"))))
                     r = row(f"NVMe {w.key.replace('_', ' ')}, {suffix}", w.unit,
                             peer_label if peer_name in results else "(not run)", note)
